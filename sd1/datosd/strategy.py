@@ -1,0 +1,258 @@
+"""The per-step DaTo strategy F: a cache depth and a prune ratio for every sampler step (spec 1).
+
+A strategy is stored as YAML (``configs/dato/*.yaml``)::
+
+    name: b1
+    steps: 50
+    cache_depth: [1, 1, ..., 0]      # one int in 0..12 per step, in sampler order (i = 0 noisiest)
+    prune_ratio: [0.7, 0.5, ..., 0.5]  # one float in [0, 1) per step
+
+Extra keys (``sampler``, ``model``, ``source``, ...) are kept in ``Strategy.meta``.
+Every ``Strategy`` is validated on construction (spec 7.9); a bad one raises
+``StrategyError`` before any sampling starts.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+import yaml
+
+__all__ = ["MAX_DEPTH", "Strategy", "StrategyError", "StrategySummary"]
+
+MAX_DEPTH = 12  # spec 1/2: depth 12 computes every block (the UNet has 12 input blocks)
+_RESERVED_KEYS = ("name", "steps", "cache_depth", "prune_ratio")
+
+PathLike = Union[str, Path]
+
+
+class StrategyError(ValueError):
+    """A strategy that cannot be used: wrong lengths or values, or a step-count mismatch."""
+
+
+def _fail(name: Optional[str], problem: str, expected: str, todo: str) -> StrategyError:
+    """Build an error that says what was wrong, what was expected and what to do."""
+    where = f"strategy {name!r}" if name else "strategy"
+    return StrategyError(f"{where}: {problem}; expected {expected}. {todo}")
+
+
+def _as_depth(value: Any, i: int, name: Optional[str]) -> int:
+    """cache_depth[i] as an int in 0..12; integral floats (1.0, from a search) are accepted."""
+    todo = "Fix that entry of cache_depth."
+    expected = f"an integer from 0 to {MAX_DEPTH}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _fail(name, f"cache_depth[{i}] = {value!r} is not a number", expected, todo)
+    if isinstance(value, numbers.Integral):
+        depth = int(value)
+    else:
+        v = float(value)
+        if not math.isfinite(v) or v != int(v):
+            raise _fail(name, f"cache_depth[{i}] = {value!r} is not an integer", expected, todo)
+        depth = int(v)
+    if not 0 <= depth <= MAX_DEPTH:
+        raise _fail(name, f"cache_depth[{i}] = {depth} is outside 0..{MAX_DEPTH}", expected, todo)
+    return depth
+
+
+def _as_ratio(value: Any, i: int, name: Optional[str]) -> float:
+    """prune_ratio[i] as a float in [0, 1)."""
+    todo = "Fix that entry of prune_ratio (0 means no pruning at that step)."
+    expected = "a fraction of tokens in [0, 1)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _fail(name, f"prune_ratio[{i}] = {value!r} is not a number", expected, todo)
+    ratio = float(value)
+    if math.isnan(ratio):
+        raise _fail(name, f"prune_ratio[{i}] is NaN", expected, todo)
+    if not 0.0 <= ratio < 1.0:
+        raise _fail(name, f"prune_ratio[{i}] = {ratio} is outside [0, 1)", expected, todo)
+    return ratio
+
+
+@dataclass(frozen=True)
+class StrategySummary:
+    """Step counts of a strategy: full (depth >= 12), partial (0 < d < 12), reused (d == 0)."""
+
+    steps: int
+    full: int
+    partial: int
+    reused: int
+    mean_ratio: float
+
+
+@dataclass
+class Strategy:
+    """Per-step cache depth and prune ratio, in sampler step order (spec 1).
+
+    Attributes:
+        cache_depth: one int in 0..12 per step (12: compute everything, 0: reuse everything).
+        prune_ratio: one float in [0, 1) per step (0: no pruning).
+        name: optional label, shown in messages and ``describe()``.
+        meta: extra YAML keys (sampler, model, source, ...), saved back unchanged.
+    """
+
+    cache_depth: List[int]
+    prune_ratio: List[float]
+    name: Optional[str] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- validation (spec 7.9) ---------------------------------------------------
+    def validate(self) -> None:
+        """Check lengths and values; normalise entries to int / float. Raises StrategyError."""
+        name = self.name
+        for key in ("cache_depth", "prune_ratio"):
+            values = getattr(self, key)
+            if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
+                raise _fail(
+                    name, f"{key} is a {type(values).__name__}, not a list",
+                    "a list with one entry per step", f"Write {key} as a list.",
+                )
+            values = list(values)  # tuples, numpy arrays (e.g. from the search) become lists
+            setattr(self, key, values)
+            if len(values) == 0:
+                raise _fail(
+                    name, f"{key} is empty", "one entry per sampler step (at least one)", "Give every step a value."
+                )
+        if len(self.cache_depth) != len(self.prune_ratio):
+            raise _fail(
+                name,
+                f"cache_depth has {len(self.cache_depth)} entries but prune_ratio has {len(self.prune_ratio)}",
+                "both lists to have one entry per sampler step",
+                "Make the two lists the same length.",
+            )
+        self.cache_depth = [_as_depth(v, i, name) for i, v in enumerate(self.cache_depth)]
+        self.prune_ratio = [_as_ratio(v, i, name) for i, v in enumerate(self.prune_ratio)]
+
+    @property
+    def steps(self) -> int:
+        """Number of sampler steps the strategy covers."""
+        return len(self.cache_depth)
+
+    def check_steps(self, n: int) -> None:
+        """Raise StrategyError unless the sampler runs exactly ``n`` == ``steps`` steps (never stretched or cut)."""
+        if n != self.steps:
+            raise _fail(
+                self.name,
+                f"it has {self.steps} steps but the sampler runs {n}",
+                "a strategy with exactly one entry per sampler step (it is never stretched or cut)",
+                f"Run the sampler with {self.steps} steps, or use a {n}-step strategy"
+                f" (e.g. Strategy.uniform({n}, interval, depth)).",
+            )
+
+    # --- constructors ------------------------------------------------------------
+    @classmethod
+    def full(cls, steps: int, name: Optional[str] = "full") -> "Strategy":
+        """Every step computes every block, no pruning: the unpatched model (spec 7.1)."""
+        return cls([MAX_DEPTH] * steps, [0.0] * steps, name=name)
+
+    @classmethod
+    def uniform(
+        cls, steps: int, interval: int, depth: int, ratio: float = 0.0, name: Optional[str] = None
+    ) -> "Strategy":
+        """Uniform DeepCache (spec 2): step i is full when i % interval == 0, else at ``depth``.
+
+        ``ratio`` is the prune ratio of every step.
+        """
+        if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
+            raise _fail(name, f"interval = {interval!r}", "an integer >= 1", "Pass the full-step period, e.g. 3.")
+        depths = [MAX_DEPTH if i % interval == 0 else depth for i in range(steps)]
+        if name is None:
+            name = f"uniform-N{interval}-d{depth}" + (f"-r{ratio:g}" if ratio else "")
+        return cls(depths, [ratio] * steps, name=name)
+
+    @classmethod
+    def constant_ratio(
+        cls, steps: int, ratio: float, depth: int = MAX_DEPTH, name: Optional[str] = None
+    ) -> "Strategy":
+        """The same depth and prune ratio at every step (default: no caching, pruning only)."""
+        if name is None:
+            name = f"constant-d{depth}-r{ratio:g}"
+        return cls([depth] * steps, [ratio] * steps, name=name)
+
+    # --- YAML --------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, name: Optional[str] = None) -> "Strategy":
+        """Build from a mapping with keys steps, cache_depth, prune_ratio (name and extras optional)."""
+        if not isinstance(data, dict):
+            raise _fail(
+                name, f"the file holds a {type(data).__name__}, not a mapping",
+                "keys steps, cache_depth, prune_ratio", "See configs/dato/b1.yaml for the format.",
+            )
+        name = data.get("name", name)
+        missing = [key for key in ("steps", "cache_depth", "prune_ratio") if key not in data]
+        if missing:
+            raise _fail(
+                name, f"missing key(s) {', '.join(missing)}",
+                "keys steps, cache_depth, prune_ratio", "See configs/dato/b1.yaml for the format.",
+            )
+        steps = data["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise _fail(name, f"steps = {steps!r}", "a positive integer", "Set steps to the sampler's step count.")
+        meta = {k: v for k, v in data.items() if k not in _RESERVED_KEYS}
+        strategy = cls(list(data["cache_depth"] or []), list(data["prune_ratio"] or []), name=name, meta=meta)
+        if strategy.steps != steps:
+            raise _fail(
+                name,
+                f"steps is {steps} but the lists have {strategy.steps} entries",
+                "steps to equal the length of cache_depth and prune_ratio",
+                "Fix steps or the lists.",
+            )
+        return strategy
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Mapping with name (if any), steps, cache_depth, prune_ratio, then the extra keys."""
+        data: Dict[str, Any] = {}
+        if self.name is not None:
+            data["name"] = self.name
+        data["steps"] = self.steps
+        data["cache_depth"] = list(self.cache_depth)
+        data["prune_ratio"] = list(self.prune_ratio)
+        data.update(self.meta)
+        return data
+
+    @classmethod
+    def load(cls, path: PathLike) -> "Strategy":
+        """Read a strategy YAML file; the name defaults to the file's stem."""
+        path = Path(path)
+        with path.open("r", encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise StrategyError(f"strategy file {path} is not valid YAML: {e}") from e
+        try:
+            return cls.from_dict(data, name=path.stem)
+        except StrategyError as e:
+            raise StrategyError(f"{path}: {e}") from None
+
+    def save(self, path: PathLike) -> None:
+        """Write the strategy as YAML (lists on one line each), readable by ``load``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False, default_flow_style=None, width=1 << 16)
+
+    # --- reporting ---------------------------------------------------------------
+    def summary(self) -> StrategySummary:
+        """Counts of full (d >= 12), partial (0 < d < 12) and reused (d == 0) steps, and the mean ratio."""
+        full = sum(d >= MAX_DEPTH for d in self.cache_depth)
+        reused = sum(d == 0 for d in self.cache_depth)
+        return StrategySummary(
+            steps=self.steps,
+            full=full,
+            partial=self.steps - full - reused,
+            reused=reused,
+            mean_ratio=sum(self.prune_ratio) / self.steps,
+        )
+
+    def describe(self) -> str:
+        """One line, e.g. ``b1: 50 steps, 5 full / 38 partial / 7 reused, mean prune ratio 0.47``."""
+        s = self.summary()
+        return (
+            f"{self.name or 'strategy'}: {s.steps} steps, {s.full} full / {s.partial} partial /"
+            f" {s.reused} reused, mean prune ratio {s.mean_ratio:.2f}"
+        )

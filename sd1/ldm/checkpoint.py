@@ -1,0 +1,239 @@
+"""Reading Stable Diffusion checkpoints (.ckpt / .safetensors) offline and fitting them to a model.
+
+Every failure is a `CheckpointError` with one message that says what was wrong and what to do.
+"""
+import os
+import pickle
+import zipfile
+from collections import OrderedDict
+
+import torch
+
+TEXT_MODEL_PREFIX = "cond_stage_model.transformer."
+TEXT_MODEL_LEVEL = "text_model."
+EMA_PREFIX = "model_ema."
+UNET_PREFIX = "model.diffusion_model."
+IGNORED_SUFFIXES = ("embeddings.position_ids",)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model config."""
+
+
+class _Opaque:
+    """Stands in for any non-tensor object pickled into a training checkpoint (callbacks, loggers, ...)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Loads torch tensors and plain containers; every other class becomes an inert `_Opaque`."""
+
+    SAFE_MODULES = ("torch", "collections", "numpy", "builtins", "_codecs")
+
+    def find_class(self, module, name):
+        if module.split(".")[0] in self.SAFE_MODULES:
+            if module == "builtins" and name not in ("set", "frozenset", "dict", "list", "tuple", "slice",
+                                                     "bytearray", "int", "float", "complex", "bool", "str",
+                                                     "bytes", "object"):
+                return _Opaque
+            return super().find_class(module, name)
+        return _Opaque
+
+
+class _RestrictedPickleModule:
+    Unpickler = _RestrictedUnpickler
+    __name__ = "restricted_pickle"
+
+    @staticmethod
+    def load(file, **kwargs):
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+
+def read_checkpoint(path):
+    """Return the flat state dict {name: tensor} stored in a .ckpt or .safetensors file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"checkpoint not found: {path}. Put the Stable Diffusion weights there, pass --ckpt PATH, "
+            f"or run with --demo to use the built-in tiny model with random weights."
+        )
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path {path} is a directory; give the .ckpt or .safetensors file.")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the download or copy did not finish.")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
+    return _read_torch_checkpoint(path)
+
+
+def _read_safetensors(path):
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(path, device="cpu"))
+    except Exception as err:
+        raise CheckpointError(
+            f"could not read {path} as safetensors ({type(err).__name__}: {err}). The file is truncated or "
+            f"is not a safetensors file; download it again."
+        ) from None
+
+
+def _read_torch_checkpoint(path):
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] != b"\x80":
+            raise CheckpointError(
+                f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle). Give a .ckpt saved by "
+                f"torch.save or a .safetensors file."
+            )
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (zipfile.BadZipFile, EOFError, RuntimeError) as err:
+        if "weights_only" not in str(err).lower() and "unsupported global" not in str(err).lower():
+            raise CheckpointError(
+                f"could not read {path} ({type(err).__name__}: {err}). The file is truncated or corrupt; "
+                f"download it again."
+            ) from None
+        data = _read_with_restricted_unpickler(path)
+    except pickle.UnpicklingError:
+        data = _read_with_restricted_unpickler(path)
+    except Exception as err:
+        raise CheckpointError(f"could not read {path} ({type(err).__name__}: {err}).") from None
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors; it is not a model checkpoint.")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+def _read_with_restricted_unpickler(path):
+    """Training checkpoints pickle Lightning objects: read them without importing or running their code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
+    except Exception as err:
+        raise CheckpointError(
+            f"could not read {path} ({type(err).__name__}: {err}). The file is truncated or corrupt; "
+            f"download it again."
+        ) from None
+
+
+def select_ema_weights(state_dict):
+    """Replace the UNet weights by their `model_ema.*` copies (CompVis LitEma naming: dots removed).
+
+    Returns (state_dict, used) where used says whether EMA weights existed.
+    """
+    ema = {k[len(EMA_PREFIX):]: v for k, v in state_dict.items() if k.startswith(EMA_PREFIX)}
+    if not ema:
+        return state_dict, False
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(EMA_PREFIX):
+            continue
+        if key.startswith("model."):
+            ema_key = key[len("model."):].replace(".", "")
+            if ema_key in ema:
+                value = ema[ema_key]
+        out[key] = value
+    return out, True
+
+
+def fit_text_encoder_names(state_dict, model_keys):
+    """Map transformers-4 text-encoder names (`...transformer.text_model.X`) to what the model expects.
+
+    transformers 5 dropped the `text_model.` level inside CLIPTextModel; real SD 1.x checkpoints have it.
+    The mapping works in both directions, so either transformers version loads either naming.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if key not in model_keys and key.startswith(TEXT_MODEL_PREFIX):
+            rest = key[len(TEXT_MODEL_PREFIX):]
+            if rest.startswith(TEXT_MODEL_LEVEL):
+                candidate = TEXT_MODEL_PREFIX + rest[len(TEXT_MODEL_LEVEL):]
+            else:
+                candidate = TEXT_MODEL_PREFIX + TEXT_MODEL_LEVEL + rest
+            if candidate in model_keys:
+                key = candidate
+        out[key] = value
+    return out
+
+
+def _shape(t):
+    return list(t.shape)
+
+
+def fit_state_dict(model, state_dict, use_ema=False, path="checkpoint"):
+    """Check a checkpoint against `model` and return (state_dict ready for load_state_dict, notes).
+
+    Raises CheckpointError naming the missing keys or the differing shapes when it does not fit.
+    """
+    notes = []
+    expected = model.state_dict()
+    model_has_ema = any(k.startswith(EMA_PREFIX) for k in expected)
+    if use_ema and not model_has_ema:
+        state_dict, used = select_ema_weights(state_dict)
+        notes.append("using the EMA weights (model_ema.*)" if used else
+                     "--ema asked for EMA weights but the checkpoint has none; using its ordinary weights")
+    if not model_has_ema:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(EMA_PREFIX)}
+    state_dict = fit_text_encoder_names(state_dict, expected.keys())
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k in expected or not k.endswith(IGNORED_SUFFIXES)}
+    if not any(k.startswith(UNET_PREFIX) for k in state_dict):
+        raise CheckpointError(
+            f"{path} has no '{UNET_PREFIX}*' weights: it is not a CompVis/Stability latent-diffusion checkpoint "
+            f"(a diffusers folder, a LoRA or a VAE-only file cannot be loaded with this config)."
+        )
+    mismatched = [(k, _shape(v), _shape(expected[k])) for k, v in state_dict.items()
+                  if k in expected and _shape(v) != _shape(expected[k])]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if mismatched or missing:
+        lines = [f"{path} does not fit the model config:"]
+        if mismatched:
+            lines.append(f"  {len(mismatched)} tensors have other shapes, e.g.")
+            lines += [f"    {k}: checkpoint {a} vs config {b}" for k, a, b in mismatched[:5]]
+        if missing:
+            lines.append(f"  {len(missing)} tensors the config needs are missing, e.g. " + ", ".join(missing[:5]))
+        if unexpected:
+            lines.append(f"  {len(unexpected)} checkpoint tensors the config does not have, e.g. "
+                         + ", ".join(unexpected[:5]))
+        lines.append("  " + _config_hint(state_dict))
+        raise CheckpointError("\n".join(lines))
+    if unexpected:
+        notes.append(f"ignoring {len(unexpected)} checkpoint tensors the config does not use, e.g. "
+                     + ", ".join(unexpected[:3]))
+    return {k: v for k, v in state_dict.items() if k in expected}, notes
+
+
+def _config_hint(state_dict):
+    """Guess which config fits a checkpoint, from its cross-attention width."""
+    for key, value in state_dict.items():
+        if key.endswith("attn2.to_k.weight") and key.startswith(UNET_PREFIX):
+            width = value.shape[1]
+            if width == 768:
+                return "The checkpoint is SD 1.x (context width 768): use configs/stable-diffusion/v1-inference.yaml."
+            if width == 1024:
+                return ("The checkpoint is SD 2.x (context width 1024): use configs/stable-diffusion/"
+                        "v2-inference.yaml (or v2-inference-v.yaml for the 768-v models).")
+            return f"The checkpoint's cross-attention context width is {width}; pick the config that matches it."
+    return "Pick the config file that belongs to this checkpoint."
+
+
+def load_state_dict_into(model, checkpoint, use_ema=False, ignore_keys=(), verbose=False):
+    """Load a checkpoint path (or an already read state dict) into `model`, strictly, after fitting names."""
+    path = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
+    state_dict = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
+    state_dict = OrderedDict((k, v) for k, v in state_dict.items()
+                             if not any(k.startswith(prefix) for prefix in ignore_keys))
+    fitted, notes = fit_state_dict(model, state_dict, use_ema=use_ema, path=os.fspath(path))
+    model.load_state_dict(fitted, strict=True)
+    if verbose:
+        for note in notes:
+            print(note)
+    return notes
