@@ -238,9 +238,10 @@ class Strategy:
 
     # --- reporting ---------------------------------------------------------------
     def summary(self) -> StrategySummary:
-        """Counts of full (d >= 12), partial (0 < d < 12) and reused (d == 0) steps, and the mean ratio."""
-        full = sum(d >= MAX_DEPTH for d in self.cache_depth)
-        reused = sum(d == 0 for d in self.cache_depth)
+        """Steps as they run: full (d >= 12, and step 0, which always computes everything: spec 2),
+        partial (0 < d < 12) and reused (d == 0), and the mean prune ratio."""
+        full = sum(d >= MAX_DEPTH or i == 0 for i, d in enumerate(self.cache_depth))
+        reused = sum(d == 0 for i, d in enumerate(self.cache_depth) if i > 0)
         return StrategySummary(
             steps=self.steps,
             full=full,
@@ -250,7 +251,7 @@ class Strategy:
         )
 
     def describe(self) -> str:
-        """One line, e.g. ``b1: 50 steps, 5 full / 38 partial / 7 reused, mean prune ratio 0.47``."""
+        """One line, e.g. ``b1: 50 steps, 6 full / 37 partial / 7 reused, mean prune ratio 0.47``."""
         s = self.summary()
         return (
             f"{self.name or 'strategy'}: {s.steps} steps, {s.full} full / {s.partial} partial /"

@@ -1,0 +1,304 @@
+"""Patch an ldm Stable Diffusion model with DaTo: per-step feature caching plus token pruning (spec 2-6).
+
+`apply_patch(model, strategy)` swaps the class of the UNet (caching forward) and, when the strategy prunes,
+of every `BasicTransformerBlock` (pruned self-attention), in the tomesd manner: each patched module keeps
+its `_parent` class, and all run-time state lives in one `DatoState` on the UNet, shared by reference.
+The samplers announce runs and steps through `LatentDiffusion.sampling_hooks`; the state is one of them.
+"""
+from dataclasses import dataclass, field, replace
+from os import PathLike
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+
+from .dato import TokenSelection, diff_score, pool_score, select_tokens
+from .strategy import Strategy
+from .utils import find_unet, is_class
+
+FULL_DEPTH = 12
+StrategyLike = Union[Strategy, str, PathLike, None]
+
+
+@dataclass(frozen=True)
+class DatoOptions:
+    """The spec's options with its defaults."""
+
+    diff_source: str = "features"  # spec 3: output_blocks[11] feature map ("features") or the UNet output ("eps")
+    align_cfg: bool = True  # spec 4: both CFG halves share the reference half's base positions
+    cfg_reference: str = "cond"  # spec 4: which half chooses ("uncond" reproduces the released code)
+    recover_from: str = "base"  # spec 6: pruned tokens copy a base token ("kept": any kept token)
+    max_downsample: int = 1  # spec 6: prune blocks with at least N_max / max_downsample^2 tokens
+    prune_selfattn: bool = True
+    prune_crossattn: bool = False
+    prune_mlp: bool = False
+    patch: Tuple[int, int] = (2, 2)  # spec 4: base-token patch (sy, sx)
+    seed: int = 0  # seeds the random base tokens of the first steps
+
+    def __post_init__(self) -> None:
+        if self.diff_source not in ("features", "eps"):
+            raise ValueError(f"diff_source must be 'features' or 'eps', got {self.diff_source!r}")
+        if self.cfg_reference not in ("cond", "uncond"):
+            raise ValueError(f"cfg_reference must be 'cond' or 'uncond', got {self.cfg_reference!r}")
+        if self.recover_from not in ("base", "kept"):
+            raise ValueError(f"recover_from must be 'base' or 'kept', got {self.recover_from!r}")
+        if self.max_downsample not in (1, 2, 4, 8):
+            raise ValueError(f"max_downsample must be 1, 2, 4 or 8, got {self.max_downsample}")
+        if len(self.patch) != 2 or min(self.patch) < 1:
+            raise ValueError(f"patch must be two positive sizes (sy, sx), got {self.patch}")
+
+
+# What the authors' released code does, for comparisons with their numbers (spec 3, 4, 6).
+RELEASED_CODE_PARITY = dict(diff_source="eps", cfg_reference="uncond", recover_from="kept")
+
+
+@dataclass
+class CallRecord:
+    """One UNet call: the sampler step it served, the cache depth and prune ratio it ran with."""
+
+    step: Optional[int]
+    depth: int
+    ratio: float
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.depth >= FULL_DEPTH else ("reused" if self.depth == 0 else "partial")
+
+
+@dataclass(eq=False)
+class DatoState:
+    """All run-time state of one patched model (no module-level state anywhere)."""
+
+    strategy: Optional[Strategy]
+    options: DatoOptions
+    prune_ratio: float = 0.0  # used at every step when there is no strategy
+    step: Optional[int] = None
+    output_cache: List[Optional[torch.Tensor]] = field(default_factory=list)
+    final_cache: Optional[torch.Tensor] = None
+    cache_key: Optional[Tuple] = None
+    score_maps: List[torch.Tensor] = field(default_factory=list)
+    cfg_halves: bool = False
+    generator: Optional[torch.Generator] = None
+    latent_hw: Tuple[int, int] = (0, 0)
+    call_ratio: float = 0.0
+    call_scores: Dict[Tuple[int, int], Optional[torch.Tensor]] = field(default_factory=dict)
+    calls: List[CallRecord] = field(default_factory=list)
+    selections: int = 0
+    hook_list: Optional[list] = field(default=None, repr=False)  # the model's sampling_hooks we joined
+
+    # Sampler hooks (ldm samplers call these through model.sampling_hooks).
+    def sampling_started(self, num_steps: int) -> None:
+        """A new run: check the strategy length and empty every cache (spec 2: nothing shared between runs)."""
+        if self.strategy is not None:
+            self.strategy.check_steps(num_steps)
+        self.reset()
+
+    def step_started(self, step: int) -> None:
+        self.step = step
+
+    def model_call_started(self, cfg_halves: bool) -> None:
+        """The sampler says whether the next UNet batch is [uncond; cond]."""
+        self.cfg_halves = cfg_halves
+
+    def sampling_finished(self) -> None:
+        self.step = None
+        self.output_cache = []
+        self.final_cache = None
+        self.score_maps = []
+
+    def reset(self) -> None:
+        self.step = None
+        self.output_cache = []
+        self.final_cache = None
+        self.cache_key = None
+        self.score_maps = []
+        self.calls = []
+        self.generator = None
+
+    def set_step(self, step: Optional[int]) -> None:
+        """For users driving the UNet themselves: which sampler step the next calls belong to."""
+        self.step = step
+
+    def planned(self) -> Tuple[int, float]:
+        """(cache depth, prune ratio) the current step asks for."""
+        if self.step is None or self.strategy is None:
+            return FULL_DEPTH, self.prune_ratio
+        if self.step >= self.strategy.steps:
+            raise IndexError(f"step {self.step} is past the strategy's {self.strategy.steps} steps")
+        ratio = float(self.strategy.prune_ratio[self.step])
+        if self.step == 0:
+            return FULL_DEPTH, ratio  # spec 2: step 0 (both PLMS calls) computes everything
+        return int(self.strategy.cache_depth[self.step]), ratio
+
+    def remember_scores(self, feature_map: torch.Tensor) -> None:
+        """Keep the two most recent maps that DiffScore compares (spec 3)."""
+        self.score_maps = (self.score_maps + [feature_map.detach()])[-2:]
+
+    def score_for(self, hw: Tuple[int, int]) -> Optional[torch.Tensor]:
+        """DiffScore (B, h, w) at a block grid, or None while fewer than two maps exist (random bases)."""
+        if hw not in self.call_scores:
+            if len(self.score_maps) < 2:
+                self.call_scores[hw] = None
+            else:
+                score = diff_score(self.score_maps[1], self.score_maps[0])
+                self.call_scores[hw] = score if tuple(score.shape[-2:]) == hw else pool_score(score, hw)
+        return self.call_scores[hw]
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.options.seed)
+        return self.generator
+
+
+def _resolve_strategy(strategy: StrategyLike) -> Optional[Strategy]:
+    if strategy is None or isinstance(strategy, Strategy):
+        return strategy
+    return Strategy.load(strategy)
+
+
+def apply_patch(model: torch.nn.Module, strategy: StrategyLike = None, prune_ratio: float = 0.0,
+                **options) -> DatoState:
+    """Patch a LatentDiffusion (or its UNetModel) in place and return its state.
+
+    strategy: a Strategy, a strategy YAML path, or None (every step full, pruning at `prune_ratio`).
+    options: the fields of `DatoOptions` (diff_source, align_cfg, cfg_reference, recover_from,
+    max_downsample, prune_selfattn, prune_crossattn, prune_mlp, patch, seed).
+    """
+    remove_patch(model)
+    if not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
+    unet = find_unet(model)
+    state = DatoState(strategy=_resolve_strategy(strategy), options=DatoOptions(**options),
+                      prune_ratio=prune_ratio)
+    unet._dato = state
+    unet.__class__ = _caching_unet_class(unet.__class__)
+    prunes = prune_ratio > 0 or (state.strategy is not None and max(state.strategy.prune_ratio) > 0)
+    if prunes:
+        for module in unet.modules():
+            if is_class(module, "BasicTransformerBlock"):
+                module._dato = state
+                module.__class__ = _pruning_block_class(module.__class__)
+    hooks = getattr(model, "sampling_hooks", None)
+    if hooks is not None:
+        hooks.append(state)
+        state.hook_list = hooks
+    return state
+
+
+def remove_patch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `apply_patch`: original classes, no state, no hook. Safe to call on an unpatched model."""
+    unet = find_unet(model)
+    state = getattr(unet, "_dato", None)
+    if state is None:
+        return model
+    for module in unet.modules():
+        if getattr(module, "_dato", None) is state:
+            module.__class__ = module._parent
+            del module._dato
+    if state.hook_list is not None and state in state.hook_list:
+        state.hook_list.remove(state)
+    return model
+
+
+def _caching_unet_class(unet_class: type) -> type:
+    class DatoUNetModel(unet_class):
+        """UNetModel whose forward follows the step's cache depth (spec 2)."""
+
+        _parent = unet_class
+
+        def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
+            return _caching_forward(self, x, timesteps, context, y)
+
+    return DatoUNetModel
+
+
+def _caching_forward(unet, x, timesteps, context, y):
+    """x: (B, C, H, W) -> (B, C_out, H, W), computing only the blocks the step's depth asks for."""
+    state: DatoState = unet._dato
+    depth, ratio = state.planned()
+    key = (tuple(x.shape), x.dtype, x.device)
+    n_blocks = len(unet.output_blocks)
+    if depth >= n_blocks or key != state.cache_key or state.final_cache is None:
+        depth = FULL_DEPTH
+    elif depth < FULL_DEPTH and depth > 0 and state.output_cache[11 - depth] is None:
+        depth = FULL_DEPTH
+    state.calls.append(CallRecord(state.step, depth, ratio))
+    if depth == 0:
+        return state.final_cache  # spec 2: every block reused, so the prediction is the last computed one
+    state.latent_hw = (x.shape[-2], x.shape[-1])
+    state.call_ratio = ratio
+    state.call_scores = {}
+    emb = unet.embed_time(timesteps, y)
+    if depth >= FULL_DEPTH:
+        state.output_cache = [None] * n_blocks
+    hs = []
+    h = x
+    for k in range(min(depth, len(unet.input_blocks))):
+        h = unet.input_blocks[k](h, emb, context)
+        hs.append(h)
+    if depth >= FULL_DEPTH:
+        h = unet.middle_block(h, emb, context)
+        first_output = 0
+    else:
+        first_output = n_blocks - depth
+        h = state.output_cache[first_output - 1]
+    for j in range(first_output, n_blocks):
+        h = torch.cat([h, hs.pop()], dim=1)
+        h = unet.output_blocks[j](h, emb, context)
+        state.output_cache[j] = h
+    if state.options.diff_source == "features":
+        state.remember_scores(h)
+    out = unet.out(h)
+    if state.options.diff_source == "eps":
+        state.remember_scores(out)
+    state.final_cache = out
+    state.cache_key = key
+    return out
+
+
+def _pruning_block_class(block_class: type) -> type:
+    class DatoBlock(block_class):
+        """BasicTransformerBlock that runs attention on the kept tokens only (spec 6)."""
+
+        _parent = block_class
+
+        def _forward(self, x, context=None):
+            selection = _selection_for(self._dato, x)
+            if selection is None:
+                return super()._forward(x, context=context)
+            options = self._dato.options
+            self_context = context if self.disable_self_attn else None
+            x = _pruned(self.attn1, self.norm1, x, selection, options.prune_selfattn, context=self_context)
+            x = _pruned(self.attn2, self.norm2, x, selection, options.prune_crossattn, context=context)
+            x = _pruned(self.ff, self.norm3, x, selection, options.prune_mlp)
+            return x
+
+    return DatoBlock
+
+
+def _pruned(layer, norm, x, selection: TokenSelection, prune: bool, **kwargs) -> torch.Tensor:
+    """Residual sub-layer x + layer(norm(x)), on the kept tokens when `prune` (outputs copied to pruned ones)."""
+    if not prune:
+        return layer(norm(x), **kwargs) + x
+    return selection.recover(layer(norm(selection.prune(x)), **kwargs)) + x
+
+
+def _selection_for(state: DatoState, x: torch.Tensor) -> Optional[TokenSelection]:
+    """The token selection of one block input x: (B, N, C), or None when this block does not prune."""
+    ratio = state.call_ratio
+    height, width = state.latent_hw
+    if ratio <= 0 or height == 0:
+        return None
+    n_tokens = x.shape[1]
+    if n_tokens * state.options.max_downsample ** 2 < height * width:
+        return None
+    downsample = 1
+    while (height // downsample) * (width // downsample) > n_tokens:
+        downsample *= 2
+    hw = (height // downsample, width // downsample)
+    if hw[0] * hw[1] != n_tokens:
+        raise RuntimeError(f"cannot place {n_tokens} tokens on the grid of a {height}x{width} latent")
+    options = state.options
+    state.selections += 1
+    return select_tokens(x, state.score_for(hw), ratio, hw, patch=options.patch,
+                         cfg_halves=options.align_cfg and state.cfg_halves, cfg_reference=options.cfg_reference,
+                         recover_from=options.recover_from, generator=state.generator_for(x.device))

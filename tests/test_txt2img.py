@@ -1,0 +1,116 @@
+"""scripts/txt2img.py end to end on the demo model, and its input checks."""
+import hashlib
+import importlib.util
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "scripts" / "txt2img.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("txt2img_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TXT2IMG = load_script()
+
+
+def run(*args, cwd=REPO_ROOT):
+    """Run the script as a user would, in a fresh process."""
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def run_here(capsys, *args):
+    """Run the script's main() in this process (fast, for the checks that stop before sampling)."""
+    code = TXT2IMG.main(list(args))
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+DEMO = ["--demo", "--n_samples", "2", "--n_iter", "1", "--ddim_steps", "5", "--H", "64", "--W", "64",
+        "--precision", "full"]
+
+
+def test_demo_writes_samples_and_grid_reproducibly(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    result = run(*DEMO, "--outdir", str(first))
+    assert result.returncode == 0, result.stderr
+    assert "random-weight" in result.stdout
+    assert sorted(p.name for p in (first / "samples").iterdir()) == ["00000.png", "00001.png"]
+    assert (first / "grid-0000.png").exists()
+    assert run(*DEMO, "--outdir", str(second)).returncode == 0
+    for name in ("samples/00000.png", "samples/00001.png", "grid-0000.png"):
+        assert digest(first / name) == digest(second / name)
+    assert digest(first / "samples/00000.png") != digest(first / "samples/00001.png")
+    # An existing outdir is appended to, never overwritten.
+    before = digest(first / "samples/00000.png")
+    assert run(*DEMO, "--outdir", str(first), "--seed", "7").returncode == 0
+    assert sorted(p.name for p in (first / "samples").iterdir()) == [f"{i:05}.png" for i in range(4)]
+    assert (first / "grid-0001.png").exists()
+    assert digest(first / "samples/00000.png") == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ckpt", "does/not/exist.ckpt"], "checkpoint not found: does/not/exist.ckpt"),
+    (["--demo", "--H", "100"], "multiples of 64"),
+    (["--demo", "--ddim_steps", "0"], "--ddim_steps must be at least 1"),
+    (["--demo", "--plms", "--ddim_eta", "0.5"], "--ddim_eta must be 0 with --plms"),
+    (["--demo", "--from-file", "missing-prompts.txt"], "missing-prompts.txt does not exist"),
+    (["--demo", "--scale", "nan"], "finite"),
+])
+def test_bad_input_fails_before_writing(tmp_path, capsys, args, message):
+    outdir = tmp_path / "out"
+    result = run_here(capsys, *args, "--outdir", str(outdir))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.count("error:") == 1
+    assert not outdir.exists()
+
+
+@pytest.mark.parametrize("flags,label", [
+    (["--dato", "--plms", "--ddim_steps", "50"], "DaTo [b1: 50 steps, 6 full / 37 partial / 7 reused"),
+    (["--deepcache", "--cache_interval", "3", "--cache_depth", "1"], "DeepCache [uniform-N3-d1: 5 steps, 2 full / 3 partial"),
+    (["--tome", "--tome_ratio", "0.5"], "ToMeSD r=0.5"),
+    (["--deepcache", "--tome"], "DeepCache [uniform-N3-d1"),
+])
+def test_acceleration_flags_write_images(tmp_path, capsys, flags, label):
+    result = run_here(capsys, *DEMO, *flags, "--outdir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert label in result.stdout
+    assert "sampling time:" in result.stdout
+    assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 2
+
+
+def write_strategy(path, steps, depth=1, ratio=0.5):
+    path.write_text(f"steps: {steps}\ncache_depth: {[12] + [depth] * (steps - 1)}\n"
+                    f"prune_ratio: {[ratio] * steps}\n")
+    return path
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda d: ["--dato", "--strategy", str(write_strategy(d / "s.yaml", 10))], "has 10 steps but the sampler runs 5"),
+    (lambda d: ["--dato"], "b1 for 50 steps"),
+    (lambda d: ["--dato", "--strategy", str(write_strategy(d / "s.yaml", 5, ratio=1.2))], "prune_ratio[0] = 1.2"),
+    (lambda d: ["--dato", "--strategy", str(write_strategy(d / "s.yaml", 5, depth=13))], "cache_depth[1] = 13"),
+    (lambda d: ["--deepcache", "--cache_depth", "13"], "--cache_depth must be in 0..12"),
+    (lambda d: ["--tome", "--tome_ratio", "1.2"], "--tome_ratio must be in [0, 1)"),
+    (lambda d: ["--dato", "--tome"], "do not combine"),
+])
+def test_bad_acceleration_input_fails_before_sampling(tmp_path, capsys, make_args, message):
+    outdir = tmp_path / "out"
+    result = run_here(capsys, *DEMO, *make_args(tmp_path), "--outdir", str(outdir))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not outdir.exists()
