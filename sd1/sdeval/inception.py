@@ -1,0 +1,138 @@
+"""The FID Inception-v3 network (TF "2015-12-05" graph, ported by pytorch-fid), from a local file.
+
+pytorch-fid's `fid_inception_v3()` builds torchvision's Inception3 (1008 classes, no aux
+head), swaps in its FID variants of the Inception blocks, and then downloads the weights.
+`build_fid_inception` does the same build with pytorch-fid's block classes but loads the
+weights from a path you give, so nothing is fetched. It keeps the `fc` layer, which the
+Inception Score needs and pytorch-fid's `InceptionV3` wrapper drops.
+"""
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+from tqdm import tqdm
+
+from .images import INCEPTION_SIZE, InceptionImages
+
+WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
+POOL_DIM = 2048
+NUM_CLASSES = 1008
+
+
+def missing_weights_message(path) -> str:
+    return (
+        f"Inception weights not found: {path}\n"
+        f"  This is pytorch-fid's FID Inception-v3 ({WEIGHTS_NAME}, about 91 MB; the TensorFlow\n"
+        f"  2015-12-05 Inception graph ported to PyTorch). Nothing is downloaded at run time:\n"
+        f"  fetch it once on a machine with network access from\n    {WEIGHTS_URL}\n"
+        f"  and pass its path with --inception-weights."
+    )
+
+
+class FIDInceptionV3(nn.Module):
+    """FID Inception-v3 returning the 2048-d pool3 features; `class_logits` gives the 1008 logits.
+
+    forward(x: (B, 3, 299, 299) in [0, 1]) -> pool: (B, 2048)
+    """
+
+    def __init__(self, net: torchvision.models.Inception3):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = 2 * x - 1  # [0, 1] -> [-1, 1], the range the TF graph was trained on
+        x = n.Conv2d_1a_3x3(x)
+        x = n.Conv2d_2a_3x3(x)
+        x = n.Conv2d_2b_3x3(x)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        x = n.Conv2d_3b_1x1(x)
+        x = n.Conv2d_4a_3x3(x)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        for block in (n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c,
+                      n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+            x = block(x)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def class_logits(self, pool: torch.Tensor) -> torch.Tensor:
+        """pool: (B, 2048) -> (B, 1008) logits WITHOUT the fc bias, as the original Inception
+        Score code (Salimans et al. 2016, `pool_3 @ softmax/logits/MatMul` weights) and torch-fidelity."""
+        return pool @ self.net.fc.weight.t()
+
+
+def _fid_inception_architecture() -> torchvision.models.Inception3:
+    """pytorch-fid's FID Inception architecture, untrained and without touching the network."""
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=NUM_CLASSES,
+                                          init_weights=False)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE_1(1280)
+    net.Mixed_7c = FIDInceptionE_2(2048)
+    return net
+
+
+def _random_init_(net: nn.Module, seed: int) -> None:
+    """He-normal convs, N(0, 1/2048) fc, identity batch norms: features stay O(1) through the net."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu", generator=g)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=m.in_features ** -0.5, generator=g)
+            nn.init.zeros_(m.bias)
+
+
+def build_fid_inception(weights: Optional[Union[str, Path]] = None, *,
+                        random_init_seed: Optional[int] = None) -> FIDInceptionV3:
+    """Build the FID Inception network in eval mode, without gradients.
+
+    Args:
+        weights: path of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`.
+        random_init_seed: TESTS ONLY. Instead of weights, a seeded random initialisation;
+            its numbers mean nothing as FID/IS values. Exactly one of the two must be given.
+    """
+    if (weights is None) == (random_init_seed is None):
+        raise ValueError("give exactly one of `weights` (the FID Inception .pth file) or "
+                         "`random_init_seed` (tests only)")
+    net = _fid_inception_architecture()
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(missing_weights_message(weights))
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        net.load_state_dict(state_dict, strict=True)
+    else:
+        _random_init_(net, random_init_seed)
+    model = FIDInceptionV3(net).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@torch.inference_mode()
+def extract_inception(paths, model: FIDInceptionV3, batch_size: int = 50, device="cpu",
+                      num_workers: int = 0, progress: bool = True):
+    """Run image files through the network.
+
+    Returns: (pool: (N, 2048) float64, logits: (N, 1008) float64), rows in the order of `paths`.
+    """
+    loader = torch.utils.data.DataLoader(InceptionImages(paths), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers)
+    model = model.to(device)
+    pools, logits = [], []
+    for x in tqdm(loader, desc="inception", unit="batch", disable=not progress):
+        assert x.shape[1:] == (3, INCEPTION_SIZE, INCEPTION_SIZE)
+        pool = model(x.to(device))
+        pools.append(pool.double().cpu())
+        logits.append(model.class_logits(pool).double().cpu())
+    return torch.cat(pools).numpy(), torch.cat(logits).numpy()
