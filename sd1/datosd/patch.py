@@ -144,6 +144,9 @@ class DatoState:
         return self.call_scores[hw]
 
     def generator_for(self, device: torch.device) -> torch.Generator:
+        """The seeded generator of the random base tokens (on CPU for meta tensors, which have none)."""
+        if device.type == "meta":
+            device = torch.device("cpu")
         if self.generator is None or self.generator.device != device:
             self.generator = torch.Generator(device=device).manual_seed(self.options.seed)
         return self.generator
