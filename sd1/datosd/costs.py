@@ -1,0 +1,272 @@
+"""Per-step cost model of a strategy: measured seconds and exact MACs per (cache depth, prune ratio).
+
+A UNet call's cost depends only on its cache depth and prune ratio (for a given model, latent size, batch,
+device and dtype), so a strategy's sampling time is the sum of its calls' entries. The table is measured
+once, interleaved over repeats, and stored as JSON keyed by what it depends on.
+"""
+import hashlib
+import json
+import platform
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from .patch import FULL_DEPTH, apply_patch, remove_patch
+from .strategy import Strategy
+from .utils import find_unet
+
+SEARCH_DEPTHS = (0, 1, 12)  # spec 1
+SEARCH_RATIOS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)  # spec 1, plus "no pruning"
+
+
+def entry_name(depth: int, ratio: float) -> str:
+    """Table key of a call: 'd0' (nothing runs, the ratio is moot) or e.g. 'd12_r0.50'."""
+    depth = min(int(depth), FULL_DEPTH)
+    return "d0" if depth == 0 else f"d{depth}_r{ratio:.2f}"
+
+
+def unet_calls(strategy: Strategy, sampler: str = "plms") -> List[Tuple[int, float]]:
+    """(depth, ratio) of every UNet call a sampling run makes: step 0 is full; PLMS calls it twice."""
+    calls = []
+    for step, (depth, ratio) in enumerate(zip(strategy.cache_depth, strategy.prune_ratio)):
+        depth = FULL_DEPTH if step == 0 else min(int(depth), FULL_DEPTH)
+        calls.append((depth, float(ratio)))
+        if step == 0 and sampler == "plms":
+            calls.append((depth, float(ratio)))
+    return calls
+
+
+def config_hash(unet: torch.nn.Module) -> str:
+    """Hash of the UNet's architecture (parameter names and shapes), not of its weights."""
+    digest = hashlib.sha256()
+    for name, param in unet.named_parameters():
+        digest.update(f"{name}:{tuple(param.shape)};".encode())
+    return digest.hexdigest()[:16]
+
+
+def context_width(unet: torch.nn.Module) -> int:
+    for module in unet.modules():
+        if type(module).__name__ == "CrossAttention" and module.to_k.in_features != module.to_q.in_features:
+            return module.to_k.in_features
+    for module in unet.modules():
+        if type(module).__name__ == "CrossAttention":
+            return module.to_k.in_features
+    raise ValueError("the UNet has no cross-attention layer")
+
+
+@dataclass
+class CostTable:
+    """Seconds (median over repeats) and MACs of one UNet call per table entry, for one setting `key`."""
+
+    key: Dict[str, object]
+    seconds: Dict[str, float] = field(default_factory=dict)
+    raw_seconds: Dict[str, List[float]] = field(default_factory=dict)
+    macs: Dict[str, int] = field(default_factory=dict)
+
+    def call_seconds(self, depth: int, ratio: float) -> float:
+        name = entry_name(depth, ratio)
+        if name not in self.seconds:
+            raise KeyError(f"the cost table has no entry {name}; measure it (entries: {sorted(self.seconds)})")
+        return self.seconds[name]
+
+    def predict(self, strategy: Strategy, sampler: str = "plms") -> float:
+        """Predicted UNet time of one sampling run (seconds): the sum of its calls' entries."""
+        return sum(self.call_seconds(d, r) for d, r in unet_calls(strategy, sampler))
+
+    def predict_macs(self, strategy: Strategy, sampler: str = "plms") -> int:
+        """Exact MACs of one sampling run's UNet calls."""
+        missing = [entry_name(d, r) for d, r in unet_calls(strategy, sampler) if entry_name(d, r) not in self.macs]
+        if missing:
+            raise KeyError(f"the cost table has no MAC count for {sorted(set(missing))}")
+        return sum(self.macs[entry_name(d, r)] for d, r in unet_calls(strategy, sampler))
+
+    def to_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, object]) -> "CostTable":
+        return cls(key=dict(data["key"]), seconds=dict(data.get("seconds", {})),
+                   raw_seconds={k: list(v) for k, v in data.get("raw_seconds", {}).items()},
+                   macs={k: int(v) for k, v in data.get("macs", {}).items()})
+
+    def save(self, path: Path) -> None:
+        """Store in a JSON file holding a list of tables; a table with the same key is replaced."""
+        path = Path(path)
+        tables = [t for t in load_tables(path) if t.key != self.key] if path.exists() else []
+        tables.append(self)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps([t.to_dict() for t in tables], indent=1))
+        tmp.replace(path)
+
+
+def load_tables(path: Path) -> List[CostTable]:
+    return [CostTable.from_dict(d) for d in json.loads(Path(path).read_text())]
+
+
+def find_table(path: Path, key: Dict[str, object]) -> Optional[CostTable]:
+    """The stored table whose key equals `key`, if any."""
+    if not Path(path).exists():
+        return None
+    for table in load_tables(path):
+        if table.key == key:
+            return table
+    return None
+
+
+def table_key(unet: torch.nn.Module, height: int, width: int, batch: int, device: torch.device,
+              dtype: str) -> Dict[str, object]:
+    """What a cost table depends on: architecture, latent size, batch (images, CFG doubles it), hardware."""
+    device = torch.device(device)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        platform.processor() or platform.machine())
+    return {"config": config_hash(unet), "latent": [height, width], "batch": batch, "device": device.type,
+            "hardware": hardware, "threads": torch.get_num_threads(), "dtype": dtype,
+            "torch": torch.__version__}
+
+
+def _calibration_strategy(entries: Sequence[Tuple[int, float]]) -> Strategy:
+    """Two full warm-up steps (they fill the caches and the two DiffScore maps), then one step per entry."""
+    depths = [FULL_DEPTH, FULL_DEPTH] + [d for d, _ in entries]
+    ratios = [0.0, 0.0] + [r for _, r in entries]
+    return Strategy(depths, ratios, name="calibration")
+
+
+def _inputs(unet: torch.nn.Module, height: int, width: int, batch: int, device, dtype=torch.float32):
+    """Random CFG-shaped UNet inputs: x (2B, C, h, w), t (2B,), context (2B, 77, D)."""
+    g = torch.Generator().manual_seed(0)
+    channels = unet.in_channels
+    x = torch.randn(2 * batch, channels, height, width, generator=g).to(device)
+    t = torch.full((2 * batch,), 500, dtype=torch.long).to(device)
+    context = torch.randn(2 * batch, 77, context_width(unet), generator=g).to(device)
+    return x, t, context
+
+
+def _run_entries(unet, entries, x, t, context, autocast, on_call=None):
+    """One calibration pass: warm-up steps, then every entry's call; returns {entry: seconds}."""
+    state = apply_patch(unet, _calibration_strategy(entries))
+    seconds = {}
+    try:
+        state.sampling_started(len(entries) + 2)
+        with torch.no_grad(), autocast:
+            for step in range(len(entries) + 2):
+                state.step_started(step)
+                state.model_call_started(True)
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                unet(x, t, context=context)
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - started
+                if step >= 2:
+                    seconds[entry_name(*entries[step - 2])] = elapsed
+                if on_call is not None:
+                    on_call()
+    finally:
+        remove_patch(unet)
+    return seconds
+
+
+def table_entries(depths: Iterable[int] = SEARCH_DEPTHS,
+                  ratios: Iterable[float] = SEARCH_RATIOS) -> List[Tuple[int, float]]:
+    """Distinct (depth, ratio) entries; depth 0 appears once."""
+    entries, seen = [], set()
+    for depth in depths:
+        for ratio in ratios:
+            name = entry_name(depth, ratio)
+            if name not in seen:
+                seen.add(name)
+                entries.append((min(int(depth), FULL_DEPTH), 0.0 if depth == 0 else float(ratio)))
+    return entries
+
+
+def measure_table(model: torch.nn.Module, height: int, width: int, batch: int = 1,
+                  entries: Optional[Sequence[Tuple[int, float]]] = None, repeats: int = 3,
+                  precision: str = "float32", seed: int = 0, progress: bool = True,
+                  count_macs: bool = True) -> CostTable:
+    """Measure seconds per UNet call for every entry, interleaved over `repeats` passes in shuffled order.
+
+    height, width: latent size; batch: images per call (the UNet sees 2 * batch with guidance).
+    precision: 'float32' or 'autocast' (float16 on CUDA, bfloat16 on CPU).
+    """
+    unet = find_unet(model)
+    if getattr(unet, "_dato", None) is not None:
+        raise ValueError("measure the cost table on an unpatched model (remove_patch first)")
+    entries = list(entries or table_entries())
+    device = next(unet.parameters()).device
+    autocast_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    if precision == "autocast":
+        autocast = torch.autocast(device.type, dtype=autocast_dtype)
+        dtype_name = str(autocast_dtype).replace("torch.", "")
+    elif precision == "float32":
+        autocast, dtype_name = nullcontext(), "float32"
+    else:
+        raise ValueError(f"precision must be 'float32' or 'autocast', got {precision!r}")
+    table = CostTable(key=table_key(unet, height, width, batch, device, dtype_name))
+    x, t, context = _inputs(unet, height, width, batch, device)
+    order = random.Random(seed)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=repeats * (len(entries) + 2), desc="cost table")
+    for repeat in range(repeats):
+        shuffled = list(entries)
+        order.shuffle(shuffled)
+        if bar is not None:
+            bar.set_description(f"cost table, pass {repeat + 1}/{repeats}")
+        seconds = _run_entries(unet, shuffled, x, t, context, autocast,
+                               on_call=bar.update if bar is not None else None)
+        for name, value in seconds.items():
+            table.raw_seconds.setdefault(name, []).append(value)
+    if bar is not None:
+        bar.close()
+    for name, values in table.raw_seconds.items():
+        table.seconds[name] = sorted(values)[len(values) // 2]
+    if count_macs:
+        table.macs = count_entry_macs(unet, height, width, batch, entries)
+    return table
+
+
+def count_entry_macs(unet: torch.nn.Module, height: int, width: int, batch: int,
+                     entries: Sequence[Tuple[int, float]]) -> Dict[str, int]:
+    """Exact MACs (FLOPs / 2 from torch's FlopCounterMode) of one UNet call per entry, token selection
+    included. Runs on the meta device when the UNet is there (no compute), else for real. Attention runs
+    on the math backend while counting: the fused CPU kernel has no FLOP formula and would count nothing."""
+    device = next(unet.parameters()).device
+    x, t, context = _inputs(unet, height, width, batch, "cpu")
+    x, t, context = x.to(device), t.to(device), context.to(device)
+    state = apply_patch(unet, _calibration_strategy(entries))
+    macs = {}
+    try:
+        state.sampling_started(len(entries) + 2)
+        with torch.no_grad():
+            for step in range(len(entries) + 2):
+                state.step_started(step)
+                state.model_call_started(True)
+                counter = FlopCounterMode(display=False)
+                with counter, sdpa_kernel(SDPBackend.MATH):
+                    unet(x, t, context=context)
+                if step >= 2:
+                    macs[entry_name(*entries[step - 2])] = counter.get_total_flops() // 2
+    finally:
+        remove_patch(unet)
+    return macs
+
+
+def plain_unet_macs(unet: torch.nn.Module, height: int, width: int, batch: int) -> int:
+    """MACs of one call of the unpatched UNet (CFG batch), for reference."""
+    device = next(unet.parameters()).device
+    x, t, context = _inputs(unet, height, width, batch, "cpu")
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
+        unet(x.to(device), t.to(device), context=context.to(device))
+    return counter.get_total_flops() // 2
