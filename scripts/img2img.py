@@ -11,7 +11,6 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -23,13 +22,12 @@ from ldm.checkpoint import CheckpointError
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.runtime import (
     DEMO_LABEL,
+    SampleWriter,
     UsageError,
     load_model,
-    make_grid,
-    next_free_index,
     pick_device,
     precision_scope,
-    save_png,
+    timed,
     to_uint8_images,
 )
 
@@ -132,16 +130,10 @@ def main(argv=None):
     sampler = DDIMSampler(model)
     sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
 
-    os.makedirs(opt.outdir, exist_ok=True)
-    sample_path = os.path.join(opt.outdir, "samples")
-    os.makedirs(sample_path, exist_ok=True)
-    base_count = next_free_index(sample_path, r"(\d+)\.png")
-    grid_count = next_free_index(opt.outdir, r"grid-(\d+)\.png")
     png_text = {"init_img": opt.init_img, "strength": opt.strength, "seed": opt.seed, "steps": opt.ddim_steps,
                 "scale": opt.scale, "method": method, "model": DEMO_LABEL if opt.demo else opt.ckpt}
+    writer = SampleWriter(opt.outdir, png_text, skip_save=opt.skip_save, skip_grid=opt.skip_grid)
     generator = torch.Generator().manual_seed(opt.seed)
-    all_images = []
-    sampling_seconds = 0.0
     with torch.no_grad(), precision_scope(opt.precision, device):
         init_latent = model.get_first_stage_encoding(model.encode_first_stage(init_image.to(device)),
                                                      generator=torch.Generator(device=device).manual_seed(opt.seed))
@@ -153,27 +145,14 @@ def main(argv=None):
                 c = model.get_learned_conditioning(list(prompts))
                 noise = fixed_noise[:batch] if opt.fixed_code else torch.randn(
                     (batch, *init_latent.shape[1:]), generator=generator)
-                started = time.perf_counter()
                 z_enc = sampler.stochastic_encode(init_latent.expand(batch, -1, -1, -1),
                                                   torch.tensor([t_enc] * batch), noise=noise.to(device))
-                samples = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=opt.scale,
-                                         unconditional_conditioning=uc)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                sampling_seconds += time.perf_counter() - started
-                images = to_uint8_images(model.decode_first_stage(samples))
-                if not opt.skip_save:
-                    for image in images:
-                        save_png(image, os.path.join(sample_path, f"{base_count:05}.png"), png_text)
-                        base_count += 1
-                all_images.extend(images)
+                samples, seconds = timed(lambda: sampler.decode(
+                    z_enc, c, t_enc, unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc),
+                    device)
+                writer.add(to_uint8_images(model.decode_first_stage(samples)), seconds)
     acceleration.remove(model)
-    if not opt.skip_grid:
-        grid = make_grid(all_images, opt.n_rows if opt.n_rows > 0 else opt.n_samples)
-        save_png(grid, os.path.join(opt.outdir, f"grid-{grid_count:04}.png"), png_text)
-    print(f"sampling time: {sampling_seconds:.2f} s for {len(all_images)} images "
-          f"({sampling_seconds / max(1, len(all_images)):.2f} s per image)")
-    print(f"Your samples are ready and waiting for you here: \n{opt.outdir} \nEnjoy.")
+    writer.finish(opt.n_rows if opt.n_rows > 0 else opt.n_samples)
     return 0
 
 

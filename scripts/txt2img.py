@@ -7,7 +7,6 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import torch
 from tqdm import tqdm, trange
@@ -18,14 +17,13 @@ from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.runtime import (
     DEMO_LABEL,
+    SampleWriter,
     UsageError,
     latent_shape,
     load_model,
-    make_grid,
-    next_free_index,
     pick_device,
     precision_scope,
-    save_png,
+    timed,
     to_uint8_images,
 )
 
@@ -124,20 +122,14 @@ def main(argv=None):
     print(f"method: {method}")
     sampler = PLMSSampler(model) if opt.plms else DDIMSampler(model)
 
-    os.makedirs(opt.outdir, exist_ok=True)
-    sample_path = os.path.join(opt.outdir, "samples")
-    os.makedirs(sample_path, exist_ok=True)
-    base_count = next_free_index(sample_path, r"(\d+)\.png")
-    grid_count = next_free_index(opt.outdir, r"grid-(\d+)\.png")
     png_text = {"prompt_source": opt.from_file or opt.prompt, "seed": opt.seed, "steps": opt.ddim_steps,
                 "sampler": "plms" if opt.plms else "ddim", "scale": opt.scale, "method": method,
                 "model": DEMO_LABEL if opt.demo else opt.ckpt}
+    writer = SampleWriter(opt.outdir, png_text, skip_save=opt.skip_save, skip_grid=opt.skip_grid)
 
     shape = latent_shape(model, opt.H, opt.W, factor=opt.f, channels=opt.C)
     generator = torch.Generator().manual_seed(opt.seed)
     start_code = torch.randn((opt.n_samples, *shape), generator=generator) if opt.fixed_code else None
-    all_images = []
-    sampling_seconds = 0.0
     with torch.no_grad(), precision_scope(opt.precision, device):
         for _ in trange(opt.n_iter, desc="Sampling"):
             for prompts in tqdm(batches, desc="data"):
@@ -148,27 +140,13 @@ def main(argv=None):
                     x_T = start_code[:batch]
                 else:
                     x_T = torch.randn((batch, *shape), generator=generator)
-                started = time.perf_counter()
-                samples, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=batch, shape=list(shape),
-                                            verbose=False, unconditional_guidance_scale=opt.scale,
-                                            unconditional_conditioning=uc, eta=opt.ddim_eta,
-                                            x_T=x_T.to(device))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                sampling_seconds += time.perf_counter() - started
-                images = to_uint8_images(model.decode_first_stage(samples))
-                if not opt.skip_save:
-                    for image in images:
-                        save_png(image, os.path.join(sample_path, f"{base_count:05}.png"), png_text)
-                        base_count += 1
-                all_images.extend(images)
+                (samples, _), seconds = timed(lambda: sampler.sample(
+                    S=opt.ddim_steps, conditioning=c, batch_size=batch, shape=list(shape), verbose=False,
+                    unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc, eta=opt.ddim_eta,
+                    x_T=x_T.to(device)), device)
+                writer.add(to_uint8_images(model.decode_first_stage(samples)), seconds)
     acceleration.remove(model)
-    if not opt.skip_grid:
-        grid = make_grid(all_images, opt.n_rows if opt.n_rows > 0 else opt.n_samples)
-        save_png(grid, os.path.join(opt.outdir, f"grid-{grid_count:04}.png"), png_text)
-    print(f"sampling time: {sampling_seconds:.2f} s for {len(all_images)} images "
-          f"({sampling_seconds / max(1, len(all_images)):.2f} s per image)")
-    print(f"Your samples are ready and waiting for you here: \n{opt.outdir} \nEnjoy.")
+    writer.finish(opt.n_rows if opt.n_rows > 0 else opt.n_samples)
     return 0
 
 

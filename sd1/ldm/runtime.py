@@ -125,3 +125,54 @@ def save_png(array, path, text=None):
         info.add_text(key, str(value))
     with open(path, "xb") as f:
         Image.fromarray(array).save(f, format="PNG", pnginfo=info)
+
+
+class SampleWriter:
+    """Writes numbered samples to outdir/samples and one grid per run to outdir, after what is there.
+
+    Nothing existing is ever replaced: numbering continues from the largest number found.
+    """
+
+    def __init__(self, outdir, png_text, skip_save=False, skip_grid=False):
+        self.outdir = outdir
+        self.sample_path = os.path.join(outdir, "samples")
+        os.makedirs(self.sample_path, exist_ok=True)
+        self.base_count = next_free_index(self.sample_path, r"(\d+)\.png")
+        self.grid_count = next_free_index(outdir, r"grid-(\d+)\.png")
+        self.png_text = png_text
+        self.skip_save = skip_save
+        self.skip_grid = skip_grid
+        self.images = []
+        self.sampling_seconds = 0.0
+
+    def add(self, images, sampling_seconds=0.0):
+        """images: list of (H, W, 3) uint8 arrays of one batch; sampling_seconds: its sampler time."""
+        if not self.skip_save:
+            for image in images:
+                save_png(image, os.path.join(self.sample_path, f"{self.base_count:05}.png"), self.png_text)
+                self.base_count += 1
+        self.images.extend(images)
+        self.sampling_seconds += sampling_seconds
+
+    def finish(self, n_rows):
+        """Write the grid and print the timing summary."""
+        if not self.skip_grid and self.images:
+            grid = make_grid(self.images, n_rows)
+            save_png(grid, os.path.join(self.outdir, f"grid-{self.grid_count:04}.png"), self.png_text)
+        count = len(self.images)
+        print(f"sampling time: {self.sampling_seconds:.2f} s for {count} images "
+              f"({self.sampling_seconds / max(1, count):.2f} s per image)")
+        print(f"Your samples are ready and waiting for you here: \n{self.outdir} \nEnjoy.")
+
+
+def timed(fn, device):
+    """Run fn() and return (result, seconds), synchronising CUDA around it."""
+    import time
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = fn()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - started
