@@ -5,7 +5,7 @@ of every `BasicTransformerBlock` (pruned self-attention), in the tomesd manner: 
 its `_parent` class, and all run-time state lives in one `DatoState` on the UNet, shared by reference.
 The samplers announce runs and steps through `LatentDiffusion.sampling_hooks`; the state is one of them.
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from os import PathLike
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -143,12 +143,11 @@ class DatoState:
                 self.call_scores[hw] = score if tuple(score.shape[-2:]) == hw else pool_score(score, hw)
         return self.call_scores[hw]
 
-    def generator_for(self, device: torch.device) -> torch.Generator:
-        """The seeded generator of the random base tokens (on CPU for meta tensors, which have none)."""
-        if device.type == "meta":
-            device = torch.device("cpu")
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device).manual_seed(self.options.seed)
+    def base_generator(self) -> torch.Generator:
+        """The seeded generator of the random base tokens. It lives on the CPU (the few indices it draws
+        move to the model's device), so a seed picks the same tokens on every device."""
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.options.seed)
         return self.generator
 
 
@@ -304,4 +303,4 @@ def _selection_for(state: DatoState, x: torch.Tensor) -> Optional[TokenSelection
     state.selections += 1
     return select_tokens(x, state.score_for(hw), ratio, hw, patch=options.patch,
                          cfg_halves=options.align_cfg and state.cfg_halves, cfg_reference=options.cfg_reference,
-                         recover_from=options.recover_from, generator=state.generator_for(x.device))
+                         recover_from=options.recover_from, generator=state.base_generator())
