@@ -34,7 +34,6 @@ from tqdm import tqdm
 from datosd import Strategy, apply_patch, remove_patch
 from datosd.cli import DEFAULT_STRATEGY
 from datosd.costs import (
-    CostTable,
     count_entry_macs,
     entry_name,
     find_table,
@@ -199,6 +198,12 @@ def run_method(model, method: Method, cond, uncond, x_T, scale, precision, devic
         remove_patch(model)
 
 
+def planned_calls(method: Method) -> Dict[str, int]:
+    """UNet calls of one run by kind, from the strategy (what the patch will do)."""
+    kinds = ["full" if d >= 12 else ("reused" if d == 0 else "partial") for d, _ in method.unet_call_types()]
+    return {k: kinds.count(k) for k in ("full", "partial", "reused")}
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1] (clamped), peak-to-peak 2."""
     mse = torch.mean((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).item()
@@ -267,7 +272,8 @@ def cost_tables(model, methods, h, w, batch, precision, repeats, path: Optional[
 
 def render_markdown(rows, header_note) -> str:
     columns = ["method", "sampler", "s/img median", "s/img min", "speed-up", "UNet calls full/partial/reused",
-               "GMACs/img", "ideal speed-up", "efficiency", "predicted s/img", "prediction error",
+               "GMACs/img", "ideal speed-up", "efficiency", "predicted s/img", "predicted speed-up",
+               "prediction error",
                "peak memory MB", "PSNR vs original dB", "latent MSE"]
     lines = [header_note, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
@@ -279,9 +285,11 @@ def render_markdown(rows, header_note) -> str:
         lines.append("| " + " | ".join([
             r["method"], f"{r['sampler']} {r['steps']}", fmt(r["median_s"], ".2f"), fmt(r["min_s"], ".2f"),
             fmt(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else ""),
-            f"{calls['full']}/{calls['partial']}/{calls['reused']}" if calls else "-",
+            f"{calls['full']}/{calls['partial']}/{calls['reused']}",
             fmt(r["gmacs_per_image"], ".1f"), fmt(r["ideal_speedup"], ".2f"), fmt(r["efficiency"], ".2f"),
-            fmt(r["predicted_s"], ".2f"), fmt(r["prediction_error"], "+.1%"), fmt(r["peak_memory_mb"], ".0f"),
+            fmt(r["predicted_s"], ".2f"),
+            fmt(r["predicted_speedup"], ".2f") + ("x" if r["predicted_speedup"] is not None else ""),
+            fmt(r["prediction_error"], "+.1%"), fmt(r["peak_memory_mb"], ".0f"),
             fmt(r["psnr"], ".2f"), fmt(r["latent_mse"], ".4g")]) + " |")
     return "\n".join(lines)
 
@@ -429,7 +437,7 @@ def main(argv=None):
             "method": method.name, "sampler": method.sampler, "steps": method.steps, "note": method.note,
             "strategy": method.strategy.to_dict() if method.strategy else None, "tome_ratio": method.tome_ratio,
             "seconds": method.seconds, "median_s": measured, "min_s": min(method.seconds) if method.seconds else None,
-            "speedup": speedup, "calls": method.calls or None,
+            "speedup": speedup, "calls": method.calls or planned_calls(method),
             "gmacs_per_image": macs[method.name] / opt.batch / 1e9, "ideal_speedup": ideal,
             "efficiency": speedup / ideal if speedup and ideal else None,
             "predicted_s": predicted, "predicted_speedup": base_predicted / predicted if predicted else None,
@@ -440,9 +448,6 @@ def main(argv=None):
             "latent_mse": (torch.mean((method.latents - original.latents) ** 2).item()
                            if method.latents is not None else None),
         })
-    if opt.predict_only:
-        for row in rows:
-            row["speedup"] = None
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     fidelity_note = (" Fidelity columns compare with Original at the same seed; with random weights they are"
                      " NOT meaningful (printed only to show the pipeline)." if (opt.random_weights or opt.demo) else "")
