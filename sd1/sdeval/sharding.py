@@ -1,0 +1,128 @@
+"""Sharded, resumable image generation: ranks, rank-strided indices, per-image seeds, atomic PNG writes.
+
+The shape follows DiT's `sample_ddp.py`: `torchrun` starts W processes, rank r takes the global image
+indices r, r + W, r + 2W, ... and writes one PNG per image named by its global index. As in EDM, image k
+gets its own seed (base + k) and its own generator, so its starting noise does not depend on the batch
+size or on the number of processes.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import torch
+
+PNG_NAME = "{:06d}.png"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: rank r of `world` processes, GPU `local_rank` on its node."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info_from_env() -> DistInfo:
+    """Rank, world size and local rank from the variables torchrun sets (1 process without them)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise ValueError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
+    return DistInfo(rank=rank, world=world, local_rank=local_rank)
+
+
+def init_distributed(info: DistInfo, device: torch.device) -> torch.device:
+    """Join the process group when there is more than one process; returns the device this rank uses.
+
+    gloo on CPU, nccl on CUDA (each rank on cuda:LOCAL_RANK). With one process nothing is initialised.
+    """
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if info.world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def barrier(info: DistInfo, device: torch.device) -> None:
+    if info.world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
+
+
+def all_reduce_sum(info: DistInfo, device: torch.device, values: Sequence[float]) -> List[float]:
+    """Sum a few numbers over all ranks (float64); returns them unchanged with one process."""
+    if info.world == 1:
+        return [float(v) for v in values]
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def finish_distributed(info: DistInfo) -> None:
+    if info.world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def shard_indices(total: int, info: DistInfo) -> range:
+    """The global indices rank r of W owns: r, r + W, r + 2W, ... below `total`."""
+    return range(info.rank, total, info.world)
+
+
+def image_noise(seeds: Sequence[int], shape: Tuple[int, ...]) -> torch.Tensor:
+    """x_T for a batch: row j is randn(shape) from a CPU torch.Generator seeded with seeds[j]. (B, *shape)
+
+    Drawn on the CPU so the same seed gives the same noise on every device and at every batch size.
+    """
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def png_path(outdir, k: int) -> Path:
+    return Path(outdir) / PNG_NAME.format(k)
+
+
+def temp_path(final: Path) -> Path:
+    """The file a PNG is written to before it is renamed into place (not a .png: image lists skip it)."""
+    return final.with_name(f".{final.name}.tmp")
+
+
+def missing_indices(outdir, indices) -> List[int]:
+    """The indices whose PNG does not exist yet (a resumed run makes only these)."""
+    return [k for k in indices if not png_path(outdir, k).is_file()]
+
+
+def atomic_save_png(array, final: Path, text=None) -> None:
+    """Write (H, W, 3) uint8 `array` to `final` through a temp file and a rename, so an interrupted
+    write never leaves a truncated PNG under the final name. `text` goes into PNG text chunks."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, str(value))
+    tmp = temp_path(final)
+    with open(tmp, "wb") as f:
+        Image.fromarray(array).save(f, format="PNG", pnginfo=info)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
