@@ -21,6 +21,7 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -321,7 +322,7 @@ def plot(rows, path: Path, title: str):
     axes[1].set_ylabel("speed-up")
     axes[1].legend()
     axes[1].set_title("measured vs ideal")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title.replace("**", ""), 160), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -474,7 +475,7 @@ def main(argv=None):
     tables_json = {str(k): v.to_dict() for k, v in tables.items()}
     (outdir / f"{stem}.json").write_text(json.dumps({"environment": environment, "rows": rows,
                                                      "cost_tables": tables_json}, indent=1))
-    plot(rows, outdir / f"{stem}.png", note[:160])
+    plot(rows, outdir / f"{stem}.png", note.split(";")[0])
     print(f"\nwrote {outdir / stem}.md, .json and .png")
     return 0
 
