@@ -61,20 +61,16 @@ rewritten after every generation.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
 import os
 import random
 import signal
-import sqlite3
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from itertools import product
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -86,7 +82,8 @@ from ldm.checkpoint import CheckpointError
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.runtime import REPO_ROOT, UsageError, autocast_dtype, latent_shape, pick_device
 
-from .costs import CostTable, entry_name, find_table, load_tables, measure_table, table_entries, table_key
+from .costs import CostTable, entry_name, find_table, load_tables, measure_table, table_key
+from .search_front import Point, choose, finite, pareto_front, plot_front, point_dict, selection_scores, write_atomic
 from .search_objectives import (
     QUALITIES,
     QUALITY_AXIS,
@@ -97,6 +94,8 @@ from .search_objectives import (
     SamplingSpec,
     StrategyEvaluator,
 )
+from .search_space import SearchSpace
+from .search_store import EvalStore, StoredEval, now, sampling_context, search_context, sha256_json
 from .strategy import MAX_DEPTH, Strategy, StrategyError
 from .utils import find_unet
 
@@ -128,7 +127,6 @@ LATENCIES = ("table", "measured")
 SELECTS = ("raw", "normalized")
 DEFAULT_DEPTH_SPACE = "0,1,12"  # spec 1
 DEFAULT_RATIO_SPACE = "0.3,0.4,0.5,0.6,0.7"  # spec 1
-UNIFORM_INTERVALS = (2, 3, 4, 5)  # DeepCache "every N-th step full" seeds of the first population
 DEFAULT_PROMPTS = REPO_ROOT / "data" / "imagenet-class-prompts.txt"
 DEFAULT_CACHE_STRATEGY = REPO_ROOT / "configs" / "dato" / "b1.yaml"
 BUILTIN_PROMPTS = (
@@ -141,7 +139,6 @@ BUILTIN_PROMPTS = (
     "a watercolor of a city street in the rain",
     "a close-up photo of a hummingbird drinking from a flower",
 )
-CONTEXT_VERSION = 1  # bump when the meaning of a stored evaluation changes
 
 # NSGA-II operators (spec 8)
 SBX_PROB, SBX_ETA = 0.7, 7.0
@@ -150,127 +147,6 @@ PM_PROB, PM_ETA = 0.4, 15.0
 
 class SearchUsageError(ValueError):
     """Bad search options, reported before anything is loaded or written."""
-
-
-# --- the search space ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """Decision variables of a search and their decoding into canonical strategies.
-
-    Attributes:
-        mode: 'depth', 'ratio' or 'joint'.
-        steps: sampler steps S (the strategy length).
-        depths: the depth search space, e.g. (0, 1, 12).
-        ratios: the ratio search space, e.g. (0.3, ..., 0.7).
-        fixed_ratio: the prune ratio of every running step in depth mode.
-        fixed_depths: the cache depths of ratio mode (from ``--cache_strategy``).
-    """
-
-    mode: str
-    steps: int
-    depths: Tuple[int, ...]
-    ratios: Tuple[float, ...]
-    fixed_ratio: float = 0.0
-    fixed_depths: Optional[Tuple[int, ...]] = None
-
-    def base_depths(self) -> List[int]:
-        """Ratio mode's fixed depths with step 0 at 12 (it computes everything anyway, spec 2)."""
-        assert self.fixed_depths is not None
-        return [MAX_DEPTH] + list(self.fixed_depths[1:])
-
-    @property
-    def depth_steps(self) -> Tuple[int, ...]:
-        """Steps whose depth is a variable: 1..S-1 in depth and joint mode."""
-        return tuple(range(1, self.steps)) if self.mode in ("depth", "joint") else ()
-
-    @property
-    def ratio_steps(self) -> Tuple[int, ...]:
-        """Steps whose ratio is a variable: all in joint mode, the running (depth > 0) ones in ratio mode."""
-        if self.mode == "joint":
-            return tuple(range(self.steps))
-        if self.mode == "ratio":
-            return tuple(i for i, d in enumerate(self.base_depths()) if d != 0)
-        return ()
-
-    @property
-    def n_var(self) -> int:
-        return len(self.depth_steps) + len(self.ratio_steps)
-
-    @property
-    def upper(self) -> np.ndarray:
-        """Largest index of every variable (the lower bounds are 0)."""
-        return np.array([len(self.depths) - 1] * len(self.depth_steps) + [len(self.ratios) - 1] * len(self.ratio_steps),
-                        dtype=int)
-
-    @property
-    def size(self) -> int:
-        """Number of distinct index vectors."""
-        return math.prod(int(u) + 1 for u in self.upper)
-
-    def decode(self, x: Sequence[int]) -> Strategy:
-        """Index vector -> canonical strategy (step 0 at depth 12, ratio 0 at depth-0 steps)."""
-        x = [int(v) for v in x]
-        if len(x) != self.n_var:
-            raise ValueError(f"expected {self.n_var} decision variables, got {len(x)}")
-        n_depth = len(self.depth_steps)
-        if self.mode == "ratio":
-            depths = self.base_depths()
-        else:
-            depths = [MAX_DEPTH] * self.steps
-            for step, index in zip(self.depth_steps, x[:n_depth]):
-                depths[step] = self.depths[index]
-        ratios = [self.fixed_ratio if self.mode == "depth" else 0.0] * self.steps
-        for step, index in zip(self.ratio_steps, x[n_depth:]):
-            ratios[step] = self.ratios[index]
-        ratios = [0.0 if step > 0 and depth == 0 else ratio for step, (depth, ratio) in enumerate(zip(depths, ratios))]
-        return Strategy(depths, ratios, name=f"searched-{self.mode}")
-
-    def _depth_seeds(self) -> List[Tuple[int, ...]]:
-        """All-full, then uniform DeepCache (every N-th step full, N = 2..5) at each partial depth, 1 first."""
-        full_depth = max(self.depths)
-        full = self.depths.index(full_depth)
-        partial = sorted((d for d in self.depths if d != full_depth), key=lambda d: (d != 1, -d))
-        rows = [tuple(full for _ in self.depth_steps)]
-        for depth in partial:
-            index = self.depths.index(depth)
-            for interval in UNIFORM_INTERVALS:
-                rows.append(tuple(full if step % interval == 0 else index for step in self.depth_steps))
-        return rows
-
-    def _ratio_seeds(self) -> List[Tuple[int, ...]]:
-        """One constant-ratio row per value of the ratio space."""
-        return [tuple(index for _ in self.ratio_steps) for index in range(len(self.ratios))]
-
-    def seed_rows(self) -> List[Tuple[int, ...]]:
-        """Uniform (not step-aware) strategies for the first population, most distinct first, no duplicates."""
-        if self.mode == "depth":
-            rows = self._depth_seeds()
-        elif self.mode == "ratio":
-            rows = self._ratio_seeds()
-        else:
-            depth_rows, ratio_rows = self._depth_seeds(), self._ratio_seeds()
-            pairs = sorted(product(range(len(depth_rows)), range(len(ratio_rows))), key=lambda ij: (sum(ij), ij[0]))
-            rows = [depth_rows[i] + ratio_rows[j] for i, j in pairs]
-        return list(dict.fromkeys(rows))
-
-    def table_entries(self) -> List[Tuple[int, float]]:
-        """Every (depth, ratio) a UNet call of a candidate can run with: the cost table's entries."""
-        depths = {MAX_DEPTH}
-        depths.update(self.depths if self.mode != "ratio" else self.base_depths())
-        ratios = {0.0, self.fixed_ratio} if self.mode == "depth" else {0.0, *self.ratios}
-        return table_entries(sorted(depths), sorted(ratios))
-
-    def describe(self) -> str:
-        parts = [f"{self.mode} search over {self.steps} steps, {self.n_var} variables"]
-        if self.mode != "ratio":
-            parts.append(f"depths {list(self.depths)}")
-        if self.mode != "depth":
-            parts.append(f"ratios {list(self.ratios)}")
-        if self.mode == "depth":
-            parts.append(f"prune ratio {self.fixed_ratio:g}")
-        return ", ".join(parts)
 
 
 # --- command line -------------------------------------------------------------------------------------
@@ -552,161 +428,6 @@ def resolve_settings(opt: argparse.Namespace, argv: Sequence[str] = ()) -> Searc
                           select=opt.select, argv=tuple(argv))
 
 
-# --- the evaluation store -----------------------------------------------------------------------------
-
-
-def _sha256_json(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _device_label(device: str) -> str:
-    if device == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(0)}"
-    return device
-
-
-def sampling_context(settings: SearchSettings) -> Dict[str, Any]:
-    """What an unaccelerated sample depends on: model, sampling settings, device (and CPU threads)."""
-    context: Dict[str, Any] = {"version": CONTEXT_VERSION, "model": settings.model.identity(),
-                               "device": _device_label(settings.model.device), "torch": torch.__version__,
-                               "sampling": settings.sampling.identity()}
-    if settings.model.device == "cpu":
-        context["threads"] = settings.threads
-    return context
-
-
-def search_context(settings: SearchSettings) -> Dict[str, Any]:
-    """What an evaluation depends on besides the strategy: the sampling context and the objectives."""
-    return {**sampling_context(settings), "quality": settings.quality.identity(),
-            "measured_latency": settings.latency == "measured"}
-
-
-def strategy_json(strategy: Strategy) -> str:
-    """The canonical text of a strategy's lists (what its key hashes)."""
-    return json.dumps({"cache_depth": [int(d) for d in strategy.cache_depth],
-                       "prune_ratio": [float(r) for r in strategy.prune_ratio]}, separators=(",", ":"))
-
-
-@dataclass
-class StoredEval:
-    """One row of the evals table."""
-
-    key: str
-    strategy: Strategy
-    quality: float
-    latency: Optional[float]
-    extras: Dict[str, float]
-    eval_seconds: float
-    worker: str
-    invocation: int
-    generation: int
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS contexts (hash TEXT PRIMARY KEY, context TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS evals (
-    key TEXT PRIMARY KEY, context TEXT NOT NULL, strategy TEXT NOT NULL, quality REAL NOT NULL, latency REAL,
-    extras TEXT NOT NULL, eval_seconds REAL NOT NULL, worker TEXT, invocation INTEGER NOT NULL,
-    generation INTEGER NOT NULL, created TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS invocations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, context TEXT NOT NULL, argv TEXT NOT NULL, started TEXT NOT NULL,
-    finished TEXT, generations INTEGER NOT NULL DEFAULT 0, evaluated INTEGER NOT NULL DEFAULT 0,
-    cached INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS asks (
-    invocation INTEGER NOT NULL, generation INTEGER NOT NULL, position INTEGER NOT NULL, key TEXT NOT NULL,
-    source TEXT NOT NULL);
-"""
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class EvalStore:
-    """``evals.sqlite``: every evaluated strategy, keyed by SHA-256(context hash, canonical strategy).
-
-    Each evaluation is committed on its own as soon as it is done, so a killed search loses at most the
-    evaluations in flight. A key is inserted once (a second insert is an error, never an overwrite).
-    Tables: ``evals`` (one row per evaluation, with the invocation and generation that computed it),
-    ``invocations`` (one row per run of the command: evaluations performed / served from the store),
-    ``asks`` (every candidate NSGA-II asked for, and whether it was 'evaluated' or 'cached'), ``contexts``.
-    """
-
-    def __init__(self, path: Path, context: Dict[str, Any]) -> None:
-        self.path = Path(path)
-        self.context = context
-        self.context_hash = _sha256_json(context)
-        self.db = sqlite3.connect(str(self.path), isolation_level=None)  # autocommit: each write is durable
-        self.db.executescript(_SCHEMA)
-        self.db.execute("INSERT OR IGNORE INTO contexts VALUES (?, ?)",
-                        (self.context_hash, json.dumps(context, sort_keys=True)))
-
-    def key(self, strategy: Strategy) -> str:
-        """SHA-256 of (context hash, canonical strategy)."""
-        return hashlib.sha256(f"{self.context_hash}\n{strategy_json(strategy)}".encode()).hexdigest()
-
-    @staticmethod
-    def _row(row: Tuple) -> StoredEval:
-        key, strategy, quality, latency, extras, seconds, worker, invocation, generation = row
-        lists = json.loads(strategy)
-        return StoredEval(key=key, strategy=Strategy(lists["cache_depth"], lists["prune_ratio"], name="searched"),
-                          quality=float(quality), latency=latency, extras=json.loads(extras), eval_seconds=seconds,
-                          worker=worker, invocation=invocation, generation=generation)
-
-    _COLUMNS = "key, strategy, quality, latency, extras, eval_seconds, worker, invocation, generation"
-
-    def get_many(self, keys: Sequence[str]) -> Dict[str, StoredEval]:
-        """The stored evaluations among ``keys``."""
-        found: Dict[str, StoredEval] = {}
-        unique = list(dict.fromkeys(keys))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in self.db.execute(f"SELECT {self._COLUMNS} FROM evals WHERE key IN ({marks})", chunk):
-                found[row[0]] = self._row(row)
-        return found
-
-    def all(self) -> List[StoredEval]:
-        """Every evaluation stored for this context."""
-        rows = self.db.execute(f"SELECT {self._COLUMNS} FROM evals WHERE context = ? ORDER BY rowid",
-                               (self.context_hash,))
-        return [self._row(row) for row in rows]
-
-    def put(self, key: str, strategy: Strategy, result: EvalResult, invocation: int, generation: int) -> StoredEval:
-        """Store one new evaluation (committed at once) and return it as read back."""
-        self.db.execute(
-            "INSERT INTO evals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (key, self.context_hash, strategy_json(strategy), float(result.quality), result.latency,
-             json.dumps(result.extras, sort_keys=True), float(result.eval_seconds), result.worker, invocation,
-             generation, _now()))
-        return self.get_many([key])[key]
-
-    def start_invocation(self, argv: Sequence[str]) -> int:
-        cursor = self.db.execute("INSERT INTO invocations (context, argv, started) VALUES (?, ?, ?)",
-                                 (self.context_hash, json.dumps(list(argv)), _now()))
-        return int(cursor.lastrowid)
-
-    def record_generation(self, invocation: int, generation: int, keys: Sequence[str], sources: Sequence[str],
-                          evaluated: int, cached: int) -> None:
-        """Log a finished generation's candidates and the invocation's running counts, in one transaction."""
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.executemany("INSERT INTO asks VALUES (?, ?, ?, ?, ?)",
-                                [(invocation, generation, i, k, s) for i, (k, s) in enumerate(zip(keys, sources))])
-            self.db.execute("UPDATE invocations SET generations = ?, evaluated = ?, cached = ? WHERE id = ?",
-                            (generation, evaluated, cached, invocation))
-
-    def finish_invocation(self, invocation: int) -> None:
-        self.db.execute("UPDATE invocations SET finished = ? WHERE id = ?", (_now(), invocation))
-
-    def count(self) -> int:
-        """Number of evaluations stored for this context."""
-        return int(self.db.execute("SELECT COUNT(*) FROM evals WHERE context = ?", (self.context_hash,)).fetchone()[0])
-
-    def close(self) -> None:
-        self.db.close()
-
-
 # --- latency: the cost table --------------------------------------------------------------------------
 
 
@@ -849,115 +570,7 @@ class DaskBackend:
             self.cluster.close()
 
 
-# --- the front and the choice -------------------------------------------------------------------------
-
-
-@dataclass
-class Point:
-    """An evaluated candidate: strategy, quality (objective units), latency (seconds per image)."""
-
-    key: str
-    strategy: Strategy
-    quality: float
-    latency: float
-    gmacs: Optional[float] = None
-    extras: Dict[str, float] = field(default_factory=dict)
-
-    @property
-    def latency_ms(self) -> float:
-        return 1000.0 * self.latency
-
-
-def pareto_front(points: Sequence[Point]) -> List[Point]:
-    """The points no other point dominates (both objectives minimised), by increasing latency."""
-    front: List[Point] = []
-    best_quality, best_latency = math.inf, None
-    for point in sorted(points, key=lambda p: (p.latency, p.quality, p.key)):
-        if point.quality < best_quality:
-            front.append(point)
-            best_quality, best_latency = point.quality, point.latency
-        elif point.quality == best_quality and point.latency == best_latency:
-            front.append(point)  # an exact tie: neither dominates the other
-    return front
-
-
-def selection_scores(front: Sequence[Point], w_m: float, select: str) -> List[float]:
-    """quality + w_M * latency per front point (see the module docstring for the two scalings)."""
-    if select == "raw":
-        return [p.quality + w_m * p.latency_ms for p in front]
-    qualities = [p.quality for p in front]
-    latencies = [p.latency for p in front]
-    q_lo, q_span = min(qualities), (max(qualities) - min(qualities)) or 1.0
-    l_lo, l_span = min(latencies), (max(latencies) - min(latencies)) or 1.0
-    return [(p.quality - q_lo) / q_span + w_m * (p.latency - l_lo) / l_span for p in front]
-
-
-def choose(front: Sequence[Point], w_m: float, select: str = "raw") -> Point:
-    """The front point minimising quality + w_M * latency (ties: the faster one)."""
-    scores = selection_scores(front, w_m, select)
-    return min(zip(scores, front), key=lambda sp: (sp[0], sp[1].latency, sp[1].key))[1]
-
-
 # --- outputs ------------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-    os.replace(tmp, path)
-
-
-def _finite(value: Optional[float]) -> Optional[float]:
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _point_dict(point: Point, score: Optional[float], full_latency: Optional[float]) -> Dict[str, Any]:
-    data: Dict[str, Any] = {
-        "key": point.key,
-        "quality": _finite(point.quality),
-        "latency": point.latency,
-        "latency_ms": point.latency_ms,
-        "speedup": full_latency / point.latency if full_latency and point.latency > 0 else None,
-        "gmacs_per_image": point.gmacs,
-        "score": _finite(score),
-        "summary": point.strategy.describe(),
-        "cache_depth": list(point.strategy.cache_depth),
-        "prune_ratio": list(point.strategy.prune_ratio),
-        "extras": point.extras,
-    }
-    return data
-
-
-def plot_front(path: Path, points: Sequence[Point], front: Sequence[Point], best: Point, quality_label: str,
-               latency_label: str, title: str) -> None:
-    """PNG of quality vs latency: every evaluated point faint, the front highlighted, the chosen point starred."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.0, 4.8), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    shown = [p for p in points if math.isfinite(p.quality)]
-    ax.scatter([p.latency_ms for p in shown], [p.quality for p in shown], s=14, color="0.55", alpha=0.3,
-               linewidths=0, label=f"evaluated ({len(points)})")
-    front_shown = [p for p in front if math.isfinite(p.quality)]
-    ax.step([p.latency_ms for p in front_shown], [p.quality for p in front_shown], where="post", color="C0",
-            alpha=0.6, linewidth=1)
-    ax.scatter([p.latency_ms for p in front_shown], [p.quality for p in front_shown], s=28, color="C0", zorder=3,
-               label=f"Pareto front ({len(front)})")
-    if math.isfinite(best.quality):
-        ax.scatter([best.latency_ms], [best.quality], marker="*", s=260, color="C3", edgecolors="black",
-                   linewidths=0.7, zorder=4, label=f"chosen ({best.latency_ms:.3g} ms, {best.quality:.4g})")
-    ax.set_xlabel(latency_label)
-    ax.set_ylabel(quality_label)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        fig.savefig(f, format="png")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -984,7 +597,7 @@ class _RunLog:
         tqdm.write(message, file=sys.stdout)
         sys.stdout.flush()
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(f"{_now()} {message}\n")
+            f.write(f"{now()} {message}\n")
 
 
 # --- the search ---------------------------------------------------------------------------------------
@@ -1023,7 +636,7 @@ def _algorithm(space: SearchSpace, pop: int, seed: int):
 
 def _load_reference(settings: SearchSettings, evaluator: StrategyEvaluator, log: Callable[[str], None]) -> torch.Tensor:
     """The unaccelerated final latents of the prompt set, computed once and kept in RUN_DIR."""
-    digest = _sha256_json(sampling_context(settings))
+    digest = sha256_json(sampling_context(settings))
     path = settings.run_dir / f"reference-{digest[:16]}.pt"
     if path.exists():
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -1069,7 +682,7 @@ def run_search(settings: SearchSettings, model: torch.nn.Module) -> SearchOutcom
     store = EvalStore(settings.run_dir / "evals.sqlite", search_context(settings))
     backend: Any = None
     try:
-        _write_atomic(settings.run_dir / "search.json",
+        write_atomic(settings.run_dir / "search.json",
                       json.dumps(_settings_record(settings, store.context_hash), indent=1))
         invocation = store.start_invocation(settings.argv)
         stored_before = store.count()
@@ -1200,13 +813,13 @@ def _write_outputs(settings: SearchSettings, points: List[Point], front: List[Po
                       "score": "quality + w_M * latency_ms" if settings.select == "raw"
                       else "quality_norm + w_M * latency_norm (min-max over the front)"},
         "evaluations": {"performed": evaluated, "cached": cached, "stored": stored, "points": len(points)},
-        "best": _point_dict(best, scores[front.index(best)], full_latency),
-        "front": [_point_dict(p, s, full_latency) for p, s in zip(front, scores)],
+        "best": point_dict(best, scores[front.index(best)], full_latency),
+        "front": [point_dict(p, s, full_latency) for p, s in zip(front, scores)],
     }
-    _write_atomic(run_dir / "front.json", json.dumps(report, indent=1))
+    write_atomic(run_dir / "front.json", json.dumps(report, indent=1))
     meta = {"sampler": settings.sampling.sampler, "sampler_steps_arg": settings.sampling.steps,
             "source": f"datosd.search ({settings.mode} mode, generation {generation})",
-            "quality": {"kind": settings.quality.kind, "value": _finite(best.quality)},
+            "quality": {"kind": settings.quality.kind, "value": finite(best.quality)},
             "latency_ms": best.latency_ms, "w_M": settings.w_m, "select": settings.select}
     tmp = run_dir / "best.yaml.tmp"
     Strategy(best.strategy.cache_depth, best.strategy.prune_ratio, name=f"searched-{settings.mode}",
@@ -1216,7 +829,7 @@ def _write_outputs(settings: SearchSettings, points: List[Point], front: List[Po
                quality_label=f"{QUALITY_AXIS[settings.quality.kind]} (lower is better)",
                latency_label=f"latency, ms per image ({settings.latency})",
                title=f"DaTo {settings.mode} search, generation {generation}/{settings.gens}")
-    _write_atomic(run_dir / "progress.json", json.dumps(
+    write_atomic(run_dir / "progress.json", json.dumps(
         {"generation": generation, "generations": settings.gens, "evaluated": evaluated, "cached": cached,
          "stored": stored, "front_size": len(front), "finished": finished}, indent=1))
 
