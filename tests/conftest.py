@@ -4,11 +4,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from golden_weights import ensure_golden_weights
+
 DATA_DIR = Path(__file__).parent / "data"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_CONFIG = DATA_DIR / "golden-tiny.yaml"
-GOLDEN_WEIGHTS = DATA_DIR / "golden-tiny-model.safetensors"
 GOLDEN_IO = DATA_DIR / "golden-tiny-io.safetensors"
+# Regenerated from its seed on first use and checked against the reference file's digest (golden_weights.py).
+GOLDEN_WEIGHTS = ensure_golden_weights(GOLDEN_CONFIG, DATA_DIR / "generated" / "golden-tiny-model.safetensors")
 
 torch.set_num_threads(2)
 

@@ -91,3 +91,19 @@ def test_decoded_samples(model, golden_io):
     decoded = model.decode_first_stage(golden_io["plms.samples"])
     assert decoded.shape == golden_io["decoded.samples"].shape
     assert max_err(decoded, golden_io["decoded.samples"]) < DECODED
+
+
+def test_regenerated_weights_are_the_reference_bits(tmp_path):
+    """The weights are rebuilt from their seed (golden_weights.py); one changed bit changes the digest."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import GOLDEN_WEIGHTS
+    from golden_weights import REFERENCE_DIGEST, content_digest
+
+    assert content_digest(GOLDEN_WEIGHTS) == REFERENCE_DIGEST
+    tensors = load_file(str(GOLDEN_WEIGHTS))
+    key = "model.diffusion_model.out.2.bias"
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(torch.int32)[0] ^= 1
+    save_file(tensors, str(tmp_path / "changed.safetensors"))
+    assert content_digest(tmp_path / "changed.safetensors") != REFERENCE_DIGEST

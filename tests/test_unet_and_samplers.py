@@ -3,7 +3,6 @@ and the timestep sequences for every step count."""
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import build, golden_model, tiny_unet_config
 from ldm.models.diffusion.ddim import DDIMSampler

@@ -1,18 +1,17 @@
 """The CompVis KL autoencoder (first stage): golden outputs, checkpoint layout, shapes, posterior, mixed precision."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from conftest import DATA_DIR, GOLDEN_WEIGHTS
 from ldm.models.autoencoder import AutoencoderKL, IdentityFirstStage
 from ldm.modules.diffusionmodules.model import AttnBlock, Downsample, Upsample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution, normal_kl
 
-DATA_DIR = Path(__file__).parent / "data"
 PREFIX = "first_stage_model."
 
 # v1-inference.yaml first_stage_config
@@ -227,7 +226,7 @@ def test_ckpt_path_loading(tmp_path, golden_config, golden_state_dict, vae):
     path = tmp_path / "vae.safetensors"
     save_file({**own, "loss.logvar": torch.zeros(())}, str(path))  # CompVis VAE checkpoints carry the loss too
     from_vae_file = AutoencoderKL(**params, ckpt_path=str(path))
-    full = AutoencoderKL(**params, ckpt_path=str(DATA_DIR / "golden-tiny-model.safetensors"))
+    full = AutoencoderKL(**params, ckpt_path=str(GOLDEN_WEIGHTS))
     skipped = AutoencoderKL(**params, ckpt_path=str(path), ignore_keys=["decoder."])
     for model in (from_vae_file, full):
         for k, v in vae.state_dict().items():
