@@ -23,7 +23,6 @@ import statistics
 import sys
 import textwrap
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -44,7 +43,7 @@ from datosd.costs import (
 )
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.runtime import DEMO_CONFIG, build_demo_model, load_model, pick_device, precision_scope
+from ldm.runtime import DEMO_CONFIG, build_demo_model, load_model, pick_device, precision_scope, timed
 from ldm.util import instantiate_from_config
 
 DEFAULT_PROMPTS = ["a photograph of an astronaut riding a horse", "a golden retriever on a beach at sunset",
@@ -182,16 +181,10 @@ def run_method(model, method: Method, cond, uncond, x_T, scale, precision, devic
     try:
         with PeakMemory(device) as memory, CallCounter(model.model.diffusion_model) as counter, \
                 torch.no_grad(), precision_scope(precision, device):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            samples, _ = sampler.sample(S=method.steps, conditioning=cond, batch_size=x_T.shape[0],
-                                        shape=list(x_T.shape[1:]), unconditional_guidance_scale=scale,
-                                        unconditional_conditioning=uncond, x_T=x_T, verbose=False,
-                                        disable_progress=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - started
+            (samples, _), seconds = timed(lambda: sampler.sample(
+                S=method.steps, conditioning=cond, batch_size=x_T.shape[0], shape=list(x_T.shape[1:]),
+                unconditional_guidance_scale=scale, unconditional_conditioning=uncond, x_T=x_T, verbose=False,
+                disable_progress=True), device)
         return seconds, samples.float().cpu(), counter.counts(state), memory.peak_bytes
     finally:
         if method.tome_ratio is not None:

@@ -11,13 +11,13 @@ Reports medians over --repeats interleaved passes and ratios to the full step at
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from datosd.costs import _inputs, _run_entries, entry_name
+from ldm.runtime import timed
 from ldm.util import instantiate_from_config
 
 
@@ -36,18 +36,9 @@ def time_tome(shell, ratio, x, t, context, autocast):
     tomesd.apply_patch(shell, ratio=ratio)
     try:
         with torch.no_grad(), autocast:
-            synchronize(x.device)
-            started = time.perf_counter()
-            shell.model.diffusion_model(x, t, context=context)
-            synchronize(x.device)
-            return time.perf_counter() - started
+            return timed(lambda: shell.model.diffusion_model(x, t, context=context), x.device)[1]
     finally:
         tomesd.remove_patch(shell)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def profile_entries(unet, x, t, context, autocast, entries, rows=12):
