@@ -98,7 +98,9 @@ def encode_steps(opt):
     return t_enc
 
 
-def main(argv=None):
+def main(argv=None, model_loader=load_model):
+    """Run img2img with command-line flags `argv`. `model_loader` builds the model from (config, ckpt, device,
+    use_ema=, demo=) after every flag is checked; a driver transforming many images passes one that caches."""
     opt = build_parser().parse_args(argv)
     try:
         for name in ("ddim_steps", "n_iter", "n_samples"):
@@ -118,7 +120,7 @@ def main(argv=None):
             batches = [opt.n_samples * [opt.prompt]]
         device = pick_device(opt.device)
         acceleration = resolve_acceleration(opt, t_enc)
-        model = load_model(opt.config, opt.ckpt, device, use_ema=opt.ema, demo=opt.demo)
+        model = model_loader(opt.config, opt.ckpt, device, use_ema=opt.ema, demo=opt.demo)
     except (UsageError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

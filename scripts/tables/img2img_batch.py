@@ -6,7 +6,7 @@
 Init image i (the i-th file of --init-dir in index-then-name order, as sdeval lists them) is transformed with
 prompt line i + 1 and seed --seed + i, by img2img.py's own main() (so every img2img flag after `--` means
 what it means there), and saved as OUTDIR/{i:06d}.png. Existing outputs are skipped (resumable). The model is
-loaded once and reused: img2img.py's main() removes its acceleration patch at the end of every call.
+loaded once (main() takes the model loader) and reused: main() removes its acceleration patch when done.
 
 OUTDIR/manifest.json records the method, the count and the sampling time per image that img2img.py
 reports (its DDIM loop), the first image of each run left out as warm-up.
@@ -93,15 +93,14 @@ def main(argv=None):
         return 2
 
     module = load_img2img()
-    real_load = module.load_model
-    cache = {}
+    loaded = {}
 
-    def load_once(*a, **k):
-        if "model" not in cache:
-            cache["model"] = real_load(*a, **k)
-        return cache["model"]
+    def load_once(*args, **kwargs):
+        """img2img.py's model loader, called once: every image reuses the first image's model."""
+        if "model" not in loaded:
+            loaded["model"] = module.load_model(*args, **kwargs)
+        return loaded["model"]
 
-    module.load_model = load_once
     args.outdir.mkdir(parents=True, exist_ok=True)
     work = args.outdir / ".work"
     calls, method = [], None
@@ -114,7 +113,7 @@ def main(argv=None):
                  "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--outdir", str(work)]
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = module.main(flags)
+            code = module.main(flags, model_loader=load_once)
         if code != 0:
             print(out.getvalue() + err.getvalue(), file=sys.stderr)
             print(f"img2img_batch.py: img2img.py failed on {init} (exit {code})", file=sys.stderr)
