@@ -7,6 +7,7 @@ from datosd import Strategy, StrategyError
 from datosd.patch import apply_patch, remove_patch
 from helpers import build, golden_model, tiny_unet_config
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.hooks import SamplingHook
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.util import seeded_random_weights
 
@@ -37,7 +38,7 @@ def sample(model, conditioning, sampler="ddim", steps=5, hw=(16, 16), scale=7.5,
     return samples
 
 
-class CallRecorder:
+class CallRecorder(SamplingHook):
     """Records, for every UNet call, the sampler step it belongs to, the blocks that ran and the output."""
 
     def __init__(self, model):
@@ -63,7 +64,7 @@ class CallRecorder:
         self.calls[-1]["out"] = out
 
     def __enter__(self):
-        self.model.sampling_hooks.append(self)
+        self.model.sampling_hooks.add(self)
         return self
 
     def __exit__(self, *exc):
@@ -94,7 +95,7 @@ def test_full_strategy_is_bit_identical_and_remove_restores(model, conditioning,
     assert torch.equal(again, reference)
     assert torch.equal(restored, reference)
     assert type(model.model.diffusion_model).__name__ == "UNetModel"
-    assert model.sampling_hooks == []
+    assert len(model.sampling_hooks) == 0
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "plms"])

@@ -158,7 +158,7 @@ def _run_entries(unet, entries, x, t, context, autocast, on_call=None):
         with torch.no_grad(), autocast:
             for step in range(len(entries) + 2):
                 state.step_started(step)
-                state.model_call_started(True)
+                state.model_call(True)
                 if x.device.type == "cuda":
                     torch.cuda.synchronize()
                 started = time.perf_counter()
@@ -251,7 +251,7 @@ def count_entry_macs(unet: torch.nn.Module, height: int, width: int, batch: int,
         with torch.no_grad():
             for step in range(len(entries) + 2):
                 state.step_started(step)
-                state.model_call_started(True)
+                state.model_call(True)
                 counter = FlopCounterMode(display=False)
                 with counter, sdpa_kernel(SDPBackend.MATH):
                     unet(x, t, context=context)

@@ -2,7 +2,7 @@
 
 Pure tensor functions in the style of ``tomesd/merge.py``: nothing here knows
 about models. ``select_tokens`` computes its indices once and returns closures
-that apply them. Section numbers refer to ``shared/docs/DATO_SPEC.md``.
+that apply them. Section numbers refer to ``docs/DATO_SPEC.md``.
 
 Shapes: B batch, N = H * W tokens on an H x W grid, C channels, nb base tokens,
 K pruned tokens.

@@ -3,16 +3,20 @@
 `apply_patch(model, strategy)` swaps the class of the UNet (caching forward) and, when the strategy prunes,
 of every `BasicTransformerBlock` (pruned self-attention), in the tomesd manner: each patched module keeps
 its `_parent` class, and all run-time state lives in one `DatoState` on the UNet, shared by reference.
-The samplers announce runs and steps through `LatentDiffusion.sampling_hooks`; the state is one of them.
+The samplers announce runs, steps and UNet calls through the model's typed `sampling_hooks`
+(`ldm.models.diffusion.hooks`); the state is one of them.
 """
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from os import PathLike
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ldm.models.diffusion.hooks import SamplingHook, SamplingHooks
+
 from .dato import TokenSelection, diff_score, pool_score, select_tokens
-from .strategy import Strategy
+from .strategy import Strategy, call_kind
 from .utils import find_unet, is_class
 
 FULL_DEPTH = 12
@@ -21,7 +25,7 @@ StrategyLike = Union[Strategy, str, PathLike, None]
 
 @dataclass(frozen=True)
 class DatoOptions:
-    """The spec's options with its defaults."""
+    """The spec's options with its defaults (immutable; one set per patched model)."""
 
     diff_source: str = "features"  # spec 3: output_blocks[11] feature map ("features") or the UNet output ("eps")
     align_cfg: bool = True  # spec 4: both CFG halves share the reference half's base positions
@@ -32,7 +36,8 @@ class DatoOptions:
     prune_crossattn: bool = False
     prune_mlp: bool = False
     patch: Tuple[int, int] = (2, 2)  # spec 4: base-token patch (sy, sx)
-    seed: int = 0  # seeds the random base tokens of the first steps
+    score_noise: Optional[Tuple[float, float]] = None  # spec 3: (diff weight, noise weight); released: (0.1, 0.1)
+    seed: int = 0  # seeds every random draw of a run (random base tokens, score noise)
 
     def __post_init__(self) -> None:
         if self.diff_source not in ("features", "eps"):
@@ -45,10 +50,16 @@ class DatoOptions:
             raise ValueError(f"max_downsample must be 1, 2, 4 or 8, got {self.max_downsample}")
         if len(self.patch) != 2 or min(self.patch) < 1:
             raise ValueError(f"patch must be two positive sizes (sy, sx), got {self.patch}")
+        if self.score_noise is not None:
+            weights = tuple(float(w) for w in self.score_noise)
+            if len(weights) != 2 or not all(math.isfinite(w) and w >= 0 for w in weights):
+                raise ValueError(f"score_noise must be two finite weights >= 0 (diff, noise), got {self.score_noise}")
+            object.__setattr__(self, "score_noise", weights)
 
 
-# What the authors' released code does, for comparisons with their numbers (spec 3, 4, 6).
-RELEASED_CODE_PARITY = dict(diff_source="eps", cfg_reference="uncond", recover_from="kept")
+# The options that reproduce behaviours of the authors' released code (spec 3, 4, 6). What the released code
+# still does differently is listed in README.md ("Released-code parity preset") and docs/DATO_SPEC.md.
+RELEASED_CODE_PARITY = dict(diff_source="eps", cfg_reference="uncond", recover_from="kept", score_noise=(0.1, 0.1))
 
 
 @dataclass
@@ -61,31 +72,49 @@ class CallRecord:
 
     @property
     def kind(self) -> str:
-        return "full" if self.depth >= FULL_DEPTH else ("reused" if self.depth == 0 else "partial")
+        return call_kind(self.depth)
+
+
+@dataclass
+class RunCache:
+    """What one sampling run accumulates (spec 2, 3); a new run starts from an empty one."""
+
+    generator: torch.Generator
+    step: Optional[int] = None
+    output_cache: List[Optional[torch.Tensor]] = field(default_factory=list)  # per output block, last output
+    final_cache: Optional[torch.Tensor] = None  # the last computed UNet output
+    cache_key: Optional[Tuple] = None  # (shape, dtype, device) of the calls the caches were filled by
+    score_maps: List[torch.Tensor] = field(default_factory=list)  # the two newest DiffScore maps, oldest first
+    calls: List[CallRecord] = field(default_factory=list)
+
+
+@dataclass
+class CallContext:
+    """The UNet call in progress, as the pruning blocks need it."""
+
+    ratio: float
+    latent_hw: Tuple[int, int]
+    cfg_halves: bool
+    scores: Dict[Tuple[int, int], Optional[torch.Tensor]] = field(default_factory=dict)  # DiffScore per grid
 
 
 @dataclass(eq=False)
-class DatoState:
-    """All run-time state of one patched model (no module-level state anywhere)."""
+class DatoState(SamplingHook):
+    """All state of one patched model (no module-level state anywhere): its strategy and options, the cache
+    of the current run, and the call in progress. It is a sampling hook of the model it patches."""
 
     strategy: Optional[Strategy]
     options: DatoOptions
     prune_ratio: float = 0.0  # used at every step when there is no strategy
-    step: Optional[int] = None
-    output_cache: List[Optional[torch.Tensor]] = field(default_factory=list)
-    final_cache: Optional[torch.Tensor] = None
-    cache_key: Optional[Tuple] = None
-    score_maps: List[torch.Tensor] = field(default_factory=list)
-    cfg_halves: bool = False
-    generator: Optional[torch.Generator] = None
-    latent_hw: Tuple[int, int] = (0, 0)
-    call_ratio: float = 0.0
-    call_scores: Dict[Tuple[int, int], Optional[torch.Tensor]] = field(default_factory=dict)
-    calls: List[CallRecord] = field(default_factory=list)
-    selections: int = 0
-    hook_list: Optional[list] = field(default=None, repr=False)  # the model's sampling_hooks we joined
+    run: RunCache = field(init=False)
+    call: Optional[CallContext] = None
+    cfg_halves: bool = False  # the sampler's word on the next call's batch
+    hooks: Optional[SamplingHooks] = field(default=None, repr=False)  # the model's hooks this state joined
 
-    # Sampler hooks (ldm samplers call these through model.sampling_hooks).
+    def __post_init__(self) -> None:
+        self.reset()
+
+    # --- sampling hooks (ldm.models.diffusion.hooks) ---
     def sampling_started(self, num_steps: int) -> None:
         """A new run: check the strategy length and empty every cache (spec 2: nothing shared between runs)."""
         if self.strategy is not None:
@@ -93,62 +122,69 @@ class DatoState:
         self.reset()
 
     def step_started(self, step: int) -> None:
-        self.step = step
+        self.run.step = step
 
-    def model_call_started(self, cfg_halves: bool) -> None:
-        """The sampler says whether the next UNet batch is [uncond; cond]."""
+    def model_call(self, cfg_halves: bool) -> None:
         self.cfg_halves = cfg_halves
 
     def sampling_finished(self) -> None:
-        self.step = None
-        self.output_cache = []
-        self.final_cache = None
-        self.score_maps = []
+        """Free the run's tensors; the call records stay readable until the next run."""
+        self.run = RunCache(generator=self.run.generator, calls=self.run.calls)
+        self.call = None
 
+    # --- for users driving the UNet themselves ---
     def reset(self) -> None:
-        self.step = None
-        self.output_cache = []
-        self.final_cache = None
-        self.cache_key = None
-        self.score_maps = []
-        self.calls = []
-        self.generator = None
+        """Start a new run: empty caches, the random draws seeded again."""
+        self.run = RunCache(generator=torch.Generator().manual_seed(self.options.seed))
+        self.call = None
 
     def set_step(self, step: Optional[int]) -> None:
-        """For users driving the UNet themselves: which sampler step the next calls belong to."""
-        self.step = step
+        """Which sampler step the next UNet calls belong to (None: no strategy step, compute everything)."""
+        self.run.step = step
+
+    def reseed(self, seed: int) -> None:
+        """Seed the random draws of the following runs with `seed` (base tokens, score noise)."""
+        self.options = replace(self.options, seed=seed)
+        self.reset()
+
+    @property
+    def calls(self) -> List[CallRecord]:
+        """The UNet calls of the current (or last) run."""
+        return self.run.calls
 
     def planned(self) -> Tuple[int, float]:
         """(cache depth, prune ratio) the current step asks for."""
-        if self.step is None or self.strategy is None:
+        step = self.run.step
+        if step is None or self.strategy is None:
             return FULL_DEPTH, self.prune_ratio
-        if self.step >= self.strategy.steps:
-            raise IndexError(f"step {self.step} is past the strategy's {self.strategy.steps} steps")
-        ratio = float(self.strategy.prune_ratio[self.step])
-        if self.step == 0:
-            return FULL_DEPTH, ratio  # spec 2: step 0 (both PLMS calls) computes everything
-        return int(self.strategy.cache_depth[self.step]), ratio
+        if step >= self.strategy.steps:
+            raise IndexError(f"step {step} is past the strategy's {self.strategy.steps} steps")
+        return self.strategy.step_setting(step)
 
     def remember_scores(self, feature_map: torch.Tensor) -> None:
         """Keep the two most recent maps that DiffScore compares (spec 3)."""
-        self.score_maps = (self.score_maps + [feature_map.detach()])[-2:]
+        self.run.score_maps = (self.run.score_maps + [feature_map.detach()])[-2:]
 
     def score_for(self, hw: Tuple[int, int]) -> Optional[torch.Tensor]:
         """DiffScore (B, h, w) at a block grid, or None while fewer than two maps exist (random bases)."""
-        if hw not in self.call_scores:
-            if len(self.score_maps) < 2:
-                self.call_scores[hw] = None
+        scores = self.call.scores
+        if hw not in scores:
+            maps = self.run.score_maps
+            if len(maps) < 2:
+                scores[hw] = None
             else:
-                score = diff_score(self.score_maps[1], self.score_maps[0])
-                self.call_scores[hw] = score if tuple(score.shape[-2:]) == hw else pool_score(score, hw)
-        return self.call_scores[hw]
+                score = diff_score(maps[1], maps[0])
+                scores[hw] = score if tuple(score.shape[-2:]) == hw else pool_score(score, hw)
+        return scores[hw]
 
-    def base_generator(self) -> torch.Generator:
-        """The seeded generator of the random base tokens. It lives on the CPU (the few indices it draws
-        move to the model's device), so a seed picks the same tokens on every device."""
-        if self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.options.seed)
-        return self.generator
+    def noisy_score(self, score: torch.Tensor) -> torch.Tensor:
+        """The released code's score (spec 3): +-w_diff * DiffScore + w_noise * N(0, 1), the sign flipped with
+        probability 1/2; drawn per pruning block from the run's seeded CPU generator."""
+        w_diff, w_noise = self.options.score_noise
+        generator = self.run.generator
+        sign = 1.0 if torch.randint(2, (1,), generator=generator).item() == 0 else -1.0
+        noise = torch.randn(tuple(score.shape), generator=generator, dtype=torch.float32)
+        return sign * w_diff * score + w_noise * noise.to(device=score.device, dtype=score.dtype)
 
 
 def _resolve_strategy(strategy: StrategyLike) -> Optional[Strategy]:
@@ -163,7 +199,7 @@ def apply_patch(model: torch.nn.Module, strategy: StrategyLike = None, prune_rat
 
     strategy: a Strategy, a strategy YAML path, or None (every step full, pruning at `prune_ratio`).
     options: the fields of `DatoOptions` (diff_source, align_cfg, cfg_reference, recover_from,
-    max_downsample, prune_selfattn, prune_crossattn, prune_mlp, patch, seed).
+    max_downsample, prune_selfattn, prune_crossattn, prune_mlp, patch, score_noise, seed).
     """
     remove_patch(model)
     if not 0.0 <= prune_ratio < 1.0:
@@ -181,8 +217,8 @@ def apply_patch(model: torch.nn.Module, strategy: StrategyLike = None, prune_rat
                 module.__class__ = _pruning_block_class(module.__class__)
     hooks = getattr(model, "sampling_hooks", None)
     if hooks is not None:
-        hooks.append(state)
-        state.hook_list = hooks
+        hooks.add(state)
+        state.hooks = hooks
     return state
 
 
@@ -196,8 +232,8 @@ def remove_patch(model: torch.nn.Module) -> torch.nn.Module:
         if getattr(module, "_dato", None) is state:
             module.__class__ = module._parent
             del module._dato
-    if state.hook_list is not None and state in state.hook_list:
-        state.hook_list.remove(state)
+    if state.hooks is not None:
+        state.hooks.remove(state)
     return model
 
 
@@ -216,22 +252,21 @@ def _caching_unet_class(unet_class: type) -> type:
 def _caching_forward(unet, x, timesteps, context, y):
     """x: (B, C, H, W) -> (B, C_out, H, W), computing only the blocks the step's depth asks for."""
     state: DatoState = unet._dato
+    run = state.run
     depth, ratio = state.planned()
     key = (tuple(x.shape), x.dtype, x.device)
     n_blocks = len(unet.output_blocks)
-    if depth >= n_blocks or key != state.cache_key or state.final_cache is None:
+    if depth >= n_blocks or key != run.cache_key or run.final_cache is None:
         depth = FULL_DEPTH
-    elif depth < FULL_DEPTH and depth > 0 and state.output_cache[11 - depth] is None:
+    elif 0 < depth < FULL_DEPTH and run.output_cache[n_blocks - 1 - depth] is None:
         depth = FULL_DEPTH
-    state.calls.append(CallRecord(state.step, depth, ratio))
+    run.calls.append(CallRecord(run.step, depth, ratio))
     if depth == 0:
-        return state.final_cache  # spec 2: every block reused, so the prediction is the last computed one
-    state.latent_hw = (x.shape[-2], x.shape[-1])
-    state.call_ratio = ratio
-    state.call_scores = {}
+        return run.final_cache  # spec 2: every block reused, so the prediction is the last computed one
+    state.call = CallContext(ratio=ratio, latent_hw=(x.shape[-2], x.shape[-1]), cfg_halves=state.cfg_halves)
     emb = unet.embed_time(timesteps, y)
     if depth >= FULL_DEPTH:
-        state.output_cache = [None] * n_blocks
+        run.output_cache = [None] * n_blocks
     hs = []
     h = x
     for k in range(min(depth, len(unet.input_blocks))):
@@ -242,18 +277,19 @@ def _caching_forward(unet, x, timesteps, context, y):
         first_output = 0
     else:
         first_output = n_blocks - depth
-        h = state.output_cache[first_output - 1]
+        h = run.output_cache[first_output - 1]
     for j in range(first_output, n_blocks):
         h = torch.cat([h, hs.pop()], dim=1)
         h = unet.output_blocks[j](h, emb, context)
-        state.output_cache[j] = h
+        run.output_cache[j] = h
     if state.options.diff_source == "features":
         state.remember_scores(h)
     out = unet.out(h)
     if state.options.diff_source == "eps":
         state.remember_scores(out)
-    state.final_cache = out
-    state.cache_key = key
+    run.final_cache = out
+    run.cache_key = key
+    state.call = None
     return out
 
 
@@ -286,10 +322,10 @@ def _pruned(layer, norm, x, selection: TokenSelection, prune: bool, **kwargs) ->
 
 def _selection_for(state: DatoState, x: torch.Tensor) -> Optional[TokenSelection]:
     """The token selection of one block input x: (B, N, C), or None when this block does not prune."""
-    ratio = state.call_ratio
-    height, width = state.latent_hw
-    if ratio <= 0 or height == 0:
+    call = state.call
+    if call is None or call.ratio <= 0:
         return None
+    height, width = call.latent_hw
     n_tokens = x.shape[1]
     if n_tokens * state.options.max_downsample ** 2 < height * width:
         return None
@@ -300,7 +336,9 @@ def _selection_for(state: DatoState, x: torch.Tensor) -> Optional[TokenSelection
     if hw[0] * hw[1] != n_tokens:
         raise RuntimeError(f"cannot place {n_tokens} tokens on the grid of a {height}x{width} latent")
     options = state.options
-    state.selections += 1
-    return select_tokens(x, state.score_for(hw), ratio, hw, patch=options.patch,
-                         cfg_halves=options.align_cfg and state.cfg_halves, cfg_reference=options.cfg_reference,
-                         recover_from=options.recover_from, generator=state.base_generator())
+    score = state.score_for(hw)
+    if score is not None and options.score_noise is not None:
+        score = state.noisy_score(score)
+    return select_tokens(x, score, call.ratio, hw, patch=options.patch,
+                         cfg_halves=options.align_cfg and call.cfg_halves, cfg_reference=options.cfg_reference,
+                         recover_from=options.recover_from, generator=state.run.generator)

@@ -17,13 +17,15 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
-__all__ = ["MAX_DEPTH", "Strategy", "StrategyError", "StrategySummary"]
+__all__ = ["MAX_DEPTH", "Strategy", "StrategyError", "StrategySummary", "call_kind", "model_calls_per_step"]
 
 MAX_DEPTH = 12  # spec 1/2: depth 12 computes every block (the UNet has 12 input blocks)
+# UNet calls of a sampler's first step where it differs from one (CompVis PLMS: a pseudo improved-Euler step).
+FIRST_STEP_CALLS = {"plms": 2}
 _RESERVED_KEYS = ("name", "steps", "cache_depth", "prune_ratio")
 
 PathLike = Union[str, Path]
@@ -31,6 +33,16 @@ PathLike = Union[str, Path]
 
 class StrategyError(ValueError):
     """A strategy that cannot be used: wrong lengths or values, or a step-count mismatch."""
+
+
+def model_calls_per_step(sampler: str, step: int) -> int:
+    """UNet calls (each with the whole CFG batch) that `sampler` makes in step `step`."""
+    return FIRST_STEP_CALLS.get(sampler, 1) if step == 0 else 1
+
+
+def call_kind(depth: int) -> str:
+    """'full' (depth >= 12), 'reused' (depth 0: the last prediction is returned) or 'partial'."""
+    return "full" if depth >= MAX_DEPTH else ("reused" if depth == 0 else "partial")
 
 
 def _fail(name: Optional[str], problem: str, expected: str, todo: str) -> StrategyError:
@@ -144,6 +156,19 @@ class Strategy:
                 f" (e.g. Strategy.uniform({n}, interval, depth)).",
             )
 
+    def step_setting(self, step: int) -> Tuple[int, float]:
+        """(cache depth, prune ratio) that step `step` runs with: the stored entry, except that step 0 always
+        computes everything (spec 2)."""
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} is outside the strategy's {self.steps} steps")
+        depth = MAX_DEPTH if step == 0 else min(self.cache_depth[step], MAX_DEPTH)
+        return depth, self.prune_ratio[step]
+
+    def call_plan(self, sampler: str = "plms") -> List[Tuple[int, float]]:
+        """(cache depth, prune ratio) of every UNet call of one run, in order (PLMS calls step 0 twice)."""
+        return [self.step_setting(step) for step in range(self.steps)
+                for _ in range(model_calls_per_step(sampler, step))]
+
     # --- constructors ------------------------------------------------------------
     @classmethod
     def full(cls, steps: int, name: Optional[str] = "full") -> "Strategy":
@@ -240,13 +265,12 @@ class Strategy:
     def summary(self) -> StrategySummary:
         """Steps as they run: full (d >= 12, and step 0, which always computes everything: spec 2),
         partial (0 < d < 12) and reused (d == 0), and the mean prune ratio."""
-        full = sum(d >= MAX_DEPTH or i == 0 for i, d in enumerate(self.cache_depth))
-        reused = sum(d == 0 for i, d in enumerate(self.cache_depth) if i > 0)
+        kinds = [call_kind(self.step_setting(step)[0]) for step in range(self.steps)]
         return StrategySummary(
             steps=self.steps,
-            full=full,
-            partial=self.steps - full - reused,
-            reused=reused,
+            full=kinds.count("full"),
+            partial=kinds.count("partial"),
+            reused=kinds.count("reused"),
             mean_ratio=sum(self.prune_ratio) / self.steps,
         )
 

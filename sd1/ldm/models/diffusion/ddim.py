@@ -1,10 +1,9 @@
-"""DDIM sampler (CompVis `ldm/models/diffusion/ddim.py`), with step hooks for feature-caching patches."""
+"""DDIM sampler (CompVis `ldm/models/diffusion/ddim.py`) on the shared sampling loop, with sampling hooks."""
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ldm.models.diffusion.sampling_common import (
-    SamplerSchedule,
+    ScheduledSampler,
     check_conditioning,
     ddim_update,
     eps_from_output,
@@ -12,41 +11,27 @@ from ldm.models.diffusion.sampling_common import (
 )
 
 
-class DDIMSampler:
+class DDIMSampler(ScheduledSampler):
     """Deterministic (eta 0) or stochastic DDIM sampling of a LatentDiffusion model.
 
-    Every run announces itself to `model.sampling_hooks`: `sampling_started(num_steps)` before the first step,
-    `step_started(i)` before step i (i = 0 is the noisiest), `sampling_finished()` at the end.
+    Every run is announced to `model.sampling_hooks` (`ldm.models.diffusion.hooks`): the run, each step
+    (i = 0 is the noisiest) and each UNet call.
     """
 
-    def __init__(self, model, schedule="linear", device=None, **kwargs):
-        self.model = model
-        self.ddpm_num_timesteps = model.num_timesteps
-        self.schedule = schedule
-        self.device = device
-        self.table = None
-
-    def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0.0, verbose=True):
-        self.table = SamplerSchedule(self.model, ddim_num_steps, ddim_discretize, ddim_eta, verbose=verbose)
-        self.ddim_timesteps = self.table.ddim_timesteps
-        self.ddim_alphas = self.table.ddim_alphas
-        self.ddim_alphas_prev = self.table.ddim_alphas_prev
-        self.ddim_sigmas = self.table.ddim_sigmas
-        self.ddim_sqrt_one_minus_alphas = self.table.ddim_sqrt_one_minus_alphas
-
-    def num_steps(self, S, ddim_discretize="uniform"):
-        """How many steps `sample(S=...)` will really run (more than S when S does not divide 1000)."""
-        from ldm.modules.diffusionmodules.util import make_ddim_timesteps
-
-        return len(make_ddim_timesteps(ddim_discretize, S, self.ddpm_num_timesteps, verbose=False))
+    progress_desc = "DDIM Sampler"
 
     @torch.no_grad()
     def sample(self, S, batch_size, shape, conditioning=None, callback=None, normals_sequence=None,
                img_callback=None, quantize_x0=False, eta=0.0, mask=None, x0=None, temperature=1.0,
                noise_dropout=0.0, score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None,
                log_every_t=100, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
-               dynamic_threshold=None, ucg_schedule=None, generator=None, disable_progress=None, **kwargs):
-        """Sample latents of `shape` = (C, H, W). Returns (samples: (B, C, H, W), intermediates dict)."""
+               dynamic_threshold=None, ucg_schedule=None, generator=None, disable_progress=None):
+        """Sample latents of `shape` = (C, H, W). Returns (samples: (B, C, H, W), intermediates dict).
+
+        generator: source of the start noise (when x_T is None) and of the eta noise; None uses the global RNG.
+        """
+        if ucg_schedule is not None:
+            raise NotImplementedError("ucg_schedule (a per-step guidance scale) is not supported")
         check_conditioning(conditioning, batch_size)
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         size = (batch_size, *shape)
@@ -55,54 +40,29 @@ class DDIMSampler:
         return self.ddim_sampling(conditioning, size, callback=callback, img_callback=img_callback,
                                   quantize_denoised=quantize_x0, mask=mask, x0=x0, log_every_t=log_every_t,
                                   temperature=temperature, noise_dropout=noise_dropout, x_T=x_T,
+                                  score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
                                   unconditional_guidance_scale=unconditional_guidance_scale,
                                   unconditional_conditioning=unconditional_conditioning,
                                   dynamic_threshold=dynamic_threshold, generator=generator,
                                   disable_progress=disable_progress)
 
-    def _step_table(self, index, use_original_steps):
-        if use_original_steps:
-            raise NotImplementedError("use_original_steps (the full 1000-step schedule) is not supported")
-        return (self.ddim_alphas[index], self.ddim_alphas_prev[index], self.ddim_sigmas[index],
-                self.ddim_sqrt_one_minus_alphas[index])
-
     @torch.no_grad()
     def ddim_sampling(self, cond, shape, x_T=None, callback=None, timesteps=None, quantize_denoised=False,
                       mask=None, x0=None, img_callback=None, log_every_t=100, temperature=1.0, noise_dropout=0.0,
-                      unconditional_guidance_scale=1.0, unconditional_conditioning=None, dynamic_threshold=None,
-                      generator=None, disable_progress=None):
-        device = self.model.betas.device
-        b = shape[0]
-        img = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T
-        timesteps = self.ddim_timesteps if timesteps is None else self.ddim_timesteps[:timesteps]
-        intermediates = {"x_inter": [img], "pred_x0": [img]}
-        time_range = np.flip(timesteps)
-        total_steps = timesteps.shape[0]
-        self.model.notify_sampling("sampling_started", total_steps)
-        try:
-            iterator = tqdm(time_range, desc="DDIM Sampler", total=total_steps, disable=disable_progress)
-            for i, step in enumerate(iterator):
-                index = total_steps - i - 1
-                ts = torch.full((b,), int(step), device=device, dtype=torch.long)
-                if mask is not None:
-                    img_orig = self.model.q_sample(x0, ts)
-                    img = img_orig * mask + (1.0 - mask) * img
-                self.model.notify_sampling("step_started", i)
-                img, pred_x0 = self.p_sample_ddim(img, cond, ts, index=index, quantize_denoised=quantize_denoised,
-                                                  temperature=temperature, noise_dropout=noise_dropout,
-                                                  unconditional_guidance_scale=unconditional_guidance_scale,
-                                                  unconditional_conditioning=unconditional_conditioning,
-                                                  dynamic_threshold=dynamic_threshold, generator=generator)
-                if callback:
-                    callback(i)
-                if img_callback:
-                    img_callback(pred_x0, i)
-                if index % log_every_t == 0 or index == total_steps - 1:
-                    intermediates["x_inter"].append(img)
-                    intermediates["pred_x0"].append(pred_x0)
-        finally:
-            self.model.notify_sampling("sampling_finished")
-        return img, intermediates
+                      score_corrector=None, corrector_kwargs=None, unconditional_guidance_scale=1.0,
+                      unconditional_conditioning=None, dynamic_threshold=None, generator=None,
+                      disable_progress=None):
+        def step(x, ts, ts_next, index):
+            return self.p_sample_ddim(x, cond, ts, index=index, quantize_denoised=quantize_denoised,
+                                      temperature=temperature, noise_dropout=noise_dropout,
+                                      score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
+                                      unconditional_guidance_scale=unconditional_guidance_scale,
+                                      unconditional_conditioning=unconditional_conditioning,
+                                      dynamic_threshold=dynamic_threshold, generator=generator)
+
+        return self.run_loop(step, shape, x_T=x_T, timesteps=timesteps, callback=callback,
+                             img_callback=img_callback, mask=mask, x0=x0, log_every_t=log_every_t,
+                             generator=generator, disable_progress=disable_progress)
 
     @torch.no_grad()
     def p_sample_ddim(self, x, c, t, index, repeat_noise=False, use_original_steps=False, quantize_denoised=False,
@@ -110,13 +70,14 @@ class DDIMSampler:
                       unconditional_guidance_scale=1.0, unconditional_conditioning=None, dynamic_threshold=None,
                       generator=None):
         """One DDIM step at table index `index` (ascending order). Returns (x_prev, pred_x0)."""
+        if use_original_steps:
+            raise NotImplementedError("use_original_steps (the full 1000-step schedule) is not supported")
         model_output = guided_model_output(self.model, x, t, c, unconditional_guidance_scale,
                                            unconditional_conditioning)
         e_t = eps_from_output(self.model, x, t, model_output)
         if score_corrector is not None:
             e_t = score_corrector.modify_score(self.model, e_t, x, t, c, **(corrector_kwargs or {}))
-        a_t, a_prev, sigma_t, sqrt_one_minus_at = self._step_table(index, use_original_steps)
-        return ddim_update(x, e_t, a_t, a_prev, sigma_t, sqrt_one_minus_at, repeat_noise=repeat_noise,
+        return ddim_update(x, e_t, *self.step_table(index), repeat_noise=repeat_noise,
                            temperature=temperature, noise_dropout=noise_dropout,
                            quantize_denoised=quantize_denoised, model=self.model,
                            dynamic_threshold=dynamic_threshold, generator=generator)
@@ -139,24 +100,13 @@ class DDIMSampler:
 
     @torch.no_grad()
     def decode(self, x_latent, cond, t_start, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
-               use_original_steps=False, callback=None, disable_progress=None):
+               use_original_steps=False, callback=None, disable_progress=None, generator=None):
         """Denoise x_latent from DDIM step index t_start down to 0 (img2img). Returns (B, C, H, W)."""
-        timesteps = self.ddim_timesteps[:t_start]
-        time_range = np.flip(timesteps)
-        total_steps = timesteps.shape[0]
-        x_dec = x_latent
-        self.model.notify_sampling("sampling_started", total_steps)
-        try:
-            iterator = tqdm(time_range, desc="Decoding image", total=total_steps, disable=disable_progress)
-            for i, step in enumerate(iterator):
-                index = total_steps - i - 1
-                ts = torch.full((x_latent.shape[0],), int(step), device=x_latent.device, dtype=torch.long)
-                self.model.notify_sampling("step_started", i)
-                x_dec, _ = self.p_sample_ddim(x_dec, cond, ts, index=index, use_original_steps=use_original_steps,
-                                              unconditional_guidance_scale=unconditional_guidance_scale,
-                                              unconditional_conditioning=unconditional_conditioning)
-                if callback:
-                    callback(i)
-        finally:
-            self.model.notify_sampling("sampling_finished")
+        def step(x, ts, ts_next, index):
+            return self.p_sample_ddim(x, cond, ts, index=index, use_original_steps=use_original_steps,
+                                      unconditional_guidance_scale=unconditional_guidance_scale,
+                                      unconditional_conditioning=unconditional_conditioning, generator=generator)
+
+        x_dec, _ = self.run_loop(step, x_latent.shape, x_T=x_latent, timesteps=t_start, callback=callback,
+                                 disable_progress=disable_progress, desc="Decoding image")
         return x_dec

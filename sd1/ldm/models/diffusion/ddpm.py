@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ldm.models.diffusion.hooks import SamplingHooks
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -74,8 +75,8 @@ class DDPM(nn.Module):
         self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
                                linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
         self.logvar = torch.full(fill_value=logvar_init, size=(self.num_timesteps,))
-        # Observers told by the samplers when a sampling run starts and which step it is in (see datosd).
-        self.sampling_hooks = []
+        # Observers the samplers tell about each run, step and UNet call (ldm.models.diffusion.hooks; datosd).
+        self.sampling_hooks = SamplingHooks()
         if ckpt_path is not None:
             from ldm.util import load_state_dict_into
 
@@ -155,17 +156,6 @@ class DDPM(nn.Module):
         """eps = sqrt(a) v + sqrt(1 - a) z (v-parameterization)."""
         return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
                 + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
-
-    def notify_sampling(self, event, *args):
-        """Call `hook.event(*args)` on every registered sampling hook that has it (samplers use this).
-
-        Events: sampling_started(num_steps), step_started(i), model_call_started(cfg_halves),
-        sampling_finished(). See datosd.patch for the consumer.
-        """
-        for hook in list(self.sampling_hooks):
-            handler = getattr(hook, event, None)
-            if handler is not None:
-                handler(*args)
 
 
 class LatentDiffusion(DDPM):

@@ -1,15 +1,13 @@
-"""PLMS sampler (CompVis `ldm/models/diffusion/plms.py`), with step hooks for feature-caching patches.
+"""PLMS sampler (CompVis `ldm/models/diffusion/plms.py`) on the shared sampling loop, with sampling hooks.
 
 Step 0 is a pseudo improved-Euler step that calls the model twice; steps 1, 2, 3+ use Adams-Bashforth of
 order 2, 3, 4 on the raw noise predictions of the previous steps. Unlike the Stability code, the output of a
 v-parameterized model is converted to eps for both calls of a step.
 """
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from ldm.models.diffusion.sampling_common import (
-    SamplerSchedule,
+    ScheduledSampler,
     check_conditioning,
     ddim_update,
     eps_from_output,
@@ -17,34 +15,26 @@ from ldm.models.diffusion.sampling_common import (
 )
 
 
-class PLMSSampler:
+class PLMSSampler(ScheduledSampler):
     """Pseudo linear multistep sampling (eta must be 0). Hooks as in `DDIMSampler`; both calls of the first
     step happen inside `step_started(0)`."""
 
-    def __init__(self, model, schedule="linear", device=None, **kwargs):
-        self.model = model
-        self.ddpm_num_timesteps = model.num_timesteps
-        self.schedule = schedule
-        self.device = device
-        self.table = None
+    progress_desc = "PLMS Sampler"
 
     def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0.0, verbose=True):
         if ddim_eta != 0:
             raise ValueError("ddim_eta must be 0 for PLMS")
-        self.table = SamplerSchedule(self.model, ddim_num_steps, ddim_discretize, ddim_eta, verbose=verbose)
-        self.ddim_timesteps = self.table.ddim_timesteps
-        self.ddim_alphas = self.table.ddim_alphas
-        self.ddim_alphas_prev = self.table.ddim_alphas_prev
-        self.ddim_sigmas = self.table.ddim_sigmas
-        self.ddim_sqrt_one_minus_alphas = self.table.ddim_sqrt_one_minus_alphas
+        super().make_schedule(ddim_num_steps, ddim_discretize, ddim_eta, verbose=verbose)
 
     @torch.no_grad()
     def sample(self, S, batch_size, shape, conditioning=None, callback=None, normals_sequence=None,
                img_callback=None, quantize_x0=False, eta=0.0, mask=None, x0=None, temperature=1.0,
                noise_dropout=0.0, score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None,
                log_every_t=100, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
-               dynamic_threshold=None, generator=None, disable_progress=None, **kwargs):
+               dynamic_threshold=None, generator=None, disable_progress=None):
         """Sample latents of `shape` = (C, H, W). Returns (samples: (B, C, H, W), intermediates dict)."""
+        if dynamic_threshold is not None:
+            raise NotImplementedError("dynamic thresholding is not implemented")
         check_conditioning(conditioning, batch_size)
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         size = (batch_size, *shape)
@@ -63,45 +53,23 @@ class PLMSSampler:
                       mask=None, x0=None, img_callback=None, log_every_t=100, temperature=1.0, noise_dropout=0.0,
                       score_corrector=None, corrector_kwargs=None, unconditional_guidance_scale=1.0,
                       unconditional_conditioning=None, generator=None, disable_progress=None):
-        device = self.model.betas.device
-        b = shape[0]
-        img = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T
-        timesteps = self.ddim_timesteps if timesteps is None else self.ddim_timesteps[:timesteps]
-        intermediates = {"x_inter": [img], "pred_x0": [img]}
-        time_range = list(np.flip(timesteps))
-        total_steps = timesteps.shape[0]
         old_eps = []
-        self.model.notify_sampling("sampling_started", total_steps)
-        try:
-            iterator = tqdm(time_range, desc="PLMS Sampler", total=total_steps, disable=disable_progress)
-            for i, step in enumerate(iterator):
-                index = total_steps - i - 1
-                ts = torch.full((b,), int(step), device=device, dtype=torch.long)
-                ts_next = torch.full((b,), int(time_range[min(i + 1, len(time_range) - 1)]), device=device,
-                                     dtype=torch.long)
-                if mask is not None:
-                    img_orig = self.model.q_sample(x0, ts)
-                    img = img_orig * mask + (1.0 - mask) * img
-                self.model.notify_sampling("step_started", i)
-                img, pred_x0, e_t = self.p_sample_plms(
-                    img, cond, ts, index=index, quantize_denoised=quantize_denoised, temperature=temperature,
-                    noise_dropout=noise_dropout, score_corrector=score_corrector,
-                    corrector_kwargs=corrector_kwargs, unconditional_guidance_scale=unconditional_guidance_scale,
-                    unconditional_conditioning=unconditional_conditioning, old_eps=old_eps, t_next=ts_next,
-                    generator=generator)
-                old_eps.append(e_t)
-                if len(old_eps) >= 4:
-                    old_eps.pop(0)
-                if callback:
-                    callback(i)
-                if img_callback:
-                    img_callback(pred_x0, i)
-                if index % log_every_t == 0 or index == total_steps - 1:
-                    intermediates["x_inter"].append(img)
-                    intermediates["pred_x0"].append(pred_x0)
-        finally:
-            self.model.notify_sampling("sampling_finished")
-        return img, intermediates
+
+        def step(x, ts, ts_next, index):
+            x_prev, pred_x0, e_t = self.p_sample_plms(
+                x, cond, ts, index=index, quantize_denoised=quantize_denoised, temperature=temperature,
+                noise_dropout=noise_dropout, score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
+                unconditional_guidance_scale=unconditional_guidance_scale,
+                unconditional_conditioning=unconditional_conditioning, old_eps=old_eps, t_next=ts_next,
+                generator=generator)
+            old_eps.append(e_t)
+            if len(old_eps) >= 4:
+                old_eps.pop(0)
+            return x_prev, pred_x0
+
+        return self.run_loop(step, shape, x_T=x_T, timesteps=timesteps, callback=callback,
+                             img_callback=img_callback, mask=mask, x0=x0, log_every_t=log_every_t,
+                             generator=generator, disable_progress=disable_progress)
 
     @torch.no_grad()
     def p_sample_plms(self, x, c, t, index, repeat_noise=False, use_original_steps=False, quantize_denoised=False,
@@ -121,8 +89,7 @@ class PLMSSampler:
                 e = score_corrector.modify_score(self.model, e, x_, t_, c, **(corrector_kwargs or {}))
             return e
 
-        table = (self.ddim_alphas[index], self.ddim_alphas_prev[index], self.ddim_sigmas[index],
-                 self.ddim_sqrt_one_minus_alphas[index])
+        table = self.step_table(index)
 
         def step(e):
             return ddim_update(x, e, *table, repeat_noise=repeat_noise, temperature=temperature,
