@@ -6,6 +6,13 @@ setup(
     description="DaTo (dynamics-aware token pruning + timestep-aware caching) on a CompVis latent-diffusion codebase",
     package_dir={"": "sd1"},
     packages=find_packages("sd1"),
+    # configs/ and data/ are linked into sdgen (sd1/sdgen/configs, sd1/sdgen/data), so a wheel carries them.
+    package_data={"sdgen": ["configs/stable-diffusion/*.yaml", "configs/dato/*.yaml", "data/*.txt", "data/*.md"]},
+    entry_points={"console_scripts": [
+        "dato-txt2img = sdgen.cli.txt2img:cli",
+        "dato-img2img = sdgen.cli.img2img:cli",
+        "dato-sample-prompts = sdgen.cli.sample_prompts:cli",
+    ]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",

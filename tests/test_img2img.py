@@ -1,16 +1,11 @@
 """scripts/img2img.py on the demo model: CompVis flags, the acceleration flags, and its input checks."""
-import importlib.util
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT
-
-spec = importlib.util.spec_from_file_location("img2img_script", REPO_ROOT / "scripts" / "img2img.py")
-IMG2IMG = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(IMG2IMG)
+from sdgen.cli import img2img as IMG2IMG
 
 
 @pytest.fixture
@@ -58,8 +53,28 @@ def test_img2img_with_acceleration(tmp_path, capsys, init_image):
     assert read("dato") != read("plain") and read("dc") != read("plain")
 
 
+def test_default_dato_uses_the_last_steps_of_b1_and_says_so(tmp_path, capsys, init_image):
+    result = run(capsys, *common(init_image, tmp_path / "dato"), "--dato")
+    assert result.returncode == 0, result.stderr
+    assert "uses its last 5 steps (dato@last5)" in result.stdout
+    assert len(list((tmp_path / "dato" / "samples").glob("*.png"))) == 2
+
+
+def test_strength_one_runs_every_step_from_pure_noise(tmp_path, capsys, init_image):
+    result = run(capsys, *common(init_image, tmp_path / "full"), "--strength", "1.0")
+    assert result.returncode == 0, result.stderr
+    assert "runs 10 of 10 DDIM steps" in result.stdout
+    # Full destruction: the result does not depend on the init image.
+    other = tmp_path / "other.png"
+    Image.fromarray(np.zeros((100, 140, 3), dtype=np.uint8)).save(other)
+    again = run(capsys, *common(other, tmp_path / "full-other"), "--strength", "1.0")
+    assert again.returncode == 0, again.stderr
+    pixels = lambda d: np.asarray(Image.open(tmp_path / d / "samples/00000.png"))  # noqa: E731
+    np.testing.assert_array_equal(pixels("full"), pixels("full-other"))
+
+
 @pytest.mark.parametrize("extra,message", [
-    (["--dato"], "has 50 steps but the sampler runs 5"),
+    (["--dato", "--strategy", "b1"], "has 50 steps but the sampler runs 5"),
     (["--strength", "1.5"], "--strength must be in [0, 1]"),
     (["--strength", "0.05"], "runs no step"),
 ])

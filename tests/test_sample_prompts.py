@@ -9,7 +9,6 @@ Determinism notes (what is asserted and why):
   within one grey level on a small fraction of pixels, which is what the test asserts.
 """
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +20,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
+from sdgen import prompt_set
+from sdgen.cli import sample_prompts as SAMPLE
 
 SCRIPT = REPO_ROOT / "scripts" / "sample_prompts.py"
 PROMPTS = ["a photograph of an astronaut riding a horse", "tench, Tinca tinca", "a red car on a wet street",
@@ -28,15 +29,6 @@ PROMPTS = ["a photograph of an astronaut riding a horse", "tench, Tinca tinca", 
 TINY = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "3", "--precision", "full", "--device", "cpu",
         "--no_progress"]
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("sample_prompts_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SAMPLE = load_script()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -158,7 +150,7 @@ def test_resume_makes_only_the_missing_images(base_run, prompt_file, tmp_path, c
             assert (p.stat().st_ino, p.stat().st_mtime_ns) == stat  # untouched
 
     # nothing missing: no model is even built
-    monkeypatch.setattr(SAMPLE, "load_model", lambda *a, **k: pytest.fail("model loaded with nothing to do"))
+    monkeypatch.setattr(prompt_set.gen, "load_model", lambda *a, **k: pytest.fail("model loaded with nothing to do"))
     result = run_here(capsys, *args)
     assert result.returncode == 0 and "generated 0 images, 6 of 6" in result.stdout
     assert manifest(outdir)["runs"][-1]["generated"] == 0
@@ -183,8 +175,8 @@ def test_dato_runs_with_a_strategy_for_the_step_count(prompt_file, tmp_path):
     assert SAMPLE.main([*TINY, "--plms", "--from-file", str(prompt_file), "--limit", "2", "--dato",
                         "--strategy", str(tmp_path / "tiny3.yaml"), "--outdir", str(outdir)]) == 0
     m = manifest(outdir)
-    assert m["method"].startswith("DaTo [tiny3") and m["count"] == 2
-    assert m["settings"]["acceleration"]["strategy"]["cache_depth"] == [12, 1, 0]
+    assert m["method_label"].startswith("DaTo [tiny3") and m["count"] == 2
+    assert m["settings"]["strategy"]["cache_depth"] == [12, 1, 0]
 
 
 @pytest.mark.parametrize("extra, message", [

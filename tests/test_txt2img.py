@@ -1,6 +1,5 @@
 """scripts/txt2img.py end to end on the demo model, and its input checks."""
 import hashlib
-import importlib.util
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -8,18 +7,10 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import REPO_ROOT
+from sdgen.cli import txt2img as TXT2IMG
 
 SCRIPT = REPO_ROOT / "scripts" / "txt2img.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("txt2img_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TXT2IMG = load_script()
 
 
 def run(*args, cwd=REPO_ROOT):
@@ -81,9 +72,9 @@ def test_bad_input_fails_before_writing(tmp_path, capsys, args, message):
 
 @pytest.mark.parametrize("flags,label", [
     (["--dato", "--plms", "--ddim_steps", "50"], "DaTo [b1: 50 steps, 6 full / 37 partial / 7 reused"),
-    (["--deepcache", "--cache_interval", "3", "--cache_depth", "1"], "DeepCache [uniform-N3-d1: 5 steps, 2 full / 3 partial"),
-    (["--tome", "--tome_ratio", "0.5"], "ToMeSD r=0.5"),
-    (["--deepcache", "--tome"], "DeepCache [uniform-N3-d1"),
+    (["--deepcache", "--cache_interval", "3", "--cache_depth", "1"], "method: deepcache-n3 = DeepCache N=3 depth 1"),
+    (["--tome", "--tome_ratio", "0.5"], "method: tome-0.5 = ToMeSD r=0.5"),
+    (["--deepcache", "--tome"], "method: deepcache-n3+tome-0.5 = DeepCache N=3 depth 1 + ToMeSD r=0.5"),
 ])
 def test_acceleration_flags_write_images(tmp_path, capsys, flags, label):
     result = run_here(capsys, *DEMO, *flags, "--outdir", str(tmp_path / "out"))
@@ -101,7 +92,7 @@ def write_strategy(path, steps, depth=1, ratio=0.5):
 
 @pytest.mark.parametrize("make_args,message", [
     (lambda d: ["--dato", "--strategy", str(write_strategy(d / "s.yaml", 10))], "has 10 steps but the sampler runs 5"),
-    (lambda d: ["--dato"], "b1 for 50 steps"),
+    (lambda d: ["--dato"], "strategy 'b1' has 50 steps but the sampler runs 5"),
     (lambda d: ["--dato", "--strategy", str(write_strategy(d / "s.yaml", 5, ratio=1.2))], "prune_ratio[0] = 1.2"),
     (lambda d: ["--dato", "--strategy", str(write_strategy(d / "s.yaml", 5, depth=13))], "cache_depth[1] = 13"),
     (lambda d: ["--deepcache", "--cache_depth", "13"], "--cache_depth must be in 0..12"),

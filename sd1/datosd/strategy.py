@@ -199,6 +199,29 @@ class Strategy:
             name = f"constant-d{depth}-r{ratio:g}"
         return cls([depth] * steps, [ratio] * steps, name=name)
 
+    # --- derived strategies ------------------------------------------------------
+    def last(self, n: int) -> "Strategy":
+        """The last ``n`` steps: what an img2img run of ``n`` steps visits of this schedule (CompVis img2img
+        runs the low-noise end of the DDIM schedule)."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= self.steps:
+            raise _fail(self.name, f"last({n!r})", f"a step count from 1 to {self.steps}",
+                        "Ask for at most as many steps as the strategy has.")
+        return Strategy(self.cache_depth[-n:], self.prune_ratio[-n:], name=f"{self.name or 'strategy'}-last{n}",
+                        meta=dict(self.meta, derived_from=self.name, derivation=f"last {n} steps"))
+
+    def every(self, stride: int) -> "Strategy":
+        """Every ``stride``-th step from step 0: a shorter stand-in of this strategy for fewer sampler steps."""
+        if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride < 1:
+            raise _fail(self.name, f"every({stride!r})", "a stride >= 1", "Pass a positive integer stride.")
+        return Strategy(self.cache_depth[::stride], self.prune_ratio[::stride],
+                        name=f"{self.name or 'strategy'}-every{stride}",
+                        meta=dict(self.meta, derived_from=self.name, derivation=f"every {stride}th step"))
+
+    def with_ratio(self, ratio: float) -> "Strategy":
+        """The same cache depths with one prune ratio at every step (the paper's Table 3 rows)."""
+        return Strategy(list(self.cache_depth), [ratio] * self.steps, name=f"{self.name or 'strategy'}-r{ratio:g}",
+                        meta=dict(self.meta, derived_from=self.name, derivation=f"prune ratio {ratio:g} at every step"))
+
     # --- YAML --------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, name: Optional[str] = None) -> "Strategy":

@@ -72,11 +72,14 @@ def extract_into_tensor(a, t, x_shape):
 
 
 def noise_like(shape, device, repeat=False, generator=None, dtype=torch.float32):
-    """Standard normal noise of `shape`; `repeat` shares one draw across the batch."""
+    """Standard normal noise of `shape` on `device`; `repeat` shares one draw across the batch. With a
+    `generator` the draw happens on the generator's device (so a CPU generator gives the same noise for a
+    model on any device) and is then moved."""
+    draw_device = generator.device if generator is not None else device
     if repeat:
-        noise = torch.randn((1, *shape[1:]), device=device, generator=generator, dtype=dtype)
-        return noise.repeat(shape[0], *((1,) * (len(shape) - 1)))
-    return torch.randn(shape, device=device, generator=generator, dtype=dtype)
+        noise = torch.randn((1, *shape[1:]), device=draw_device, generator=generator, dtype=dtype)
+        return noise.repeat(shape[0], *((1,) * (len(shape) - 1))).to(device)
+    return torch.randn(shape, device=draw_device, generator=generator, dtype=dtype).to(device)
 
 
 def timestep_embedding(timesteps, dim, max_period=10000, repeat_only=False):

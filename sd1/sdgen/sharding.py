@@ -8,11 +8,11 @@ size or on the number of processes.
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 
-PNG_NAME = "{:06d}.png"
+PNG_NAME = "{:06d}.png"  # image k of a prompt set
 
 
 @dataclass(frozen=True)
@@ -90,39 +90,10 @@ def shard_indices(total: int, info: DistInfo) -> range:
     return range(info.rank, total, info.world)
 
 
-def image_noise(seeds: Sequence[int], shape: Tuple[int, ...]) -> torch.Tensor:
-    """x_T for a batch: row j is randn(shape) from a CPU torch.Generator seeded with seeds[j]. (B, *shape)
-
-    Drawn on the CPU so the same seed gives the same noise on every device and at every batch size.
-    """
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
 def png_path(outdir, k: int) -> Path:
     return Path(outdir) / PNG_NAME.format(k)
-
-
-def temp_path(final: Path) -> Path:
-    """The file a PNG is written to before it is renamed into place (not a .png: image lists skip it)."""
-    return final.with_name(f".{final.name}.tmp")
 
 
 def missing_indices(outdir, indices) -> List[int]:
     """The indices whose PNG does not exist yet (a resumed run makes only these)."""
     return [k for k in indices if not png_path(outdir, k).is_file()]
-
-
-def atomic_save_png(array, final: Path, text=None) -> None:
-    """Write (H, W, 3) uint8 `array` to `final` through a temp file and a rename, so an interrupted
-    write never leaves a truncated PNG under the final name. `text` goes into PNG text chunks."""
-    from PIL import Image, PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, str(value))
-    tmp = temp_path(final)
-    with open(tmp, "wb") as f:
-        Image.fromarray(array).save(f, format="PNG", pnginfo=info)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)

@@ -1,0 +1,140 @@
+"""Generate one image per (prompt, repeat) of a prompt file, for evaluation: seeded per image, sharded, resumable.
+
+    # ImageNet "2 per class": 2 passes over the 1000 class prompts = 2000 images
+    python scripts/sample_prompts.py --from-file data/imagenet-class-prompts.txt --repeats 2 \\
+        --outdir outputs/imagenet/plms50 --plms --ckpt /path/to/v1-5-pruned-emaonly.safetensors
+    # the same, DaTo b1, on 8 GPUs (any number of processes gives the same images)
+    torchrun --nproc_per_node 8 scripts/sample_prompts.py --from-file data/imagenet-class-prompts.txt \\
+        --repeats 2 --outdir outputs/imagenet/dato-b1 --plms --dato --ckpt ...
+    # the pipeline on the tiny random-weight demo model, 4 images
+    python scripts/sample_prompts.py --demo --from-file data/imagenet-class-prompts.txt --limit 4 --outdir /tmp/x
+
+Image k (k = repeat * number_of_prompts + prompt_index) uses prompt line (k mod number_of_prompts) + 1 and the
+seed --seed + k: its starting noise x_T is drawn from its own CPU generator, so it is the same whatever the
+batch size or the number of processes; the other random draws of a sampler call (DaTo's random base tokens,
+tomesd's random partition) come from the seed of the batch's first image. It is written to OUTDIR/{k:06d}.png
+(through a temp file and a rename). A run skips every index whose PNG exists, so an interrupted run is resumed
+by running it again.
+
+With torchrun, rank r of W makes the indices r, r + W, r + 2W, ...; rank 0 then writes OUTDIR/manifest.json:
+method, settings, image count and the measured sampling time per image (the sampler's UNet loop only, x_T to
+latents; the first --warmup_batches batches of each process are not timed).
+
+Bit-for-bit reproducibility: the same command gives the same PNG bytes with any number of processes when
+--batch_size is 1 (and the processes use the same number of CPU threads, or the same GPU type). With larger
+batches the float math of a batched matrix product can differ from the unbatched one in the last bits, so an
+image can change by about one grey level when it lands in a different batch, and the per-batch random draws
+of DaTo and ToMeSD follow the batch's first image.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from ldm.checkpoint import CheckpointError
+from sdeval.prompts import read_prompts
+
+from .. import generate as gen
+from ..methods import MethodError
+from ..prompt_set import PromptSetJob, check_job, run_prompt_set
+from ..runtime import UsageError, pick_device, seed_everything
+from ..sharding import dist_info_from_env
+from . import run
+from .flags import add_acceleration_args, add_model_args, method_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from-file", "--from_file", dest="from_file", type=str, required=True,
+                   help="prompt file, one prompt per line (e.g. data/imagenet-class-prompts.txt)")
+    p.add_argument("--outdir", type=str, required=True, help="folder for the PNGs and manifest.json")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="passes over the prompt file (ImageNet '2 per class' = 2); images = repeats x prompts")
+    p.add_argument("--limit", type=int, default=None, help="make only the first LIMIT images (global indices)")
+    p.add_argument("--seed", type=int, default=0, help="image k gets seed SEED + k")
+    p.add_argument("--batch_size", type=int, default=1, help="images per sampler call (prompts may differ)")
+    p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
+    p.add_argument("--plms", action="store_true", help="use plms sampling (default ddim, eta 0)")
+    p.add_argument("--scale", type=float, default=7.5,
+                   help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
+    p.add_argument("--H", type=int, default=None, help="image height, in pixel space (default 512; 128 with --demo)")
+    p.add_argument("--W", type=int, default=None, help="image width, in pixel space (default 512; 128 with --demo)")
+    p.add_argument("--C", type=int, default=4, help="latent channels (fixed by the model)")
+    p.add_argument("--f", type=int, default=8, help="downsampling factor (fixed by the model)")
+    p.add_argument("--warmup_batches", type=int, default=1,
+                   help="batches per process left out of the timing (GPU warm-up); they are still saved")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_model_args(p)
+    add_acceleration_args(p)
+    return p
+
+
+def job_from_args(opt) -> PromptSetJob:
+    """Check every flag and build the job; raises UsageError/CheckpointError/StrategyError. Writes nothing."""
+    if opt.H is None:
+        opt.H = 128 if opt.demo else 512
+    if opt.W is None:
+        opt.W = 128 if opt.demo else 512
+    for name in ("ddim_steps", "repeats", "batch_size"):
+        if getattr(opt, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(opt, name)}")
+    if opt.limit is not None and opt.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {opt.limit}")
+    if opt.warmup_batches < 0:
+        raise UsageError(f"--warmup_batches must be 0 or more, got {opt.warmup_batches}")
+    if opt.ddim_steps > 1000:
+        raise UsageError("--ddim_steps must be at most 1000 (the number of training timesteps)")
+    if not math.isfinite(opt.scale):
+        raise UsageError(f"--scale must be a finite number, got {opt.scale}")
+    if opt.seed < 0:
+        raise UsageError(f"--seed must be 0 or more (image k uses seed + k), got {opt.seed}")
+    geometry = gen.model_geometry(gen.read_config(gen.DEMO_CONFIG if opt.demo else opt.config))
+    gen.check_geometry(geometry, opt.C, opt.f)
+    gen.latent_shape(geometry, opt.H, opt.W)
+    try:
+        prompts = read_prompts(opt.from_file)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"--from-file: {err}") from None
+    gen.check_model_files(opt.config, opt.ckpt, demo=opt.demo)
+    method = method_from_args(opt)
+    sampler = method.run_sampler("plms" if opt.plms else "ddim")
+    ddim_steps = method.run_steps(opt.ddim_steps)
+    return PromptSetJob(outdir=Path(opt.outdir), prompts=tuple(prompts), prompt_file=opt.from_file, method=method,
+                        model_args=(opt.config, opt.ckpt, opt.ema, opt.demo), repeats=opt.repeats, limit=opt.limit,
+                        seed=opt.seed, sampler=sampler, ddim_steps=ddim_steps,
+                        steps=gen.sampler_steps(sampler, ddim_steps), scale=opt.scale, height=opt.H, width=opt.W,
+                        precision=opt.precision, batch_size=opt.batch_size, warmup_batches=opt.warmup_batches,
+                        geometry=geometry)
+
+
+def main(argv=None) -> int:
+    opt = build_parser().parse_args(argv)
+    try:
+        job = job_from_args(opt)
+        info = dist_info_from_env()
+        device = pick_device(opt.device)
+        if device.type == "cuda" and info.local_rank >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {info.local_rank} but only {torch.cuda.device_count()} CUDA devices: "
+                             f"start at most that many processes per node")
+        check_job(job)
+    except (UsageError, CheckpointError, MethodError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    seed_everything(opt.seed)
+    if info.is_main:
+        if opt.demo:
+            print(f"*** {gen.DEMO_LABEL}: images are noise-like by design ***")
+        print(f"{job.total} images ({len(job.prompts)} prompts x {job.repeats} repeats"
+              f"{'' if job.limit is None else f', limit {job.limit}'}) in {job.outdir}, {info.world} process(es); "
+              f"method: {job.method.name} = {job.method.label}")
+    run_prompt_set(job, info, device, progress=not opt.no_progress)
+    return 0
+
+
+def cli() -> int:
+    return run(main, resumable=True)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,237 @@
+"""The generation API every script and tool calls: build or load a model, encode prompts, sample latents
+(optionally under an acceleration method), decode, and img2img.
+
+    model = load_model("configs/stable-diffusion/v1-inference.yaml", "model.ckpt", device)
+    cond = encode_prompts(model, ["a photograph of an astronaut riding a horse"], scale=7.5)
+    x_T = start_noise([42], latent_shape(model, 512, 512))
+    with parse_method("dato:b1").apply(model, steps=50, seed=42) as method:
+        result = sample_latents(model, cond, x_T, sampler="plms", steps=50, scale=7.5, seed=42, method=method)
+    images = decode(model, result.latents)
+
+Randomness: the start noise comes from per-image CPU generators (`start_noise`), and every other random draw
+of a run (DDIM eta noise, DaTo's random base tokens, tomesd's partition) from generators seeded with the
+run's `seed`, so a seed gives the same images on any device, in any process, run after run.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoint import CheckpointError
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.plms import PLMSSampler
+from ldm.modules.diffusionmodules.util import make_ddim_timesteps
+from ldm.util import instantiate_from_config, load_model_from_config, seeded_random_weights
+
+from .methods import AppliedMethod
+from .resources import DEMO_CONFIG, find_config
+from .runtime import UsageError, precision_scope, timed
+
+DEMO_SEED = 0
+DEMO_LABEL = "random-weight tiny demo model (not Stable Diffusion weights)"
+SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler}
+
+
+# --- models -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a model config fixes about its latents: channels C and the VAE downsampling factor f."""
+
+    channels: int
+    factor: int
+
+
+def model_geometry(config) -> ModelGeometry:
+    """Latent channels and downsampling factor of a CompVis model config (an OmegaConf with `model`)."""
+    params = config.model.params
+    ch_mult = params.first_stage_config.params.ddconfig.ch_mult
+    return ModelGeometry(channels=int(params.get("channels", 4)), factor=2 ** (len(ch_mult) - 1))
+
+
+def read_config(path) -> OmegaConf:
+    """The model config at `path` (a packaged copy for 'configs/...' outside the checkout)."""
+    return OmegaConf.load(str(find_config(str(path))))
+
+
+def check_model_files(config_path, ckpt, demo: bool = False) -> None:
+    """Raise UsageError / CheckpointError when the config or checkpoint is missing (nothing is loaded)."""
+    if demo:
+        return
+    find_config(str(config_path))
+    if not Path(ckpt).exists():
+        raise CheckpointError(
+            f"checkpoint not found: {ckpt}. Put the Stable Diffusion weights there (CompVis layout: "
+            f"models/ldm/stable-diffusion-v1/model.ckpt), pass --ckpt PATH to a .ckpt or .safetensors "
+            f"file, or run with --demo to try the pipeline on the built-in tiny model with random weights.")
+
+
+def build_demo_model(device="cpu") -> torch.nn.Module:
+    """The tiny demo LatentDiffusion with seeded random weights (no checkpoint needed)."""
+    model = instantiate_from_config(OmegaConf.load(str(DEMO_CONFIG)).model)
+    return seeded_random_weights(model, DEMO_SEED).to(device).eval()
+
+
+def build_random_model(config_path, device="cpu") -> torch.nn.Module:
+    """A model of `config_path` with its random initial weights (for speed: it does not depend on them)."""
+    torch.manual_seed(0)
+    return instantiate_from_config(read_config(config_path).model).to(device).eval()
+
+
+def load_model(config_path, ckpt, device="cpu", use_ema: bool = False, demo: bool = False,
+               verbose: bool = True) -> torch.nn.Module:
+    """The model a run asked for: the demo model, or `config_path` + `ckpt` (both checked first)."""
+    if demo:
+        return build_demo_model(device)
+    check_model_files(config_path, ckpt)
+    model = load_model_from_config(read_config(config_path), ckpt, use_ema=use_ema, verbose=verbose)
+    return model.to(device).eval()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return model.betas.device
+
+
+def latent_shape(geometry: ModelGeometry, height: int, width: int) -> Tuple[int, int, int]:
+    """(C, H/f, W/f) for an image of height x width; the latent sides must be multiples of 8."""
+    multiple = geometry.factor * 8
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        raise UsageError(
+            f"image size {height}x{width} is not supported: --H and --W must be positive multiples of {multiple} "
+            f"(latent sides multiples of 8, as the UNet downsamples three times), e.g. 512x512 or 512x768.")
+    return geometry.channels, height // geometry.factor, width // geometry.factor
+
+
+def check_geometry(geometry: ModelGeometry, channels: int, factor: int) -> None:
+    """Raise UsageError when --C / --f disagree with the model config (they are fixed by the model)."""
+    if channels != geometry.channels:
+        raise UsageError(f"--C {channels} does not fit the model: its latents have {geometry.channels} channels "
+                         f"(leave --C at {geometry.channels})")
+    if factor != geometry.factor:
+        raise UsageError(f"--f {factor} does not fit the model: its autoencoder downsamples by {geometry.factor} "
+                         f"(leave --f at {geometry.factor})")
+
+
+# --- prompts and noise ------------------------------------------------------------------------------------
+
+@dataclass
+class Conditioning:
+    """Text conditioning of one batch: cond (B, 77, D) and, with guidance, the empty prompt's uncond."""
+
+    cond: torch.Tensor
+    uncond: Optional[torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.cond.shape[0]
+
+
+def encode_prompts(model, prompts: Sequence[str], scale: float, precision: str = "full") -> Conditioning:
+    """Encode `prompts`; the unconditional "" embedding too when `scale` != 1 (classifier-free guidance)."""
+    with torch.no_grad(), precision_scope(precision, model_device(model)):
+        cond = model.get_learned_conditioning(list(prompts))
+        uncond = model.get_learned_conditioning(len(prompts) * [""]) if scale != 1.0 else None
+    return Conditioning(cond, uncond)
+
+
+def start_noise(seeds: Sequence[int], shape: Tuple[int, ...]) -> torch.Tensor:
+    """x_T for a batch: row j is randn(shape) from a CPU generator seeded with seeds[j]. (B, *shape)
+
+    Drawn on the CPU, so a seed gives the same noise on every device and at every batch size.
+    """
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+# --- sampling ---------------------------------------------------------------------------------------------
+
+def sampler_steps(sampler: str, steps: int) -> int:
+    """How many steps a sampler really runs for `steps` (CompVis's schedule adds some when `steps` does not
+    divide 1000)."""
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    return len(make_ddim_timesteps("uniform", steps, 1000, verbose=False))
+
+
+@dataclass
+class SampleResult:
+    """Final latents (B, C, h, w) on the model's device, the sampler loop's seconds, and the UNet calls by
+    kind when a caching patch recorded them."""
+
+    latents: torch.Tensor
+    seconds: float
+    calls: Optional[Dict[str, int]] = None
+
+
+def sample_latents(model, cond: Conditioning, x_T: torch.Tensor, *, sampler: str = "plms", steps: int = 50,
+                   scale: float = 7.5, eta: float = 0.0, seed: int = 0, method: Optional[AppliedMethod] = None,
+                   precision: str = "full", progress: bool = False) -> SampleResult:
+    """Sample latents from x_T: (B, C, h, w) with the CompVis `sampler` ('plms' or 'ddim') for `steps` steps.
+
+    method: an applied acceleration (`Method.apply`), re-seeded with `seed` for this run; `seed` also seeds
+    the DDIM eta noise. Seconds cover the sampler loop only (UNet calls and sampler arithmetic).
+    """
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    device = model_device(model)
+    if method is not None:
+        method.reseed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    run = SAMPLERS[sampler](model)
+    with torch.no_grad(), precision_scope(precision, device):
+        (latents, _), seconds = timed(lambda: run.sample(
+            S=steps, conditioning=cond.cond, batch_size=x_T.shape[0], shape=list(x_T.shape[1:]), verbose=False,
+            unconditional_guidance_scale=scale, unconditional_conditioning=cond.uncond, eta=eta,
+            x_T=x_T.to(device), generator=generator, disable_progress=not progress), device)
+    return SampleResult(latents, seconds, method.call_counts() if method is not None else None)
+
+
+def img2img_latents(model, init_latent: torch.Tensor, cond: Conditioning, noise: torch.Tensor, *, steps: int,
+                    encode_steps: int, scale: float = 7.5, eta: float = 0.0, seed: int = 0,
+                    method: Optional[AppliedMethod] = None, precision: str = "full",
+                    progress: bool = False) -> SampleResult:
+    """CompVis img2img with DDIM: noise the scaled init latents (B, C, h, w) to step index `encode_steps` of
+    a `steps`-step schedule and denoise over those `encode_steps` steps. `encode_steps` = all the steps
+    (strength 1.0) starts from pure `noise`, as full destruction of the image means."""
+    device = model_device(model)
+    if method is not None:
+        method.reseed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    run = DDIMSampler(model)
+    run.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
+    total = len(run.ddim_timesteps)
+    if not 1 <= encode_steps <= total:
+        raise UsageError(f"img2img runs 1..{total} of the {total} steps, got {encode_steps}")
+    with torch.no_grad(), precision_scope(precision, device):
+        noise = noise.to(device)
+        if encode_steps == total:
+            z_enc = noise
+        else:
+            z_enc = run.stochastic_encode(init_latent.to(device), torch.tensor([encode_steps] * noise.shape[0]),
+                                          noise=noise)
+        latents, seconds = timed(lambda: run.decode(
+            z_enc, cond.cond, encode_steps, unconditional_guidance_scale=scale,
+            unconditional_conditioning=cond.uncond, generator=generator, disable_progress=not progress), device)
+    return SampleResult(latents, seconds, method.call_counts() if method is not None else None)
+
+
+# --- images -----------------------------------------------------------------------------------------------
+
+def decode(model, latents: torch.Tensor, precision: str = "full") -> torch.Tensor:
+    """Latents (B, C, h, w) -> images (B, 3, H, W), float32 on the CPU, about [-1, 1]."""
+    with torch.no_grad(), precision_scope(precision, model_device(model)):
+        return model.decode_first_stage(latents.to(model_device(model))).float().cpu()
+
+
+def encode_image(model, image: torch.Tensor, seed: int, precision: str = "full") -> torch.Tensor:
+    """Image (1, 3, H, W) in [-1, 1] -> scaled latent (1, C, H/f, W/f), the posterior sampled with `seed`."""
+    device = model_device(model)
+    with torch.no_grad(), precision_scope(precision, device):
+        posterior = model.encode_first_stage(image.to(device))
+        return model.get_first_stage_encoding(posterior, generator=torch.Generator(device=device).manual_seed(seed))
+
+
+def batches(items: Sequence, size: int) -> List[Sequence]:
+    """`items` cut into consecutive batches of at most `size`."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
