@@ -293,3 +293,57 @@ def test_bad_options_are_rejected(model):
     with pytest.raises(TypeError, match="LatentDiffusion or UNetModel"):
         apply_patch(torch.nn.Linear(2, 2))
     assert type(model.model.diffusion_model).__name__ == "UNetModel"
+
+
+def selections_with_score_noise(model, conditioning, monkeypatch, score_noise, seed):
+    """Per pruning block call of one guided DDIM run: (score passed to select_tokens, base_index, DiffScore
+    of the call computed here from the recorded output_blocks[11] maps, or None)."""
+    made = recording_selections(monkeypatch)
+    apply_patch(model, Strategy.constant_ratio(4, 0.5), seed=seed, score_noise=score_noise)
+    try:
+        with CallRecorder(model) as recorder:
+            sample(model, conditioning, steps=4, hw=(16, 16))
+    finally:
+        remove_patch(model)
+        monkeypatch.undo()
+    per_call = len(made) // len(recorder.calls)
+    out = []
+    for i, (x, args, kwargs, selection) in enumerate(made):
+        call = i // per_call
+        expected = None
+        if call >= 2:
+            newer, older = recorder.calls[call - 1]["feature"], recorder.calls[call - 2]["feature"]
+            expected = (newer - older).abs().mean(dim=1)  # spec 3
+        out.append((args[0], selection.base_index, expected))
+    return out
+
+
+def test_score_noise_is_seeded_and_follows_the_released_rule(model, conditioning, monkeypatch):
+    noisy = selections_with_score_noise(model, conditioning, monkeypatch, (0.1, 0.1), seed=0)
+    again = selections_with_score_noise(model, conditioning, monkeypatch, (0.1, 0.1), seed=0)
+    other = selections_with_score_noise(model, conditioning, monkeypatch, (0.1, 0.1), seed=1)
+    assert len(noisy) == 20  # 4 calls x 5 pruning blocks at 16x16
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(noisy, again))  # one seed: identical base tokens
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(noisy, other))  # two seeds: different ones
+    # Until two feature maps exist there is no score (random base tokens, drawn as without noise).
+    assert all(score is None for score, _, _ in noisy[:10])
+    # With no noise weight the released rule is +-w * DiffScore, the sign drawn per block.
+    signs = set()
+    for score, base, expected in selections_with_score_noise(model, conditioning, monkeypatch, (0.5, 0.0), 3)[10:]:
+        sign = 1 if torch.sum(score * expected) > 0 else -1
+        assert torch.allclose(score, sign * 0.5 * expected, atol=1e-6)
+        signs.add(sign)
+    assert signs == {1, -1}
+    # With noise, the score is not a multiple of DiffScore.
+    score, _, expected = noisy[12]
+    assert not torch.allclose(score.abs(), 0.1 * expected, atol=1e-3)
+
+
+def test_score_noise_off_passes_the_plain_diff_score(model, conditioning, monkeypatch):
+    for score, _, expected in selections_with_score_noise(model, conditioning, monkeypatch, None, seed=0)[10:]:
+        assert torch.allclose(score, expected)
+
+
+def test_score_noise_weights_are_checked(model):
+    with pytest.raises(ValueError, match="score_noise"):
+        apply_patch(model, None, score_noise=(0.1, -1.0))

@@ -1,5 +1,6 @@
 """scripts/txt2img.py end to end on the demo model, and its input checks."""
 import hashlib
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -105,3 +106,81 @@ def test_bad_acceleration_input_fails_before_sampling(tmp_path, capsys, make_arg
     assert result.returncode == 2
     assert message in result.stderr
     assert not outdir.exists()
+
+
+TINY = ["--demo", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "3", "--H", "64", "--W", "64",
+        "--precision", "full", "--skip_grid"]
+
+
+def pixels(path):
+    from PIL import Image
+    import numpy as np
+
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+SEEDED_FLAGS = [["--ddim_eta", "0.5"], ["--tome"], ["--deepcache", "--tome"],
+                ["--method", "dato@last3"]]  # DaTo with b1's last 3 steps
+
+
+def test_one_seed_gives_the_same_pixels_in_two_processes(tmp_path):
+    """Each process runs txt2img once per flag set (one process per side keeps the test fast)."""
+    script = ("import sys; from sdgen.cli.txt2img import main\n"
+              "for k, flags in enumerate(eval(sys.argv[2])):\n"
+              "    assert main([*eval(sys.argv[3]), *flags, '--seed', '5', '--outdir', f'{sys.argv[1]}/{k}']) == 0\n")
+    for side in ("a", "b"):
+        result = subprocess.run([sys.executable, "-c", script, str(tmp_path / side), repr(SEEDED_FLAGS), repr(TINY)],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+    for k in range(len(SEEDED_FLAGS)):
+        a, b = (pixels(tmp_path / side / str(k) / "samples/00000.png") for side in ("a", "b"))
+        assert (a == b).all(), SEEDED_FLAGS[k]
+    assert not (pixels(tmp_path / "a/0/samples/00000.png") == pixels(tmp_path / "a/1/samples/00000.png")).all()
+
+
+def output_dir_cases(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    return {"file": (a_file, "is a file, not a folder"),
+            "under a file": (a_file / "out", "which is a file, not a folder")}
+
+
+@pytest.mark.parametrize("case", ["file", "under a file"])
+def test_unusable_outdir_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch, case):
+    outdir, message = output_dir_cases(tmp_path)[case]
+    monkeypatch.setattr(TXT2IMG.gen, "load_model", lambda *a, **k: pytest.fail("model built"))
+    result = run_here(capsys, *TINY, "--outdir", str(outdir))
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("error:") == 1
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_outdir_is_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    result = run_here(capsys, *TINY, "--outdir", str(locked / "out"))
+    assert result.returncode == 2 and "cannot write" in result.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--C", "3"], "--C 3 does not fit the model: its latents have 4 channels"),
+    (["--f", "4"], "--f 4 does not fit the model: its autoencoder downsamples by 8"),
+    (["--method", "dato@r1.5"], "prune_ratio"),
+    (["--method", "ddim10", "--tome"], "--method ddim10 names the whole method"),
+])
+def test_model_geometry_and_method_flags_are_checked_first(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(TXT2IMG.gen, "load_model", lambda *a, **k: pytest.fail("model built"))
+    result = run_here(capsys, *TINY, *flags, "--outdir", str(tmp_path / "out"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_parity_preset_is_recorded_in_the_png(tmp_path, capsys):
+    result = run_here(capsys, *TINY, "--method", "dato@last3,parity", "--outdir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "method: dato@last3,parity" in result.stdout
+    from PIL import Image
+
+    with Image.open(tmp_path / "out/samples/00000.png") as image:
+        assert image.text["method"] == "dato@last3,parity"

@@ -231,9 +231,10 @@ def _parse_dato_option(token: str, options: Dict[str, Any]) -> None:
 def _dato_name(source: str, derivations: List[str], options: Dict[str, Any]) -> str:
     name = "dato" + ("" if source == "b1" else f":{source}") + "".join(f"@{d}" for d in derivations)
     if options:
-        tokens = []
+        parity = all(options.get(key) == value for key, value in RELEASED_CODE_PARITY.items())
+        tokens = ["parity"] if parity else []
         for key in DATO_OPTION_NAMES:
-            if key not in options:
+            if key not in options or (parity and key in RELEASED_CODE_PARITY):
                 continue
             value = options[key]
             if isinstance(value, bool):

@@ -1,0 +1,122 @@
+"""The method registry (sdgen.methods): names, call plans, application, seeding; and the shipped b1."""
+import re
+
+import pytest
+import torch
+import yaml
+
+from conftest import DATA_DIR
+from datosd.strategy import Strategy, StrategyError
+from helpers import golden_model
+from sdgen import generate as gen
+from sdgen.methods import MethodError, parse_method
+from sdgen.resources import STRATEGY_DIR
+
+
+@pytest.fixture(scope="module")
+def model():
+    return golden_model()
+
+
+@pytest.fixture(scope="module")
+def cond(model):
+    return gen.encode_prompts(model, ["a red fox", "a blue bird"], scale=7.5)
+
+
+def test_b1_is_table6_read_right_to_left():
+    table = yaml.safe_load((DATA_DIR / "paper-tables.yaml").read_text())["table6_b1"]
+    b1 = Strategy.load(STRATEGY_DIR / "b1.yaml")
+    in_table_order = Strategy.load(STRATEGY_DIR / "b1-table-order.yaml")
+    assert b1.cache_depth == table["cache_depth"][::-1] and b1.prune_ratio == table["prune_ratio"][::-1]
+    assert in_table_order.cache_depth == table["cache_depth"]
+    assert in_table_order.prune_ratio == table["prune_ratio"]
+    # Step 0 always computes everything (its depth 0 is overridden); PLMS calls it twice.
+    assert b1.step_setting(0) == (12, 0.5)
+    assert parse_method("dato").call_counts(50, "plms") == {"full": 7, "partial": 38, "reused": 6}
+    assert parse_method("dato:b1-table-order").call_counts(50, "plms") == {"full": 7, "partial": 37, "reused": 7}
+
+
+@pytest.mark.parametrize("name,canonical,label", [
+    ("original", "original", "original (no acceleration)"),
+    ("ddim10", "ddim10", "DDIM 10 steps"),
+    ("tome-0.50", "tome-0.5", "ToMeSD r=0.5"),
+    ("deepcache-n3", "deepcache-n3", "DeepCache N=3 depth 1"),
+    ("deepcache-n5-d2", "deepcache-n5-d2", "DeepCache N=5 depth 2"),
+    ("tome-0.5+deepcache-n3-d1", "deepcache-n3+tome-0.5", "DeepCache N=3 depth 1 + ToMeSD r=0.5"),
+    ("dato:b1", "dato", "DaTo [b1: 50 steps, 6 full / 38 partial / 6 reused"),
+    ("dato@last37", "dato@last37", "DaTo [b1-last37: 37 steps"),
+    ("dato@r0.3,align_cfg=0", "dato@r0.3,align_cfg=0", "(align_cfg=False)"),
+    ("dato,parity", "dato,parity", "score_noise=(0.1, 0.1)"),
+    ("dato,diff_source=eps,cfg_reference=uncond,recover_from=kept,score_noise=0.1/0.1", "dato,parity", "DaTo"),
+])
+def test_names_parse_to_canonical_methods(name, canonical, label):
+    method = parse_method(name)
+    assert method.name == canonical
+    assert label in method.label
+    assert parse_method(method.name).name == canonical  # the canonical name reads back to itself
+
+
+@pytest.mark.parametrize("name,message", [
+    ("fastest", "unknown method"),
+    ("tome-1.5", "ToMeSD ratio must be in [0, 1)"),
+    ("dato+deepcache-n3", "use one of them"),
+    ("original+tome-0.5", "does not combine"),
+    ("dato@last99", "last(99)"),
+    ("dato,align_cfg=2", "takes 0 or 1"),
+    ("dato,colour=red", "unknown DaTo option"),
+    ("dato:missing.yaml", "strategy file not found"),
+])
+def test_bad_names_are_refused(name, message):
+    with pytest.raises((MethodError, StrategyError, ValueError), match=re.escape(message)):
+        parse_method(name)
+
+
+def test_call_plans_follow_the_sampler_and_forced_steps():
+    assert parse_method("original").call_counts(50, "plms") == {"full": 51, "partial": 0, "reused": 0}
+    assert parse_method("ddim10").call_counts(50, "plms") == {"full": 10, "partial": 0, "reused": 0}
+    assert parse_method("deepcache-n3").call_counts(10, "ddim") == {"full": 4, "partial": 6, "reused": 0}
+    plan = parse_method("deepcache-n3").call_plan(4, "plms")
+    assert plan == [(12, 0.0), (12, 0.0), (1, 0.0), (1, 0.0), (12, 0.0)]
+    with pytest.raises(StrategyError, match="dato:b1@last20"):
+        parse_method("dato").check_steps(20)
+
+
+def run(model, cond, method, seed, steps=4):
+    x_T = gen.start_noise([0, 1], (4, 16, 16))
+    with method.apply(model, steps, seed=seed) as applied:
+        first = gen.sample_latents(model, cond, x_T, sampler="ddim", steps=steps, seed=seed, method=applied)
+        second = gen.sample_latents(model, cond, x_T, sampler="ddim", steps=steps, seed=seed, method=applied)
+    return first, second
+
+
+@pytest.mark.parametrize("name", ["tome-0.5", "deepcache-n2+tome-0.5", "dato:b1@every12"])
+def test_one_seed_gives_identical_latents_in_one_process(model, cond, name):
+    method = parse_method(name)
+    steps = 5 if name.startswith("dato") else 4
+    first, second = run(model, cond, method, seed=3, steps=steps)
+    assert torch.equal(first.latents, second.latents)
+    _, other = run(model, cond, method, seed=4, steps=steps)
+    assert not torch.equal(first.latents, other.latents)
+
+
+def test_applied_method_removes_its_patches(model, cond):
+    x_T = gen.start_noise([0, 1], (4, 16, 16))
+    plain = gen.sample_latents(model, cond, x_T, sampler="ddim", steps=4, seed=0)
+    with parse_method("deepcache-n2+tome-0.5").apply(model, 4, seed=0) as applied:
+        patched = gen.sample_latents(model, cond, x_T, sampler="ddim", steps=4, seed=0, method=applied)
+        assert patched.calls == {"full": 2, "partial": 2, "reused": 0}
+    after = gen.sample_latents(model, cond, x_T, sampler="ddim", steps=4, seed=0)
+    assert not torch.equal(patched.latents, plain.latents)
+    assert torch.equal(after.latents, plain.latents)
+    assert len(model.sampling_hooks) == 0
+    assert type(model.model.diffusion_model).__name__ == "UNetModel"
+
+
+def test_eta_noise_comes_from_the_seed(model, cond):
+    x_T = gen.start_noise([0, 1], (4, 16, 16))
+    a = gen.sample_latents(model, cond, x_T, sampler="ddim", steps=4, eta=0.5, seed=7)
+    torch.manual_seed(123)  # the global RNG plays no part
+    b = gen.sample_latents(model, cond, x_T, sampler="ddim", steps=4, eta=0.5, seed=7)
+    c = gen.sample_latents(model, cond, x_T, sampler="ddim", steps=4, eta=0.5, seed=8)
+    assert torch.equal(a.latents, b.latents)
+    assert not torch.equal(a.latents, c.latents)
