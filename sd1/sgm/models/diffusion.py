@@ -6,6 +6,7 @@ Sampling is done by a sampler (sgm.modules.diffusionmodules.sampling) over
 `denoiser(model, x, sigma, c)`; see sgm.inference.helpers for the whole text-to-image path.
 """
 import math
+from contextlib import nullcontext
 from typing import Dict, List, Optional, Union
 
 import torch
@@ -25,6 +26,7 @@ class DiffusionEngine(nn.Module):
     loss_fn_config, ema_decay_rate, input_key, log_keys, no_cond_log) are accepted and ignored.
 
     disable_first_stage_autocast: decode and encode with autocast off (SDXL: the VAE runs in its own dtype).
+    Without it they follow the caller's autocast state (upstream would switch CUDA autocast on).
     en_and_decode_n_samples_a_time: decode/encode at most that many images at once.
     """
 
@@ -63,17 +65,20 @@ class DiffusionEngine(nn.Module):
     def _first_stage_dtype(self) -> torch.dtype:
         return next(self.first_stage_model.parameters()).dtype
 
+    def _first_stage_autocast(self, device: torch.device):
+        return torch.autocast(device.type, enabled=False) if self.disable_first_stage_autocast else nullcontext()
+
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         """Latent z: (B, 4, h, w) (scaled) -> image (B, 3, 8h, 8w) in about [-1, 1]."""
         z = (1.0 / self.scale_factor * z).to(self._first_stage_dtype())
-        with torch.autocast(z.device.type, enabled=not self.disable_first_stage_autocast):
+        with self._first_stage_autocast(z.device):
             return torch.cat([self.first_stage_model.decode(chunk) for chunk in self._chunks(z)], dim=0)
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> torch.Tensor:
         """Image x: (B, 3, H, W) in [-1, 1] -> scaled latent sample (B, 4, H/8, W/8)."""
         x = x.to(self._first_stage_dtype())
-        with torch.autocast(x.device.type, enabled=not self.disable_first_stage_autocast):
+        with self._first_stage_autocast(x.device):
             z = torch.cat([self.first_stage_model.encode(chunk) for chunk in self._chunks(x)], dim=0)
         return self.scale_factor * z
