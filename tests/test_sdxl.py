@@ -166,6 +166,17 @@ def test_decode_first_stage_divides_by_the_sdxl_scale(model, golden_io):
     assert max_err(decoded, golden_io["vae.decoded"]) < SINGLE_PASS * golden_io["vae.decoded"].abs().max().item()
 
 
+def test_encode_first_stage_samples_the_posterior_and_scales(model, golden_io):
+    """sgm's encode returns a posterior sample: scale * (mean + std * eps), eps from the global RNG."""
+    torch.manual_seed(3)
+    z = model.encode_first_stage(golden_io["vae.image"])
+    torch.manual_seed(3)
+    eps = torch.randn(golden_io["vae.posterior_mean"].shape)
+    std = torch.exp(0.5 * golden_io["vae.posterior_logvar"])
+    expected = model.scale_factor * (golden_io["vae.posterior_mean"] + std * eps)
+    assert max_err(z, expected) < SINGLE_PASS
+
+
 # ---------------------------------------------------------------- full-size layout and checkpoints
 
 
