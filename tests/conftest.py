@@ -13,6 +13,11 @@ GOLDEN_IO = DATA_DIR / "golden-tiny-io.safetensors"
 # Regenerated from its seed on first use and checked against the reference file's digest (golden_weights.py).
 GOLDEN_WEIGHTS = ensure_golden_weights(GOLDEN_CONFIG, DATA_DIR / "generated" / "golden-tiny-model.safetensors")
 
+# The golden tiny SDXL model (generative-models code paths); its weights are regenerated when first needed.
+SDXL_CONFIG = DATA_DIR / "golden-sdxl-tiny.yaml"
+SDXL_IO = DATA_DIR / "golden-sdxl-tiny-io.safetensors"
+SDXL_WEIGHTS = DATA_DIR / "generated" / "golden-sdxl-tiny-model.safetensors"
+
 torch.set_num_threads(2)
 
 
@@ -36,3 +41,19 @@ def golden_config():
     from omegaconf import OmegaConf
 
     return OmegaConf.load(str(GOLDEN_CONFIG))
+
+
+@pytest.fixture(scope="session")
+def sdxl_weights():
+    """Path of the golden tiny SDXL weights, rebuilt from their seed rule (golden_sdxl_weights.py)."""
+    from golden_sdxl_weights import ensure_golden_sdxl_weights
+
+    return ensure_golden_sdxl_weights(SDXL_CONFIG, GOLDEN_CONFIG, GOLDEN_WEIGHTS, SDXL_WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def sdxl_io():
+    """Reference inputs/outputs of the golden tiny SDXL, computed with generative-models (tests/data/README.md)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(SDXL_IO))

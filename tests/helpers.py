@@ -22,3 +22,17 @@ def tiny_unet_config(**overrides):
 
 def build(config):
     return instantiate_from_config(config)
+
+
+def golden_sdxl_model(weights):
+    """The golden tiny SDXL DiffusionEngine with its reference weights, loaded as a user would."""
+    from conftest import SDXL_CONFIG
+
+    return load_model_from_config(OmegaConf.load(str(SDXL_CONFIG)), str(weights))
+
+
+def sdxl_batch(io, prompts=PROMPTS):
+    """The golden SDXL conditioner batch: the two prompts and the stored size conditioning."""
+    return {"txt": list(prompts), "original_size_as_tuple": io["batch.original_size_as_tuple"],
+            "crop_coords_top_left": io["batch.crop_coords_top_left"],
+            "target_size_as_tuple": io["batch.target_size_as_tuple"]}

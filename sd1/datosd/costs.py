@@ -139,17 +139,27 @@ def _calibration_strategy(entries: Sequence[Tuple[int, float]]) -> Strategy:
     return Strategy(depths, ratios, name="calibration")
 
 
+def vector_width(unet: torch.nn.Module) -> Optional[int]:
+    """Width of the vector y a 'sequential' class-conditional UNet takes (SDXL: 2816), else None."""
+    if getattr(unet, "num_classes", None) != "sequential":
+        return None
+    return unet.label_emb[0][0].in_features
+
+
 def _inputs(unet: torch.nn.Module, height: int, width: int, batch: int, device, dtype=torch.float32):
-    """Random CFG-shaped UNet inputs: x (2B, C, h, w), t (2B,), context (2B, 77, D)."""
+    """Random CFG-shaped UNet inputs: x (2B, C, h, w), t (2B,), and the conditioning keywords:
+    context (2B, 77, D), plus y (2B, V) for a UNet with vector conditioning (SDXL)."""
     g = torch.Generator().manual_seed(0)
     channels = unet.in_channels
     x = torch.randn(2 * batch, channels, height, width, generator=g).to(device)
     t = torch.full((2 * batch,), 500, dtype=torch.long).to(device)
-    context = torch.randn(2 * batch, 77, context_width(unet), generator=g).to(device)
-    return x, t, context
+    cond = {"context": torch.randn(2 * batch, 77, context_width(unet), generator=g).to(device)}
+    if vector_width(unet) is not None:
+        cond["y"] = torch.randn(2 * batch, vector_width(unet), generator=g).to(device)
+    return x, t, cond
 
 
-def _run_entries(unet, entries, x, t, context, autocast, on_call=None):
+def _run_entries(unet, entries, x, t, cond, autocast, on_call=None):
     """One calibration pass: warm-up steps, then every entry's call; returns {entry: seconds}."""
     state = apply_patch(unet, _calibration_strategy(entries))
     seconds = {}
@@ -162,7 +172,7 @@ def _run_entries(unet, entries, x, t, context, autocast, on_call=None):
                 if x.device.type == "cuda":
                     torch.cuda.synchronize()
                 started = time.perf_counter()
-                unet(x, t, context=context)
+                unet(x, t, **cond)
                 if x.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - started
@@ -211,7 +221,7 @@ def measure_table(model: torch.nn.Module, height: int, width: int, batch: int = 
     else:
         raise ValueError(f"precision must be 'float32' or 'autocast', got {precision!r}")
     table = CostTable(key=table_key(unet, height, width, batch, device, dtype_name))
-    x, t, context = _inputs(unet, height, width, batch, device)
+    x, t, cond = _inputs(unet, height, width, batch, device)
     order = random.Random(seed)
     bar = None
     if progress:
@@ -223,7 +233,7 @@ def measure_table(model: torch.nn.Module, height: int, width: int, batch: int = 
         order.shuffle(shuffled)
         if bar is not None:
             bar.set_description(f"cost table, pass {repeat + 1}/{repeats}")
-        seconds = _run_entries(unet, shuffled, x, t, context, autocast,
+        seconds = _run_entries(unet, shuffled, x, t, cond, autocast,
                                on_call=bar.update if bar is not None else None)
         for name, value in seconds.items():
             table.raw_seconds.setdefault(name, []).append(value)
@@ -242,8 +252,7 @@ def count_entry_macs(unet: torch.nn.Module, height: int, width: int, batch: int,
     included. Runs on the meta device when the UNet is there (no compute), else for real. Attention runs
     on the math backend while counting: the fused CPU kernel has no FLOP formula and would count nothing."""
     device = next(unet.parameters()).device
-    x, t, context = _inputs(unet, height, width, batch, "cpu")
-    x, t, context = x.to(device), t.to(device), context.to(device)
+    x, t, cond = _inputs(unet, height, width, batch, device)
     state = apply_patch(unet, _calibration_strategy(entries))
     macs = {}
     try:
@@ -254,7 +263,7 @@ def count_entry_macs(unet: torch.nn.Module, height: int, width: int, batch: int,
                 state.model_call(True)
                 counter = FlopCounterMode(display=False)
                 with counter, sdpa_kernel(SDPBackend.MATH):
-                    unet(x, t, context=context)
+                    unet(x, t, **cond)
                 if step >= 2:
                     macs[entry_name(*entries[step - 2])] = counter.get_total_flops() // 2
     finally:
@@ -265,8 +274,8 @@ def count_entry_macs(unet: torch.nn.Module, height: int, width: int, batch: int,
 def plain_unet_macs(unet: torch.nn.Module, height: int, width: int, batch: int) -> int:
     """MACs of one call of the unpatched UNet (CFG batch), for reference."""
     device = next(unet.parameters()).device
-    x, t, context = _inputs(unet, height, width, batch, "cpu")
+    x, t, cond = _inputs(unet, height, width, batch, device)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
-        unet(x.to(device), t.to(device), context=context.to(device))
+        unet(x, t, **cond)
     return counter.get_total_flops() // 2

@@ -5,6 +5,13 @@ of every `BasicTransformerBlock` (pruned self-attention), in the tomesd manner: 
 its `_parent` class, and all run-time state lives in one `DatoState` on the UNet, shared by reference.
 The samplers announce runs, steps and UNet calls through the model's typed `sampling_hooks`
 (`ldm.models.diffusion.hooks`); the state is one of them.
+
+SDXL (an sgm DiffusionEngine, sampled with EulerEDMSampler(..., sampling_hooks=engine.sampling_hooks)): the
+UNet has 9 input and 9 output blocks, so any depth >= 9 (12 included) is a full step and SD 1.5 strategies
+transfer unchanged. Its latent-resolution level has no attention: a depth-1 step (input_blocks[0] and
+output_blocks[8]) runs no attention at all (`utils.attention_depth` gives the first depth that does, 4), and
+N_max is the token count of the highest-resolution level that has transformer blocks (64 x 64 at 1024 x 1024:
+input_blocks 4-5 and output_blocks 3-5 prune).
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -17,7 +24,7 @@ from ldm.models.diffusion.hooks import SamplingHook, SamplingHooks
 
 from .dato import TokenSelection, diff_score, pool_score, select_tokens
 from .strategy import Strategy, call_kind
-from .utils import find_unet, is_class
+from .utils import attention_downsample, find_unet, is_class
 
 FULL_DEPTH = 12
 StrategyLike = Union[Strategy, str, PathLike, None]
@@ -106,6 +113,7 @@ class DatoState(SamplingHook):
     strategy: Optional[Strategy]
     options: DatoOptions
     prune_ratio: float = 0.0  # used at every step when there is no strategy
+    attention_downsample: int = 1  # the highest-resolution attention level is latent / this (SDXL: 2); N_max
     run: RunCache = field(init=False)
     call: Optional[CallContext] = None
     cfg_halves: bool = False  # the sampler's word on the next call's batch
@@ -206,7 +214,7 @@ def apply_patch(model: torch.nn.Module, strategy: StrategyLike = None, prune_rat
         raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
     unet = find_unet(model)
     state = DatoState(strategy=_resolve_strategy(strategy), options=DatoOptions(**options),
-                      prune_ratio=prune_ratio)
+                      prune_ratio=prune_ratio, attention_downsample=attention_downsample(unet))
     unet._dato = state
     unet.__class__ = _caching_unet_class(unet.__class__)
     prunes = prune_ratio > 0 or (state.strategy is not None and max(state.strategy.prune_ratio) > 0)
@@ -325,7 +333,8 @@ def _selection_for(state: DatoState, x: torch.Tensor) -> Optional[TokenSelection
     call = state.call
     if call is None or call.ratio <= 0:
         return None
-    height, width = call.latent_hw
+    top = state.attention_downsample
+    height, width = call.latent_hw[0] // top, call.latent_hw[1] // top  # the N_max grid (spec 6)
     n_tokens = x.shape[1]
     if n_tokens * state.options.max_downsample ** 2 < height * width:
         return None
@@ -334,7 +343,7 @@ def _selection_for(state: DatoState, x: torch.Tensor) -> Optional[TokenSelection
         downsample *= 2
     hw = (height // downsample, width // downsample)
     if hw[0] * hw[1] != n_tokens:
-        raise RuntimeError(f"cannot place {n_tokens} tokens on the grid of a {height}x{width} latent")
+        raise RuntimeError(f"cannot place {n_tokens} tokens on the grid of a {height}x{width} attention level")
     options = state.options
     score = state.score_for(hw)
     if score is not None and options.score_noise is not None:

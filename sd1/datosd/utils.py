@@ -1,4 +1,4 @@
-"""Small helpers of the patch: class-name checks and finding the UNet."""
+"""Small helpers of the patch: class-name checks, finding the UNet and where its attention starts."""
 import torch
 
 
@@ -8,13 +8,45 @@ def is_class(module: object, name: str) -> bool:
 
 
 def find_unet(model: torch.nn.Module) -> torch.nn.Module:
-    """The UNetModel of a LatentDiffusion (`model.model.diffusion_model`), or `model` itself if it is one."""
+    """The UNetModel of a LatentDiffusion or an SDXL DiffusionEngine (`model.model.diffusion_model`), or
+    `model` itself if it is one."""
     if is_class(model, "UNetModel"):
         return model
     inner = getattr(getattr(model, "model", None), "diffusion_model", None)
     if inner is None or not is_class(inner, "UNetModel"):
         raise TypeError(
-            f"expected an ldm LatentDiffusion or UNetModel, got {type(model).__name__}; "
+            f"expected an ldm LatentDiffusion or UNetModel (or an sgm DiffusionEngine), got {type(model).__name__}; "
             f"datosd patches the CompVis UNet (model.model.diffusion_model)."
         )
     return inner
+
+
+def _has_attention(block: torch.nn.Module) -> bool:
+    return any(is_class(m, "SpatialTransformer") for m in block.modules())
+
+
+def attention_downsample(model: torch.nn.Module) -> int:
+    """How many times the latent is halved before the first input block with a SpatialTransformer: 1 for
+    SD 1.x/2.x (attention at the latent resolution), 2 for SDXL (none at 128x128, the first at 64x64 for a
+    1024x1024 image). Its token count is DaTo's N_max (spec 6); it is also the `max_downsample` that
+    `tomesd.apply_patch` needs to merge at that level (tomesd's default 1 merges nothing on SDXL)."""
+    downsample = 1
+    for block in find_unet(model).input_blocks:
+        if _has_attention(block):
+            return downsample
+        if any(is_class(m, "Downsample") for m in block.modules()):
+            downsample *= 2
+    raise ValueError("the UNet has no SpatialTransformer in its input blocks")
+
+
+def attention_depth(model: torch.nn.Module) -> int:
+    """The smallest cache depth (spec 2) whose computed blocks include a SpatialTransformer: 1 for SD 1.x
+    (output_blocks[11] has attention), 4 for SDXL (output_blocks[5], block id 3), so an SDXL depth-1..3 step
+    runs no attention at all."""
+    unet = find_unet(model)
+    n_blocks = len(unet.output_blocks)
+    ids = [k for k, block in enumerate(unet.input_blocks) if _has_attention(block)]
+    ids += [n_blocks - 1 - j for j, block in enumerate(unet.output_blocks) if _has_attention(block)]
+    if not ids:
+        raise ValueError("the UNet has no SpatialTransformer in its input or output blocks")
+    return min(ids) + 1

@@ -9,11 +9,13 @@ from collections import OrderedDict
 
 import torch
 
-TEXT_MODEL_PREFIX = "cond_stage_model.transformer."
+TEXT_MODEL_ANCHOR = "transformer."  # a transformers CLIPTextModel sits at `...transformer.` (SD 1.x, SDXL)
 TEXT_MODEL_LEVEL = "text_model."
 EMA_PREFIX = "model_ema."
 UNET_PREFIX = "model.diffusion_model."
 IGNORED_SUFFIXES = ("embeddings.position_ids",)
+# Buffers the model computes from its config (sgm's DiscreteDenoiser sigmas): a checkpoint may leave them out.
+COMPUTED_KEYS = ("denoiser.sigmas",)
 
 
 class CheckpointError(RuntimeError):
@@ -146,19 +148,22 @@ def select_ema_weights(state_dict):
 def fit_text_encoder_names(state_dict, model_keys):
     """Map transformers-4 text-encoder names (`...transformer.text_model.X`) to what the model expects.
 
-    transformers 5 dropped the `text_model.` level inside CLIPTextModel; real SD 1.x checkpoints have it.
-    The mapping works in both directions, so either transformers version loads either naming.
+    transformers 5 dropped the `text_model.` level inside CLIPTextModel; real SD 1.x and SDXL checkpoints have it
+    (`cond_stage_model.transformer.text_model.*`, `conditioner.embedders.0.transformer.text_model.*`). The mapping
+    works in both directions, so either transformers version loads either naming; a key is only renamed when the
+    new name is one the model has.
     """
     out = {}
     for key, value in state_dict.items():
-        if key not in model_keys and key.startswith(TEXT_MODEL_PREFIX):
-            rest = key[len(TEXT_MODEL_PREFIX):]
-            if rest.startswith(TEXT_MODEL_LEVEL):
-                candidate = TEXT_MODEL_PREFIX + rest[len(TEXT_MODEL_LEVEL):]
-            else:
-                candidate = TEXT_MODEL_PREFIX + TEXT_MODEL_LEVEL + rest
-            if candidate in model_keys:
-                key = candidate
+        if key not in model_keys:
+            head, anchor, rest = key.partition(TEXT_MODEL_ANCHOR)
+            if anchor:
+                if rest.startswith(TEXT_MODEL_LEVEL):
+                    candidate = head + anchor + rest[len(TEXT_MODEL_LEVEL):]
+                else:
+                    candidate = head + anchor + TEXT_MODEL_LEVEL + rest
+                if candidate in model_keys:
+                    key = candidate
         out[key] = value
     return out
 
@@ -191,7 +196,7 @@ def fit_state_dict(model, state_dict, use_ema=False, path="checkpoint"):
         )
     mismatched = [(k, _shape(v), _shape(expected[k])) for k, v in state_dict.items()
                   if k in expected and _shape(v) != _shape(expected[k])]
-    missing = [k for k in expected if k not in state_dict]
+    missing = [k for k in expected if k not in state_dict and k not in COMPUTED_KEYS]
     unexpected = [k for k in state_dict if k not in expected]
     if mismatched or missing:
         lines = [f"{path} does not fit the model config:"]
@@ -221,19 +226,66 @@ def _config_hint(state_dict):
             if width == 1024:
                 return ("The checkpoint is SD 2.x (context width 1024): use configs/stable-diffusion/"
                         "v2-inference.yaml (or v2-inference-v.yaml for the 768-v models).")
+            if width == 2048:
+                return "The checkpoint is SDXL base (context width 2048): use configs/stable-diffusion/sd_xl_base.yaml."
             return f"The checkpoint's cross-attention context width is {width}; pick the config that matches it."
     return "Pick the config file that belongs to this checkpoint."
 
 
-def load_state_dict_into(model, checkpoint, use_ema=False, ignore_keys=(), verbose=False):
-    """Load a checkpoint path (or an already read state dict) into `model`, strictly, after fitting names."""
-    path = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
-    state_dict = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
-    state_dict = OrderedDict((k, v) for k, v in state_dict.items()
+def load_state_dict_into(model, checkpoint, use_ema=False, ignore_keys=(), verbose=False, assign=False,
+                         dtype=None):
+    """Load a checkpoint path (or an already read state dict) into `model`, strictly, after fitting names.
+
+    assign: put the checkpoint tensors into the model instead of copying them (for a model whose parameters
+    were built on the meta device, see `ldm.util.empty_parameters`; peak memory stays near one copy of the
+    weights). Floating-point parameters are converted to `dtype` (default: the dtype the model was built
+    with) one tensor at a time; buffers keep the model's dtype. With assign, a state dict passed in is emptied
+    (its tensors move into the model), so that no second reference keeps converted tensors alive. A key of
+    COMPUTED_KEYS that the checkpoint lacks keeps the model's own value.
+    """
+    is_path = isinstance(checkpoint, (str, os.PathLike))
+    path = checkpoint if is_path else "checkpoint"
+    source = read_checkpoint(checkpoint) if is_path else checkpoint
+    state_dict = OrderedDict((k, v) for k, v in source.items()
                              if not any(k.startswith(prefix) for prefix in ignore_keys))
+    if assign or is_path:
+        source.clear()
     fitted, notes = fit_state_dict(model, state_dict, use_ema=use_ema, path=os.fspath(path))
-    model.load_state_dict(fitted, strict=True)
+    state_dict.clear()
+    if assign:
+        fitted = _converted_for_assignment(model, fitted, dtype)
+    missing, unexpected = model.load_state_dict(fitted, strict=False, assign=assign)
+    fitted.clear()
+    not_computed = [k for k in missing if k not in COMPUTED_KEYS]
+    if not_computed or unexpected:
+        raise CheckpointError(f"{path} did not load completely: missing {not_computed[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    if missing:
+        notes.append(f"{', '.join(missing)} not in the checkpoint; computed from the config")
+    on_meta = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise CheckpointError(f"{path} left {len(on_meta)} tensors of the model without values, e.g. "
+                              + ", ".join(on_meta[:5]))
     if verbose:
         for note in notes:
             print(note)
     return notes
+
+
+def _converted_for_assignment(model, fitted, dtype):
+    """The fitted tensors in the dtypes the model should hold, converted (and released) one at a time.
+
+    Parameters take `dtype` (or the model's own parameter dtype) when floating-point; buffers take the
+    dtype of the model's buffer, so schedule tables stay float32 whatever the weights are stored in.
+    """
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    out = OrderedDict()
+    for key in list(fitted):
+        value = fitted.pop(key)
+        own = params.get(key, buffers.get(key))
+        if own is not None and value.is_floating_point():
+            target = dtype if (dtype is not None and key in params) else own.dtype
+            value = value.to(target)
+        out[key] = value
+    return out

@@ -2,7 +2,8 @@
 UNet calls.
 
 A model holds one `SamplingHooks` (`model.sampling_hooks`); a patch adds a `SamplingHook` to it. Every sampler
-(DDIM, PLMS, and the SDXL EulerEDM sampler) announces, in order:
+(DDIM, PLMS, and the SDXL EulerEDM sampler, which does not hold the model and so takes them as its call keyword
+`sampling_hooks=engine.sampling_hooks`) announces, in order:
 
     sampling_started(num_steps)       once, before the first step
     step_started(step)                before step i = 0 .. num_steps - 1 (0 is the noisiest)

@@ -141,14 +141,18 @@ class LinAttnBlock(nn.Module):
 
 
 def make_attn(in_channels, attn_type="vanilla"):
-    """Attention block factory: "vanilla" -> AttnBlock, "linear" -> LinAttnBlock, "none" -> Identity."""
-    if attn_type == "vanilla":
+    """Attention block factory: "vanilla" -> AttnBlock, "linear" -> LinAttnBlock, "none" -> Identity.
+
+    "vanilla-xformers" (the SD 2.x / SDXL configs) is the same block: AttnBlock already uses torch's fused attention.
+    """
+    if attn_type in ("vanilla", "vanilla-xformers"):
         return AttnBlock(in_channels)
     if attn_type == "linear":
         return LinAttnBlock(in_channels)
     if attn_type == "none":
         return nn.Identity()
-    raise ValueError(f"attn_type {attn_type!r} unknown; expected one of 'vanilla', 'linear', 'none'.")
+    raise ValueError(f"attn_type {attn_type!r} unknown; "
+                     f"expected one of 'vanilla', 'vanilla-xformers', 'linear', 'none'.")
 
 
 class Encoder(nn.Module):

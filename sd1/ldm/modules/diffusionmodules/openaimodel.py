@@ -159,6 +159,11 @@ class UNetModel(nn.Module):
     and use Linear proj_in/proj_out (`use_linear_in_transformer`). `use_fp16` is accepted for config
     compatibility but casts nothing: precision is chosen at run time with torch.autocast, so a float32 model
     on CPU works with a v2 config unchanged.
+
+    `transformer_depth` is one int for every SpatialTransformer, or one per channel_mult level (SDXL: [1, 2, 10]);
+    the middle block then takes the deepest level's. `num_classes`: an int (class labels y: (B,)), "continuous"
+    (y: (B, 1)) or "sequential" (SDXL: y: (B, adm_in_channels) through Linear-SiLU-Linear); `label_emb(y)` is
+    added to the time embedding.
     """
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
@@ -167,7 +172,7 @@ class UNetModel(nn.Module):
                  use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False,
                  use_spatial_transformer=False, transformer_depth=1, context_dim=None, n_embed=None, legacy=True,
                  disable_self_attentions=None, num_attention_blocks=None, disable_middle_self_attn=False,
-                 use_linear_in_transformer=False):
+                 use_linear_in_transformer=False, adm_in_channels=None):
         super().__init__()
         if not use_spatial_transformer:
             raise NotImplementedError(
@@ -187,6 +192,11 @@ class UNetModel(nn.Module):
             if len(num_res_blocks) != len(channel_mult):
                 raise ValueError("num_res_blocks must be an int or have one entry per channel_mult level")
             self.num_res_blocks = list(num_res_blocks)
+        if isinstance(transformer_depth, int):
+            transformer_depth = len(channel_mult) * [transformer_depth]
+        elif len(transformer_depth) != len(channel_mult):
+            raise ValueError("transformer_depth must be an int or have one entry per channel_mult level")
+        transformer_depth = list(transformer_depth)
         if disable_self_attentions is not None and len(disable_self_attentions) != len(channel_mult):
             raise ValueError("disable_self_attentions needs one entry per channel_mult level")
         if num_heads_upsample == -1:
@@ -231,8 +241,16 @@ class UNetModel(nn.Module):
                 self.label_emb = nn.Embedding(num_classes, time_embed_dim)
             elif num_classes == "continuous":
                 self.label_emb = nn.Linear(1, time_embed_dim)
+            elif num_classes == "sequential":
+                if adm_in_channels is None:
+                    raise ValueError("num_classes 'sequential' needs adm_in_channels (the width of the vector y)")
+                self.label_emb = nn.Sequential(nn.Sequential(
+                    linear(adm_in_channels, time_embed_dim),
+                    nn.SiLU(),
+                    linear(time_embed_dim, time_embed_dim),
+                ))
             else:
-                raise ValueError(f"num_classes must be an int or 'continuous', got {num_classes!r}")
+                raise ValueError(f"num_classes must be an int, 'continuous' or 'sequential', got {num_classes!r}")
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))]
@@ -248,7 +266,7 @@ class UNetModel(nn.Module):
                 if ds in attention_resolutions and block_has_attention(level, nr):
                     heads, dim_head = attention_shape(ch)
                     disabled_sa = disable_self_attentions[level] if disable_self_attentions is not None else False
-                    layers.append(SpatialTransformer(ch, heads, dim_head, depth=transformer_depth,
+                    layers.append(SpatialTransformer(ch, heads, dim_head, depth=transformer_depth[level],
                                                      context_dim=context_dim, disable_self_attn=disabled_sa,
                                                      use_linear=use_linear_in_transformer,
                                                      use_checkpoint=use_checkpoint))
@@ -271,7 +289,7 @@ class UNetModel(nn.Module):
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, time_embed_dim, dropout, dims=dims, use_checkpoint=use_checkpoint,
                      use_scale_shift_norm=use_scale_shift_norm),
-            SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, context_dim=context_dim,
+            SpatialTransformer(ch, heads, dim_head, depth=transformer_depth[-1], context_dim=context_dim,
                                disable_self_attn=disable_middle_self_attn, use_linear=use_linear_in_transformer,
                                use_checkpoint=use_checkpoint),
             ResBlock(ch, time_embed_dim, dropout, dims=dims, use_checkpoint=use_checkpoint,
@@ -288,7 +306,7 @@ class UNetModel(nn.Module):
                 if ds in attention_resolutions and block_has_attention(level, i):
                     heads, dim_head = attention_shape(ch)
                     disabled_sa = disable_self_attentions[level] if disable_self_attentions is not None else False
-                    layers.append(SpatialTransformer(ch, heads, dim_head, depth=transformer_depth,
+                    layers.append(SpatialTransformer(ch, heads, dim_head, depth=transformer_depth[level],
                                                      context_dim=context_dim, disable_self_attn=disabled_sa,
                                                      use_linear=use_linear_in_transformer,
                                                      use_checkpoint=use_checkpoint))
@@ -310,11 +328,13 @@ class UNetModel(nn.Module):
         )
 
     def embed_time(self, timesteps, y=None):
-        """timesteps: (B,) -> the embedding (B, 4 * model_channels) every ResBlock receives."""
+        """timesteps: (B,), y: the labels or vector (B, ...) of a class-conditional UNet -> the embedding
+        (B, 4 * model_channels) every ResBlock receives."""
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False))
         if self.num_classes is not None:
             if y is None or y.shape[0] != timesteps.shape[0]:
-                raise ValueError("a class-conditional UNet needs labels y of shape (B,)")
+                raise ValueError(f"a class-conditional UNet (num_classes {self.num_classes!r}) needs y with one "
+                                 f"row per timestep, got {None if y is None else tuple(y.shape)}")
             emb = emb + self.label_emb(y)
         return emb
 

@@ -213,8 +213,14 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 
     def forward(self, text):
         """list[str] | str -> (B, max_length, hidden) float tensor (or (B, 1, hidden) for layer="pooled")."""
-        tokens = self.tokenize(text)
-        outputs = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
+        return self.layer_output(self.run_transformer(text))
+
+    def run_transformer(self, text):
+        """list[str] | str -> the CLIPTextModel outputs (hidden states kept when layer="hidden")."""
+        return self.transformer(input_ids=self.tokenize(text), output_hidden_states=self.layer == "hidden")
+
+    def layer_output(self, outputs):
+        """The chosen layer of the CLIPTextModel outputs: (B, max_length, hidden) or (B, 1, hidden) (pooled)."""
         if self.layer == "last":
             return outputs.last_hidden_state
         if self.layer == "pooled":
