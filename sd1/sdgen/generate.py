@@ -1,5 +1,7 @@
 """The generation API every script and tool calls: build or load a model, encode prompts, sample latents
-(optionally under an acceleration method), decode, and img2img.
+(optionally under an acceleration method), decode, and img2img. It serves CompVis LatentDiffusion models
+(SD 1.x / 2.x: DDIM and PLMS) and generative-models DiffusionEngines (SDXL: EulerEDM with classifier-free
+guidance, size conditioning, float32 decoding) alike.
 
     model = load_model("configs/stable-diffusion/v1-inference.yaml", "model.ckpt", device)
     cond = encode_prompts(model, ["a photograph of an astronaut riding a horse"], scale=7.5)
@@ -14,7 +16,7 @@ run's `seed`, so a seed gives the same images on any device, in any process, run
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from omegaconf import OmegaConf
@@ -24,6 +26,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.util import instantiate_from_config, load_model_from_config, seeded_random_weights
+from sgm.inference import helpers as sdxl
 
 from .methods import AppliedMethod
 from .resources import DEMO_CONFIG, find_config
@@ -31,24 +34,47 @@ from .runtime import UsageError, precision_scope, timed
 
 DEMO_SEED = 0
 DEMO_LABEL = "random-weight tiny demo model (not Stable Diffusion weights)"
-SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler}
+SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler}  # SD 1.x / 2.x (CompVis)
+SGM_SAMPLERS = ("euler",)  # SDXL: EulerEDMSampler (generative-models)
 
 
 # --- models -----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ModelGeometry:
-    """What a model config fixes about its latents: channels C and the VAE downsampling factor f."""
+    """What a model config fixes: latent channels C, the VAE downsampling factor f, the UNet's levels (the
+    latent sides must halve evenly at each) and the model kind, 'ldm' (CompVis LatentDiffusion, SD 1.x/2.x)
+    or 'sgm' (generative-models DiffusionEngine, SDXL)."""
 
     channels: int
     factor: int
+    levels: int = 4
+    kind: str = "ldm"
+
+    @property
+    def samplers(self) -> Tuple[str, ...]:
+        return SGM_SAMPLERS if self.kind == "sgm" else tuple(SAMPLERS)
+
+    @property
+    def default_size(self) -> int:
+        """The image side the model was trained at (SDXL 1024, SD 512)."""
+        return 1024 if self.kind == "sgm" else 512
 
 
 def model_geometry(config) -> ModelGeometry:
-    """Latent channels and downsampling factor of a CompVis model config (an OmegaConf with `model`)."""
+    """ModelGeometry of a model config (an OmegaConf with `model`): CompVis or generative-models layout."""
     params = config.model.params
-    ch_mult = params.first_stage_config.params.ddconfig.ch_mult
-    return ModelGeometry(channels=int(params.get("channels", 4)), factor=2 ** (len(ch_mult) - 1))
+    factor = 2 ** (len(params.first_stage_config.params.ddconfig.ch_mult) - 1)
+    if "network_config" in params:
+        unet = params.network_config.params
+        return ModelGeometry(int(unet.in_channels), factor, len(unet.channel_mult), kind="sgm")
+    unet = params.unet_config.params
+    return ModelGeometry(int(params.get("channels", 4)), factor, len(unet.channel_mult))
+
+
+def is_sdxl(model) -> bool:
+    """True for a generative-models DiffusionEngine (SDXL), False for a CompVis LatentDiffusion."""
+    return hasattr(model, "conditioner") and hasattr(model, "denoiser")
 
 
 def read_config(path) -> OmegaConf:
@@ -91,16 +117,20 @@ def load_model(config_path, ckpt, device="cpu", use_ema: bool = False, demo: boo
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    return model.betas.device
+    """The device of the model's UNet."""
+    return next(model.model.parameters()).device
 
 
 def latent_shape(geometry: ModelGeometry, height: int, width: int) -> Tuple[int, int, int]:
-    """(C, H/f, W/f) for an image of height x width; the latent sides must be multiples of 8."""
-    multiple = geometry.factor * 8
+    """(C, H/f, W/f) for an image of height x width; every UNet level must halve the latent sides evenly."""
+    halvings = geometry.levels - 1
+    multiple = geometry.factor * 2 ** halvings
     if height % multiple or width % multiple or height <= 0 or width <= 0:
+        side = geometry.default_size
         raise UsageError(
             f"image size {height}x{width} is not supported: --H and --W must be positive multiples of {multiple} "
-            f"(latent sides multiples of 8, as the UNet downsamples three times), e.g. 512x512 or 512x768.")
+            f"(latent sides multiples of {2 ** halvings}, as the UNet downsamples {halvings} times), e.g. "
+            f"{side}x{side}.")
     return geometry.channels, height // geometry.factor, width // geometry.factor
 
 
@@ -118,18 +148,42 @@ def check_geometry(geometry: ModelGeometry, channels: int, factor: int) -> None:
 
 @dataclass
 class Conditioning:
-    """Text conditioning of one batch: cond (B, 77, D) and, with guidance, the empty prompt's uncond."""
+    """Conditioning of one batch: cond (B, 77, D) and, with guidance, the empty prompt's uncond; for SDXL
+    both are dicts {"crossattn": (B, 77, D), "vector": (B, V)} (uncond: text zeroed, sizes kept)."""
 
-    cond: torch.Tensor
-    uncond: Optional[torch.Tensor]
+    cond: Union[torch.Tensor, Dict[str, torch.Tensor]]
+    uncond: Optional[Union[torch.Tensor, Dict[str, torch.Tensor]]]
 
     @property
     def batch_size(self) -> int:
-        return self.cond.shape[0]
+        return (self.cond["crossattn"] if isinstance(self.cond, dict) else self.cond).shape[0]
 
 
-def encode_prompts(model, prompts: Sequence[str], scale: float, precision: str = "full") -> Conditioning:
-    """Encode `prompts`; the unconditional "" embedding too when `scale` != 1 (classifier-free guidance)."""
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning (ignored by SD 1.x/2.x): original size (h, w), crop top-left (top, left),
+    target size (h, w); original and target default to the image size."""
+
+    height: int
+    width: int
+    original_size: Optional[Tuple[int, int]] = None
+    crop_coords_top_left: Tuple[int, int] = (0, 0)
+    target_size: Optional[Tuple[int, int]] = None
+
+
+def encode_prompts(model, prompts: Sequence[str], scale: float, precision: str = "full",
+                   size: Optional[SizeConditioning] = None) -> Conditioning:
+    """Encode `prompts`; the unconditional "" embedding too when `scale` != 1 (classifier-free guidance).
+    An SDXL model needs `size` (its conditioning includes the image size)."""
+    if is_sdxl(model):
+        if size is None:
+            raise UsageError("SDXL conditioning needs the image size (size=SizeConditioning(H, W))")
+        with torch.no_grad(), precision_scope(precision, model_device(model)):
+            cond, uncond = sdxl.get_conditioning(model, prompts, size.height, size.width,
+                                                 original_size=size.original_size,
+                                                 crop_coords_top_left=size.crop_coords_top_left,
+                                                 target_size=size.target_size)
+        return Conditioning(cond, uncond)
     with torch.no_grad(), precision_scope(precision, model_device(model)):
         cond = model.get_learned_conditioning(list(prompts))
         uncond = model.get_learned_conditioning(len(prompts) * [""]) if scale != 1.0 else None
@@ -148,10 +202,22 @@ def start_noise(seeds: Sequence[int], shape: Tuple[int, ...]) -> torch.Tensor:
 
 def sampler_steps(sampler: str, steps: int) -> int:
     """How many steps a sampler really runs for `steps` (CompVis's schedule adds some when `steps` does not
-    divide 1000)."""
+    divide 1000; EulerEDM runs exactly `steps`)."""
+    if sampler in SGM_SAMPLERS:
+        return steps
     if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        raise UsageError(f"unknown sampler {sampler!r}; choose from {', '.join((*SAMPLERS, *SGM_SAMPLERS))}")
     return len(make_ddim_timesteps("uniform", steps, 1000, verbose=False))
+
+
+def check_sampler(model_or_geometry, sampler: str) -> None:
+    """Raise UsageError when `sampler` does not belong to the model kind (SDXL: euler; SD: ddim, plms)."""
+    kind = model_or_geometry.kind if isinstance(model_or_geometry, ModelGeometry) else (
+        "sgm" if is_sdxl(model_or_geometry) else "ldm")
+    allowed = SGM_SAMPLERS if kind == "sgm" else tuple(SAMPLERS)
+    if sampler not in allowed:
+        model = "an SDXL model (EulerEDM)" if kind == "sgm" else "an SD 1.x/2.x model"
+        raise UsageError(f"sampler {sampler!r} does not apply to {model}; use {' or '.join(allowed)}")
 
 
 @dataclass
@@ -167,16 +233,23 @@ class SampleResult:
 def sample_latents(model, cond: Conditioning, x_T: torch.Tensor, *, sampler: str = "plms", steps: int = 50,
                    scale: float = 7.5, eta: float = 0.0, seed: int = 0, method: Optional[AppliedMethod] = None,
                    precision: str = "full", progress: bool = False) -> SampleResult:
-    """Sample latents from x_T: (B, C, h, w) with the CompVis `sampler` ('plms' or 'ddim') for `steps` steps.
+    """Sample latents from x_T: (B, C, h, w) with `sampler` for `steps` steps: the CompVis 'plms' or 'ddim' for
+    an SD 1.x/2.x model, 'euler' (EulerEDMSampler with VanillaCFG, generative-models) for SDXL.
 
     method: an applied acceleration (`Method.apply`), re-seeded with `seed` for this run; `seed` also seeds
     the DDIM eta noise. Seconds cover the sampler loop only (UNet calls and sampler arithmetic).
     """
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    check_sampler(model, sampler)
     device = model_device(model)
     if method is not None:
         method.reseed(seed)
+    if sampler in SGM_SAMPLERS:
+        if eta != 0:
+            raise UsageError("EulerEDM sampling is deterministic here (s_churn 0): eta must be 0")
+        with torch.no_grad(), precision_scope(precision, device):
+            latents, seconds = timed(lambda: sdxl.sample_latents(model, cond.cond, cond.uncond, x_T.to(device),
+                                                                 steps, scale), device)
+        return SampleResult(latents, seconds, method.call_counts() if method is not None else None)
     generator = torch.Generator().manual_seed(seed)
     run = SAMPLERS[sampler](model)
     with torch.no_grad(), precision_scope(precision, device):
@@ -219,7 +292,11 @@ def img2img_latents(model, init_latent: torch.Tensor, cond: Conditioning, noise:
 # --- images -----------------------------------------------------------------------------------------------
 
 def decode(model, latents: torch.Tensor, precision: str = "full") -> torch.Tensor:
-    """Latents (B, C, h, w) -> images (B, 3, H, W), float32 on the CPU, about [-1, 1]."""
+    """Latents (B, C, h, w) -> images (B, 3, H, W), float32 on the CPU, about [-1, 1]. SDXL decodes in float32
+    (its original VAE overflows in float16)."""
+    if is_sdxl(model):
+        with torch.no_grad():
+            return sdxl.decode_latents(model, latents.to(model_device(model))).cpu()
     with torch.no_grad(), precision_scope(precision, model_device(model)):
         return model.decode_first_stage(latents.to(model_device(model))).float().cpu()
 

@@ -29,6 +29,7 @@ import torch
 
 from datosd.patch import RELEASED_CODE_PARITY, DatoOptions, DatoState, apply_patch, remove_patch
 from datosd.strategy import MAX_DEPTH, Strategy, StrategyError, call_kind
+from datosd.utils import attention_downsample
 from ldm.models.diffusion.hooks import SamplingHook
 
 from .resources import builtin_strategies, find_strategy
@@ -143,7 +144,8 @@ class AppliedMethod(SamplingHook):
             self.dato_state = apply_patch(model, strategy, seed=seed, **method.dato_options)
         if method.tome_ratio is not None:
             tomesd = import_tomesd()
-            tomesd.apply_patch(model, ratio=method.tome_ratio)
+            # tomesd merges in blocks down to max_downsample: reach the first level with attention (SDXL: 2).
+            tomesd.apply_patch(model, ratio=method.tome_ratio, max_downsample=attention_downsample(model))
             self._tome_unet = model.model.diffusion_model
         model.sampling_hooks.add(self)
 

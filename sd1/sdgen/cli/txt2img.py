@@ -4,6 +4,9 @@ acceleration flags).
     python scripts/txt2img.py --demo --prompt "a photograph of an astronaut riding a horse"
     python scripts/txt2img.py --ckpt models/ldm/stable-diffusion-v1/model.ckpt --plms --prompt "..."
     python scripts/txt2img.py --plms --dato          # DaTo, the paper's b1 strategy (50 steps)
+    # SDXL (generative-models config and checkpoint): EulerEDM, 1024 x 1024, size conditioning from --H/--W
+    python scripts/txt2img.py --config configs/stable-diffusion/sd_xl_base.yaml \
+        --ckpt sd_xl_base_1.0.safetensors --scale 7.0 --dato
 """
 import argparse
 import math
@@ -32,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dir to write results to (appended to, never overwritten)")
     parser.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     parser.add_argument("--skip_save", action="store_true", help="do not save individual samples")
-    parser.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
-    parser.add_argument("--plms", action="store_true", help="use plms sampling")
+    parser.add_argument("--ddim_steps", type=int, default=50,
+                        help="number of sampling steps (with an SDXL config: EulerEDM steps)")
+    parser.add_argument("--plms", action="store_true", help="use plms sampling (SD 1.x/2.x)")
     parser.add_argument("--fixed_code", action="store_true",
                         help="if enabled, uses the same starting code across samples")
     parser.add_argument("--ddim_eta", type=float, default=0.0,
@@ -52,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
     parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file (one per line)")
     parser.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
+    sdxl = parser.add_argument_group("SDXL size conditioning (generative-models configs only)")
+    sdxl.add_argument("--original_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="original_size_as_tuple (default: --H --W)")
+    sdxl.add_argument("--crop_coords_top_left", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                      help="crop_coords_top_left (default: 0 0)")
+    sdxl.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="target_size_as_tuple (default: --H --W)")
     add_model_args(parser)
     add_acceleration_args(parser)
     return parser
@@ -73,13 +84,37 @@ def read_prompt_batches(opt) -> list:
     return gen.batches(prompts, opt.n_samples)
 
 
+def pick_sampler(opt, geometry, method) -> str:
+    """plms / ddim for SD 1.x/2.x (CompVis flags); EulerEDM for SDXL, where those flags do not apply."""
+    if geometry.kind == "sgm":
+        if opt.plms or opt.ddim_eta != 0:
+            raise UsageError("an SDXL config samples with EulerEDM (generative-models): --plms and --ddim_eta do "
+                             "not apply; drop them")
+        sampler = method.run_sampler("euler")
+    else:
+        given = [f"--{name}" for name in ("original_size", "crop_coords_top_left", "target_size")
+                 if getattr(opt, name) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: SDXL size conditioning; this config is not an SDXL one")
+        sampler = method.run_sampler("plms" if opt.plms else "ddim")
+    gen.check_sampler(geometry, sampler)
+    return sampler
+
+
+def size_conditioning(opt) -> gen.SizeConditioning:
+    return gen.SizeConditioning(opt.H, opt.W, original_size=opt.original_size and tuple(opt.original_size),
+                                crop_coords_top_left=tuple(opt.crop_coords_top_left or (0, 0)),
+                                target_size=opt.target_size and tuple(opt.target_size))
+
+
 def check_options(opt):
     """Reject bad input before anything is loaded or written. Returns (batches, method, steps, sampler,
     latent shape)."""
+    geometry = gen.model_geometry(gen.read_config(gen.DEMO_CONFIG if opt.demo else opt.config))
     if opt.H is None:
-        opt.H = DEMO_SIZE if opt.demo else 512
+        opt.H = DEMO_SIZE if opt.demo else geometry.default_size
     if opt.W is None:
-        opt.W = DEMO_SIZE if opt.demo else 512
+        opt.W = DEMO_SIZE if opt.demo else geometry.default_size
     for name in ("ddim_steps", "n_iter", "n_samples"):
         if getattr(opt, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(opt, name)}")
@@ -89,14 +124,11 @@ def check_options(opt):
         raise UsageError("PLMS sampling is deterministic: --ddim_eta must be 0 with --plms")
     if opt.ddim_steps > 1000:
         raise UsageError("--ddim_steps must be at most 1000 (the number of training timesteps)")
-    geometry = gen.model_geometry(gen.read_config(gen.DEMO_CONFIG if opt.demo else opt.config))
     gen.check_geometry(geometry, opt.C, opt.f)
     shape = gen.latent_shape(geometry, opt.H, opt.W)
     batches = read_prompt_batches(opt)
     method = method_from_args(opt)
-    sampler = method.run_sampler("plms" if opt.plms else "ddim")
-    if sampler == "plms" and opt.ddim_eta != 0:
-        raise UsageError(f"{method.name} samples with PLMS, which is deterministic: drop --ddim_eta")
+    sampler = pick_sampler(opt, geometry, method)
     steps = gen.sampler_steps(sampler, method.run_steps(opt.ddim_steps))
     method.check_steps(steps)
     gen.check_model_files(opt.config, opt.ckpt, demo=opt.demo)
@@ -128,7 +160,7 @@ def main(argv=None) -> int:
         for _ in trange(opt.n_iter, desc="Sampling"):
             for prompts in tqdm(batches, desc="data"):
                 batch = len(prompts)
-                cond = gen.encode_prompts(model, prompts, opt.scale, opt.precision)
+                cond = gen.encode_prompts(model, prompts, opt.scale, opt.precision, size=size_conditioning(opt))
                 x_T = fixed_code[:batch] if fixed_code is not None else torch.randn((batch, *shape), generator=noise)
                 result = gen.sample_latents(model, cond, x_T, sampler=sampler, steps=steps, scale=opt.scale,
                                             eta=opt.ddim_eta, seed=opt.seed + run_index, method=applied,
