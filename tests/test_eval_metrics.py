@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,15 +19,16 @@ from PIL import Image
 from scipy.special import softmax
 from scipy.stats import entropy
 
+from conftest import REPO_ROOT
 from sdeval import cli as eval_cli
 from sdeval.evaluate import clip_scores, folder_inception_outputs, inception_outputs, load_clip
 from sdeval.fid import feature_statistics, frechet_distance
 from sdeval.images import list_images
 from sdeval.inception import build_fid_inception
 from sdeval.inception_score import inception_score
-from sdgen.runtime import UsageError
+from sdgen.runtime import UsageError, set_threads
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 SEED = 0
 BATCH = 2
 N_IMAGES = 4
@@ -37,10 +37,10 @@ N_IMAGES = 4
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One thread: on a shared 2-core machine, 2 OpenMP threads make the forward ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = set_threads(None)
+    set_threads(1)
     yield
-    torch.set_num_threads(before)
+    set_threads(before)
 
 
 def _write_folder(folder, images):
