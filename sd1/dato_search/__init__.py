@@ -46,7 +46,7 @@ table and per candidate in the ``asks`` table.
 
 Scale-out: ``--workers N`` starts a Dask ``LocalCluster`` (N processes, 1 thread each), ``--scheduler
 ADDRESS`` joins a running cluster. Each worker builds its model once, in a worker plugin
-(``dato_search.backends.SearchWorkerPlugin``), and evaluates the generation's new strategies in parallel.
+(``dato_search.dask_worker.SearchWorkerPlugin``), and evaluates the generation's new strategies in parallel.
 Evaluation is deterministic (per-image seeds, fixed batches, fixed torch thread count ``--threads``), and the
 cost-table latency is computed in the main process, so the front equals a serial run's. (``--latency
 measured`` is a wall clock: it varies from run to run and with the load of the workers sharing a device. It is
@@ -62,5 +62,5 @@ Modules: ``cli`` (command line), ``settings`` (resolve and check), ``rundir`` (s
 ``space`` (decision variables), ``objectives`` (one class per quality metric), ``evaluator`` (sample and
 score a candidate through ``sdgen.generate``), ``latency`` (cost table), ``backends`` (serial, Dask),
 ``store`` (evals.sqlite), ``loop`` (NSGA-II ask/tell), ``front`` (Pareto front, choice), ``report`` (outputs,
-log), ``run`` (one search in its run directory), ``identity`` (digests).
+log), ``run`` (one search in its run directory), ``identity`` (digests), ``dask_worker`` (the Dask worker plugin).
 """

@@ -1,14 +1,14 @@
 """Where candidates are evaluated: in this process (SerialBackend) or on a Dask cluster (DaskBackend).
 
 A backend takes (key, strategy) jobs and yields (key, EvalResult) as they finish. On Dask, every worker builds
-its evaluator once, in a worker plugin, from an ``EvaluatorRecipe``; evaluation is deterministic, so the
-results equal the serial ones.
+its evaluator once, in a worker plugin (``dato_search.dask_worker``), from an ``EvaluatorRecipe``; evaluation
+is deterministic, so the results equal the serial ones. Dask (the `search` extra) is imported only when used.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -17,11 +17,6 @@ from sdgen.runtime import set_threads
 
 from .evaluator import CandidateSampler, EvalResult, ModelSpec, SamplingSpec, StrategyEvaluator
 from .objectives import QualitySpec, build_objective
-
-try:  # the worker plugin must subclass Dask's, when Dask is installed (the `search` extra)
-    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPluginBase
-except ImportError:  # pragma: no cover - serial searches do not need Dask
-    _WorkerPluginBase = object
 
 CONNECT_TIMEOUT_S = 5  # joining a scheduler that does not answer fails after this long
 
@@ -64,41 +59,6 @@ class SerialBackend:
         pass
 
 
-class SearchWorkerPlugin(_WorkerPluginBase):  # type: ignore[misc, valid-type]
-    """Dask worker plugin holding the worker's StrategyEvaluator: built on its first task, then reused.
-
-    The evaluator (model, conditioning, scoring networks) lives on this plugin instance, i.e. in the worker's
-    ``plugins`` mapping, not in a module-level cache.
-    """
-
-    def __init__(self, recipe: EvaluatorRecipe) -> None:
-        self.recipe = recipe
-        self.evaluator: Optional[StrategyEvaluator] = None
-
-    def setup(self, worker: Any) -> None:
-        set_threads(self.recipe.threads)
-        self.evaluator = None
-
-    def teardown(self, worker: Any) -> None:
-        self.evaluator = None
-
-    def get_evaluator(self) -> StrategyEvaluator:
-        if self.evaluator is None:
-            self.evaluator = self.recipe.build()
-        return self.evaluator
-
-
-def evaluate_on_worker(plugin_name: str, strategy: dict) -> EvalResult:
-    """Dask task: evaluate one strategy with the worker's own evaluator (see SearchWorkerPlugin)."""
-    from distributed import get_worker
-
-    worker = get_worker()
-    plugin = worker.plugins[plugin_name]
-    result = plugin.get_evaluator().evaluate(Strategy.from_dict(strategy), plugin.recipe.measure_latency)
-    result.worker = str(worker.address)
-    return result
-
-
 class DaskBackend:
     """Evaluates a generation's strategies in parallel on a Dask cluster: a local one of `workers` processes
     (1 thread each), or the running one at `scheduler`. Connecting happens here, before any model is built,
@@ -125,11 +85,15 @@ class DaskBackend:
 
     def start(self, recipe: EvaluatorRecipe, plugin_name: str) -> None:
         """Give every worker the recipe of its evaluator (built on its first task)."""
+        from .dask_worker import SearchWorkerPlugin
+
         self.client.register_plugin(SearchWorkerPlugin(recipe), name=plugin_name)
         self.plugin_name = plugin_name
 
     def evaluate(self, jobs: Sequence[Tuple[str, Strategy]]) -> Iterator[Tuple[str, EvalResult]]:
         from distributed import as_completed
+
+        from .dask_worker import evaluate_on_worker
 
         futures = {self.client.submit(evaluate_on_worker, self.plugin_name, strategy.to_dict(),
                                       key=f"dato-eval-{key}", pure=False): key
