@@ -1,16 +1,15 @@
-"""Metrics: scripts/eval_fid.py against direct computations, on tiny synthetic folders.
+"""Metrics: sdeval.evaluate (in memory and folders) and its command line (sdeval.cli, scripts/eval_fid.py)
+against direct computations, on tiny synthetic folders.
 
 The Inception network is randomly initialised (`--random-inception-for-tests SEED`), so the
 values test the plumbing and the formulas, not the real metric. Images are 32x32 PNGs
 (resized to 299x299 by the loader); a random Inception forward is ~0.3 s per image on one CPU
 thread, so the folders hold 4 images each.
 """
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,34 +19,28 @@ from PIL import Image
 from scipy.special import softmax
 from scipy.stats import entropy
 
+from conftest import REPO_ROOT
+from sdeval import cli as eval_cli
+from sdeval.evaluate import clip_scores, folder_inception_outputs, inception_outputs, load_clip
 from sdeval.fid import feature_statistics, frechet_distance
 from sdeval.images import list_images
-from sdeval.inception import build_fid_inception, extract_inception
+from sdeval.inception import build_fid_inception
 from sdeval.inception_score import inception_score
+from sdgen.runtime import UsageError, set_threads
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 SEED = 0
 BATCH = 2
 N_IMAGES = 4
 
 
-def _load_eval_fid():
-    spec = importlib.util.spec_from_file_location("eval_fid", REPO / "scripts" / "eval_fid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_fid = _load_eval_fid()
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One thread: on a shared 2-core machine, 2 OpenMP threads make the forward ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = set_threads(None)
+    set_threads(1)
     yield
-    torch.set_num_threads(before)
+    set_threads(before)
 
 
 def _write_folder(folder, images):
@@ -80,7 +73,7 @@ def features(folders):
     net = build_fid_inception(random_init_seed=SEED)
     out = {}
     for name in ("a", "b"):
-        out[name] = extract_inception(list_images(folders[name]), net, batch_size=BATCH, progress=False)
+        out[name] = folder_inception_outputs(list_images(folders[name]), net, batch_size=BATCH, progress=False)
     return out
 
 
@@ -89,7 +82,7 @@ def _run(args, results=None):
             "--num-workers", "0", "--device", "cpu", "--no-progress"]
     if results is not None:
         argv += ["--results", str(results)]
-    return eval_fid.main(argv)
+    return eval_cli.evaluate_folder(argv)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +119,7 @@ def test_features_equal_pytorch_fid_inceptionv3(folders, monkeypatch):
     with torch.no_grad():
         x = torch.stack([to_tensor(Image.open(p).convert("RGB")) for p in paths])  # 32x32, as pytorch-fid loads
         expected = theirs(x)[0].flatten(1).double().numpy()
-    pool, _ = extract_inception(paths, ours, batch_size=2, progress=False)
+    pool, _ = folder_inception_outputs(paths, ours, batch_size=2, progress=False)
     np.testing.assert_allclose(pool, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -186,16 +179,100 @@ def test_all_input_problems_reported_before_any_work(folders, tmp_path):
     results = tmp_path / "results.jsonl"
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit) as e:
-        eval_fid.main(["--samples", str(empty), "--metrics", "fid,clip", "--inception-weights",
-                       str(tmp_path / "inc.pth"), "--clip-weights", str(tmp_path / "clip.bin"),
-                       "--results", str(results)])
+    with pytest.raises(UsageError) as e:
+        eval_cli.evaluate_folder(["--samples", str(empty), "--metrics", "fid,clip", "--inception-weights",
+                                  str(tmp_path / "inc.pth"), "--clip-weights", str(tmp_path / "clip.bin"),
+                                  "--results", str(results)])
     msg = str(e.value)
     for part in ("no images", "fid needs --ref", "inc.pth", "clip.bin", "clip/imagereward need --prompts"):
         assert part in msg
     assert not results.exists()
-    with pytest.raises(SystemExit, match="unknown"):
-        eval_fid.main(["--samples", str(folders["a"]), "--metrics", "fid,kid"])
+    with pytest.raises(UsageError, match="unknown"):
+        eval_cli.evaluate_folder(["--samples", str(folders["a"]), "--metrics", "fid,kid"])
+
+
+def test_in_memory_images_score_as_their_files(folders, features):
+    """Decoded samples held in memory (float in [-1, 1] -> uint8 tensor, no PIL step) give exactly the
+    Inception outputs of the same pixels read from PNG files."""
+    from sdgen.images import to_uint8_tensor
+
+    files = list_images(folders["a"])
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)
+                          for p in files])
+    decoded = pixels.float() / 127.5 - 1.0  # what a VAE decoder returns
+    assert torch.equal(to_uint8_tensor(decoded), pixels)
+    net = build_fid_inception(random_init_seed=SEED)
+    pool, logits = inception_outputs(to_uint8_tensor(decoded), net, batch_size=BATCH)
+    np.testing.assert_array_equal(pool, features["a"][0])
+    np.testing.assert_array_equal(logits, features["a"][1])
+    pil_pool, _ = inception_outputs([Image.open(p) for p in files], net, batch_size=BATCH)
+    np.testing.assert_array_equal(pil_pool, features["a"][0])
+
+
+def _corrupt_samples(tmp_path, folders):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for path in list_images(folders["a"]):
+        (bad / path.name).write_bytes(path.read_bytes())
+    truncated = (bad / "00001.png").read_bytes()
+    (bad / "00001.png").write_bytes(truncated[:len(truncated) // 2])
+    return ["--samples", bad, "--ref", folders["b"]], "00001.png"
+
+
+def _garbage_npz(tmp_path, folders):
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"\x80\x04garbage, not an npz" * 8)
+    return ["--samples", folders["a"], "--ref", ref], "is not an .npz file of Inception statistics"
+
+
+def _results_under_a_file(tmp_path, folders):
+    (tmp_path / "file").write_text("x")
+    return ["--samples", folders["a"], "--ref", folders["b"], "--results", tmp_path / "file" / "r.jsonl"], \
+        "is a file, not a folder"
+
+
+def _stats_to_a_folder(tmp_path, folders):
+    (tmp_path / "stats.npz").mkdir()
+    return ["--samples", folders["a"], "--save-stats", tmp_path / "stats.npz"], "--save-stats"
+
+
+@pytest.mark.parametrize("make_case", [_corrupt_samples, _garbage_npz, _results_under_a_file, _stats_to_a_folder])
+def test_bad_input_is_one_line_before_any_work(make_case, folders, tmp_path, capsys, monkeypatch):
+    import sdeval.inception
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Inception network was built before the inputs were checked")
+
+    monkeypatch.setattr(sdeval.inception, "build_fid_inception", no_network)
+    args, message = make_case(tmp_path, folders)
+    results = tmp_path / "out" / "results.jsonl"
+    before = sorted(tmp_path.rglob("*"))
+    argv = [*map(str, args), "--random-inception-for-tests", "0", "--num-workers", "0", "--no-progress"]
+    if "--results" not in argv:
+        argv += ["--results", str(results)]
+    assert eval_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "allow_pickle" not in err and "Traceback" not in err
+    assert sorted(tmp_path.rglob("*")) == before  # no output file, no folder
+
+
+def test_help_examples_keep_their_line_continuations(capsys):
+    with pytest.raises(SystemExit):
+        eval_cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--save-stats coco-ref.npz \\\n        --inception-weights" in out
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_cli, "evaluate_folder", interrupted)
+    monkeypatch.setattr(sys, "argv", ["eval_fid.py", "--samples", "x"])
+    assert eval_cli.cli() == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
 
 
 # --- Inception Score ---
@@ -247,9 +324,10 @@ def test_clip_score_matches_independent_computation(folders, tmp_path):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
 
-    (rec,) = eval_fid.main(["--samples", str(folders["a"]), "--metrics", "clip", "--clip-arch", str(config),
-                            "--clip-weights", str(weights), "--prompts", str(prompt_file),
-                            "--batch-size", "3", "--num-workers", "0", "--device", "cpu", "--no-progress"])
+    (rec,) = eval_cli.evaluate_folder(["--samples", str(folders["a"]), "--metrics", "clip", "--clip-arch",
+                                       str(config), "--clip-weights", str(weights), "--prompts", str(prompt_file),
+                                       "--batch-size", "3", "--num-workers", "0", "--device", "cpu",
+                                       "--no-progress"])
 
     preprocess = open_clip.image_transform(32, is_train=False)
     with torch.no_grad():
@@ -261,11 +339,16 @@ def test_clip_score_matches_independent_computation(folders, tmp_path):
     assert (cos < 0).any() and (cos > 0).any()
     assert rec["value"] == pytest.approx(per_image.mean(), rel=1e-5)
     assert rec["num_samples"] == N_IMAGES and rec["settings"]["arch"] == "sdeval-test-tiny-clip"
+    # The in-memory API scores the same pixels alike (a uint8 tensor, as decoded samples are).
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)
+                          for p in list_images(folders["a"])])
+    in_memory = clip_scores(load_clip(str(config), weights), pixels, prompts[:N_IMAGES], batch_size=3)
+    np.testing.assert_allclose(in_memory, per_image, rtol=1e-5, atol=1e-6)
 
 
 def test_clip_prompts_must_cover_the_image_indices(folders, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("only one\nand two\n")
-    with pytest.raises(SystemExit, match="--prompts-cycle"):
-        eval_fid.main(["--samples", str(folders["a"]), "--metrics", "clip", "--clip-weights", str(short),
-                       "--prompts", str(short)])
+    with pytest.raises(UsageError, match="--prompts-cycle"):
+        eval_cli.evaluate_folder(["--samples", str(folders["a"]), "--metrics", "clip", "--clip-weights", str(short),
+                                  "--prompts", str(short)])

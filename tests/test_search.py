@@ -1,12 +1,13 @@
-"""Strategy search (datosd.search, scripts/search_*.py) on the tiny demo model, CPU only.
+"""Strategy search (dato_search, scripts/search_*.py) on the tiny demo model, CPU only.
 
 The searches are tiny (64x64 images, 5 PLMS steps, 2 prompts, population 4) and share one cost table, so
 runs in different directories predict the same latencies and their fronts can be compared exactly.
 """
-import importlib.util
 import json
 import math
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,12 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import REPO_ROOT
+from dato_search import cli as search_cli
+from dato_search.cli import main
+from dato_search.evaluator import CandidateSampler, ModelSpec, SamplingSpec, StrategyEvaluator
+from dato_search.front import Point, choose, pareto_front
+from dato_search.objectives import QualitySpec, build_objective
+from dato_search.space import SearchSpace
 from datosd import Strategy
-from datosd.search import Point, SearchSpace, choose, main, pareto_front
-from datosd.search_objectives import ModelSpec, QualitySpec, SamplingSpec, StrategyEvaluator
+from sdgen.cli import txt2img
+from sdgen.runtime import set_threads
 
 pytest.importorskip("pymoo")
 
@@ -95,18 +101,15 @@ def test_search_writes_front_plot_and_a_usable_best_strategy(baseline, tmp_path)
     assert best.steps == 5 and best.cache_depth == report["best"]["cache_depth"]
     assert best.prune_ratio == [0.0] * 5
     # best.yaml goes straight into txt2img --dato --strategy.
-    spec = importlib.util.spec_from_file_location("txt2img_for_search", REPO_ROOT / "scripts" / "txt2img.py")
-    txt2img = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(txt2img)
     out = tmp_path / "samples"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on two busy cores can be many times slower than one
+    threads = set_threads(None)
+    set_threads(1)  # two OpenMP threads on two busy cores can be many times slower than one
     try:
         code = txt2img.main(["--demo", "--dato", "--strategy", str(run_dir / "best.yaml"), "--plms", "--ddim_steps",
                              "5", "--H", "64", "--W", "64", "--n_samples", "1", "--n_iter", "1", "--precision", "full",
                              "--outdir", str(out)])
     finally:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     assert code == 0
     assert (out / "samples" / "00000.png").exists()
 
@@ -166,6 +169,103 @@ def test_dask_workers_give_the_serial_front(baseline, tmp_path, capsys):
     assert dict(query(run_dir, "SELECT key, quality FROM evals")) == serial
 
 
+def _refuse_work(monkeypatch):
+    """Fail the test if a model is built or a candidate evaluated."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the settings were checked")
+
+    monkeypatch.setattr(ModelSpec, "build", refuse)
+    monkeypatch.setattr(StrategyEvaluator, "evaluate", refuse)
+
+
+def one_error_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_rerun_with_other_settings_is_refused_before_any_evaluation(baseline, capsys, monkeypatch):
+    run_dir = baseline["run_dir"]
+    outputs = ("best.yaml", "front.json", "front.png", "search.json", "progress.json")
+    before = {name: (run_dir / name).read_bytes() for name in outputs}
+    invocations = query(run_dir, "SELECT COUNT(*) FROM invocations")
+    _refuse_work(monkeypatch)
+    assert main(search_args(run_dir, baseline["cost_table"], pop=6), mode="depth") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "holds a search with other settings (pop 4 -> 6)" in line and "--new-search" in line
+    assert {name: (run_dir / name).read_bytes() for name in outputs} == before
+    assert query(run_dir, "SELECT COUNT(*) FROM invocations") == invocations
+
+
+def test_new_search_in_a_run_dir_reuses_its_stored_evaluations(baseline, tmp_path, capsys):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(baseline["run_dir"], run_dir)
+    args = search_args(run_dir, baseline["cost_table"], "--w_M", "0.16")
+    assert main(args, mode="depth") == 2
+    assert "w_M 0.025 -> 0.16" in one_error_line(capsys.readouterr().err)
+    assert main([*args, "--new-search"], mode="depth") == 0
+    stored = query(run_dir, "SELECT COUNT(*) FROM evals")[0][0]
+    assert f"search finished: 0 evaluations performed, {stored} served from the store" in capsys.readouterr().out
+    report = json.loads((run_dir / "front.json").read_text())
+    assert report["selection"]["w_M"] == 0.16
+    assert report["best"]["score"] == pytest.approx(min(p["quality"] + 0.16 * p["latency_ms"]
+                                                        for p in report["front"]))
+    assert json.loads((run_dir / "search.json").read_text())["w_M"] == 0.16
+    assert main(args, mode="depth") == 0  # the run dir now holds the new search: the same command resumes it
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(baseline, tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "interrupted"
+    args = search_args(run_dir, baseline["cost_table"], gens=1)
+    evaluate = StrategyEvaluator.evaluate
+    done = []
+
+    def evaluate_twice_then_interrupt(self, strategy, measure_latency=False):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(strategy)
+        return evaluate(self, strategy, measure_latency)
+
+    monkeypatch.setattr(StrategyEvaluator, "evaluate", evaluate_twice_then_interrupt)
+    monkeypatch.setattr(sys, "argv", ["search_depth.py", *args])
+    assert search_cli.cli(mode="depth") == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+    assert "Traceback" not in err
+    assert not [path for path in run_dir.rglob("*") if path.name.endswith(".tmp")]
+    assert query(run_dir, "SELECT COUNT(*) FROM evals") == [(2,)]
+    monkeypatch.undo()
+    assert main(args, mode="depth") == 0
+    assert "resuming: 2 evaluations" in capsys.readouterr().out
+    assert query(run_dir, "SELECT COUNT(*) FROM evals") == [(4,)]
+
+
+def test_an_interrupted_write_leaves_the_previous_file(tmp_path):
+    from sdgen.images import atomic_output
+
+    path = tmp_path / "best.yaml"
+    path.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(path) as tmp:
+            tmp.write_text("half of the new")
+            raise KeyboardInterrupt
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml"]
+
+
+def test_unreachable_scheduler_is_one_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("distributed")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(ModelSpec, "build", lambda self: pytest.fail("the model was built before connecting"))
+    run_dir = tmp_path / "run"
+    code = main([*TINY, "--run-dir", str(run_dir), "--scheduler", f"tcp://127.0.0.1:{port}"], mode="depth")
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"--scheduler tcp://127.0.0.1:{port}: no Dask scheduler answered within" in line
+    assert not run_dir.exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--quality", "psnr"], "unknown quality objective 'psnr'"),
     (["--pop", "1"], "--pop must be at least 2"),
@@ -176,10 +276,8 @@ def test_dask_workers_give_the_serial_front(baseline, tmp_path, capsys):
 def test_bad_options_give_one_error_and_create_nothing(tmp_path, capsys, extra, message):
     run_dir = tmp_path / "run"
     code = main([*TINY, "--run-dir", str(run_dir), *extra], mode="depth")
-    err = capsys.readouterr().err
     assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert message in one_error_line(capsys.readouterr().err)
     assert not run_dir.exists()
 
 
@@ -187,10 +285,10 @@ def test_bad_options_give_one_error_and_create_nothing(tmp_path, capsys, extra, 
 def tiny_evaluator():
     sampling = SamplingSpec(prompts=("a red car", "a small dog"), seeds=(42, 43), steps=5, sampler="plms", scale=7.5,
                             height=64, width=64, batch_size=2, precision="full")
-    evaluator = StrategyEvaluator(ModelSpec(demo=True, config="", ckpt="").build(), sampling, QualitySpec(),
-                                  threads=1)
-    evaluator.reference, _ = evaluator.sample(None)
-    return evaluator
+    spec = ModelSpec(demo=True, config="", ckpt="")
+    sampler = CandidateSampler(spec.build(), spec.geometry(), sampling, threads=1)
+    reference, _ = sampler.sample(None)
+    return StrategyEvaluator(sampler, build_objective(QualitySpec(), sampling.prompts, sampler.device, reference))
 
 
 def test_fidelity_is_zero_for_the_full_strategy_and_grows_as_depths_drop(tiny_evaluator):
@@ -215,9 +313,31 @@ def test_fid_objective_scores_decoded_images(tiny_evaluator, tmp_path):
     np.savez(ref, mu=features.mean(0), sigma=np.cov(features, rowvar=False))
     quality = QualitySpec(kind="fid", fid_ref=str(ref), random_inception_seed=0)
     quality.check(n_images=2)
-    evaluator = StrategyEvaluator(tiny_evaluator.model, tiny_evaluator.sampling, quality, threads=1)
+    sampler = tiny_evaluator.sampler
+    evaluator = StrategyEvaluator(sampler, build_objective(quality, sampler.sampling.prompts, sampler.device))
     result = evaluator.evaluate(Strategy.uniform(5, 2, 1))
     assert math.isfinite(result.quality) and result.quality > 0
+
+
+def test_image_objectives_score_the_decoded_pixels(tiny_evaluator):
+    """The image objectives get the decoded samples as the pixels their PNGs would hold; ImageReward is an
+    optional extra, so a stand-in scorer with its interface (score(prompt, PIL image)) checks the plumbing."""
+    from dato_search.objectives import ImageRewardObjective
+    from sdgen.images import to_uint8_images
+
+    class MeanPixel:
+        def score(self, prompt, image):
+            return float(np.asarray(image, dtype=np.float64).mean()) + len(prompt)
+
+    sampler = tiny_evaluator.sampler
+    objective = ImageRewardObjective(QualitySpec(kind="imagereward"), sampler.sampling.prompts, sampler.device)
+    objective._model = MeanPixel()
+    latents, _ = sampler.sample(Strategy.uniform(5, 2, 1))
+    quality, extras = objective.score(latents, sampler.decode)
+    pixels = to_uint8_images(sampler.decode(latents))
+    expected = np.mean([image.astype(np.float64).mean() + len(prompt)
+                        for image, prompt in zip(pixels, sampler.sampling.prompts)])
+    assert quality == pytest.approx(-expected, rel=1e-12) and extras["imagereward"] == pytest.approx(expected)
 
 
 def test_search_space_decodes_canonical_strategies_and_seeds_uniform_ones():

@@ -2,13 +2,14 @@
 
 Modules:
 - `prompts`: read a prompt file (one prompt per line), build a COCO caption set.
-- `images`: list image folders, load images, the 299x299 resize rule shared by FID and IS.
+- `images`: list image folders, load and verify images, the 299x299 resize rule shared by FID and IS.
 - `inception`: the FID Inception-v3 network, built from a local weights file (never downloaded).
 - `fid`: Inception statistics (mu, sigma), their .npz files, the Frechet distance.
 - `inception_score`: Inception Score from the same network's class logits.
-- `clip_score`: CLIP score with an open_clip model loaded from a local checkpoint.
+- `clip_score`: the open_clip model of the CLIP score, loaded from a local checkpoint.
 - `imagereward`: ImageReward, an optional extra (needs the `image-reward` package).
+- `evaluate`: the metrics of images in memory (a uint8 tensor or PIL images) and of image folders.
+- `cli`: the command line (`scripts/eval_fid.py`): check every input, then evaluate a folder.
 
 Nothing here fetches weights over the network: every model file is given by path.
-The command-line entry point is `scripts/eval_fid.py`.
 """

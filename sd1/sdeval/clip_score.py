@@ -12,12 +12,6 @@ paper's only if that choice matches; the architecture is recorded with every res
 import logging
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from .images import load_rgb
-
 DEFAULT_ARCH = "ViT-g-14"
 DEFAULT_WEIGHTS_HINT = ("open_clip_pytorch_model.bin of laion/CLIP-ViT-g-14-laion2B-s12B-b42K "
                         "on the Hugging Face Hub (open_clip pretrained tag 'laion2b_s12b_b42k')")
@@ -74,33 +68,3 @@ def load_open_clip(arch: str, weights, device="cpu"):
     model = model.to(device).eval()
     model.requires_grad_(False)
     return model, preprocess, open_clip.get_tokenizer(arch)
-
-
-class _ClipImages(torch.utils.data.Dataset):
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = list(paths), preprocess
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.preprocess(load_rgb(self.paths[i]))
-
-
-@torch.inference_mode()
-def clip_scores(model, preprocess, tokenizer, image_paths, prompts, batch_size: int = 50,
-                device="cpu", num_workers: int = 0, progress: bool = True) -> np.ndarray:
-    """Per-image CLIP scores, 100 * max(cos, 0): (N,) float64. `prompts[i]` goes with `image_paths[i]`."""
-    if len(image_paths) != len(prompts):
-        raise ValueError(f"{len(image_paths)} images but {len(prompts)} prompts")
-    loader = torch.utils.data.DataLoader(_ClipImages(image_paths, preprocess), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers)
-    scores, start = [], 0
-    for images in tqdm(loader, desc="clip", unit="batch", disable=not progress):
-        texts = tokenizer(prompts[start:start + len(images)]).to(device)
-        start += len(images)
-        img = model.encode_image(images.to(device)).float()
-        txt = model.encode_text(texts).float()
-        cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
-        scores.append((100 * cos.clamp(min=0)).double().cpu())
-    return torch.cat(scores).numpy()

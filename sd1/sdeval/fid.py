@@ -6,6 +6,7 @@ Features come from `sdeval.inception` (pytorch-fid's FID Inception, pool3, 2048-
 statistics are `mu = mean`, `sigma = np.cov(rowvar=False)` (unbiased), as pytorch-fid, and
 the .npz files hold the same keys (`mu`, `sigma`), so they interchange with pytorch-fid's.
 """
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,21 @@ def load_statistics(path, dim: int = POOL_DIM):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"statistics file not found: {path}")
-    with np.load(path) as f:
-        if "mu" not in f or "sigma" not in f:
-            raise ValueError(f"{path}: expected arrays 'mu' and 'sigma' (pytorch-fid stats), found {list(f.keys())}")
-        mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    not_stats = (f"{path} is not an .npz file of Inception statistics (arrays 'mu' and 'sigma'); make one with "
+                 "eval_fid.py --save-stats")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        raise ValueError(not_stats) from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(not_stats)
+    with data:
+        if "mu" not in data.files or "sigma" not in data.files:
+            raise ValueError(f"{path}: expected arrays 'mu' and 'sigma' (pytorch-fid stats), found {data.files}")
+        try:
+            mu, sigma = (np.asarray(data[key]).astype(np.float64) for key in ("mu", "sigma"))
+        except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile):
+            raise ValueError(not_stats) from None
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise ValueError(f"{path}: expected mu {(dim,)} and sigma {(dim, dim)} (Inception pool3), "
                          f"got {mu.shape} and {sigma.shape}")

@@ -10,9 +10,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 INSTALL_HINT = ("ImageReward needs the optional package `image-reward`: pip install image-reward "
                 "(or pip install -e '.[imagereward]')")
@@ -52,13 +50,3 @@ def load_imagereward(weights, med_config, device="cpu"):
         raise RuntimeError(f"{weights}: not an ImageReward checkpoint, missing {len(missing)} keys "
                            f"(first: {missing[:3]})")
     return model.to(device).eval()
-
-
-@torch.inference_mode()
-def imagereward_scores(model, image_paths, prompts, progress: bool = True) -> np.ndarray:
-    """Per-image ImageReward: (N,) float64, with the package's own preprocessing."""
-    if len(image_paths) != len(prompts):
-        raise ValueError(f"{len(image_paths)} images but {len(prompts)} prompts")
-    out = [model.score(prompt, str(path))
-           for path, prompt in tqdm(list(zip(image_paths, prompts)), desc="imagereward", disable=not progress)]
-    return np.asarray(out, dtype=np.float64)

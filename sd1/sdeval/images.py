@@ -52,11 +52,37 @@ def load_rgb(path: PathLike) -> Image.Image:
         return img.convert("RGB")
 
 
+def unreadable_images(paths, limit: int = 3) -> list:
+    """'file: reason' for the first `limit` files that are not complete, readable images (checked in this
+    process, before any worker or model starts: a PNG's chunk checksums, a JPEG's header)."""
+    problems = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as err:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
+            problems.append(f"{path}: {err or type(err).__name__}")
+            if len(problems) >= limit:
+                break
+    return problems
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """PIL image -> (3, H, W) uint8 tensor of its RGB pixels."""
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_inception_batch(x: torch.Tensor) -> torch.Tensor:
+    """Images x: (B, 3, H, W) uint8 -> (B, 3, 299, 299) float32 in [0, 1], by `RESIZE_RULE` (per image)."""
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected uint8 images (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+    x = x.float() / 255.0
+    return F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+
+
 def to_inception_input(img: Image.Image) -> torch.Tensor:
     """PIL image -> (3, 299, 299) float32 in [0, 1], by `RESIZE_RULE`."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-    x = F.interpolate(x[None], size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
-    return x[0]
+    return to_inception_batch(pil_to_uint8(img)[None])[0]
 
 
 class InceptionImages(torch.utils.data.Dataset):

@@ -14,9 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
-from tqdm import tqdm
 
-from .images import INCEPTION_SIZE, InceptionImages
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
@@ -117,22 +115,3 @@ def build_fid_inception(weights: Optional[Union[str, Path]] = None, *,
     model = FIDInceptionV3(net).eval()
     model.requires_grad_(False)
     return model
-
-
-@torch.inference_mode()
-def extract_inception(paths, model: FIDInceptionV3, batch_size: int = 50, device="cpu",
-                      num_workers: int = 0, progress: bool = True):
-    """Run image files through the network.
-
-    Returns: (pool: (N, 2048) float64, logits: (N, 1008) float64), rows in the order of `paths`.
-    """
-    loader = torch.utils.data.DataLoader(InceptionImages(paths), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers)
-    model = model.to(device)
-    pools, logits = [], []
-    for x in tqdm(loader, desc="inception", unit="batch", disable=not progress):
-        assert x.shape[1:] == (3, INCEPTION_SIZE, INCEPTION_SIZE)
-        pool = model(x.to(device))
-        pools.append(pool.double().cpu())
-        logits.append(model.class_logits(pool).double().cpu())
-    return torch.cat(pools).numpy(), torch.cat(logits).numpy()

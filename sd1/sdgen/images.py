@@ -2,8 +2,9 @@
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -12,11 +13,15 @@ from PIL import Image, PngImagePlugin
 from .runtime import UsageError
 
 
+def to_uint8_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Decoded images x: (B, 3, H, W) in [-1, 1] -> (B, 3, H, W) uint8 on the CPU (the pixels a PNG holds)."""
+    x = torch.clamp((x.float().cpu() + 1.0) / 2.0, min=0.0, max=1.0)
+    return (255.0 * x).round().to(torch.uint8)
+
+
 def to_uint8_images(x: torch.Tensor) -> List[np.ndarray]:
     """Decoded images x: (B, 3, H, W) in [-1, 1] -> list of (H, W, 3) uint8 arrays."""
-    x = torch.clamp((x.float() + 1.0) / 2.0, min=0.0, max=1.0)
-    arrays = (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).round().astype(np.uint8)
-    return list(arrays)
+    return list(to_uint8_tensor(x).permute(0, 2, 3, 1).numpy())
 
 
 def make_grid(images: List[np.ndarray], n_rows: int) -> np.ndarray:
@@ -62,12 +67,23 @@ def atomic_save_png(array: np.ndarray, final: Path, text: Optional[Dict[str, obj
     os.replace(tmp, final)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace the text file `path` in one rename (never a half-written file)."""
+@contextmanager
+def atomic_output(path) -> Iterator[Path]:
+    """Yield a temp path next to `path`; when the block ends normally it replaces `path` in one rename, when
+    it raises (an error, Ctrl-C) the temp file is removed. Either way `path` is never half-written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace the text file `path` in one rename (never a half-written file)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def next_free_index(folder, pattern: str) -> int:

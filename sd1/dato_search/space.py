@@ -8,8 +8,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .costs import table_entries
-from .strategy import MAX_DEPTH, Strategy
+from datosd.costs import table_entries
+from datosd.strategy import MAX_DEPTH, Strategy
 
 UNIFORM_INTERVALS = (2, 3, 4, 5)  # DeepCache "every N-th step full" seeds of the first population
 

@@ -7,21 +7,17 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .search_objectives import EvalResult
-from .strategy import Strategy
+from datosd.strategy import Strategy
 
-if TYPE_CHECKING:
-    from .search import SearchSettings
+from .evaluator import EvalResult
+from .identity import sha256_json
+from .settings import SearchSettings
 
 CONTEXT_VERSION = 1  # bump when the meaning of a stored evaluation changes
-
-
-def sha256_json(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _device_label(device: str) -> str:

@@ -1,0 +1,27 @@
+"""Digests of what a stored evaluation depends on: JSON data and files."""
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+
+def sha256_json(data: Any) -> str:
+    """Hex SHA-256 of the canonical JSON text of `data` (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_sha256(path: Union[Path, str]) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_identity(path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """Resolved path and size of a weights file: enough to tell two files apart without hashing gigabytes."""
+    if path is None:
+        return None
+    p = Path(path)
+    return {"path": str(p.resolve()), "bytes": p.stat().st_size}

@@ -1,0 +1,319 @@
+"""Quality objectives of the strategy search (the first objective, lower is better): one class per metric.
+
+- ``fidelity`` (default, needs no extra weights): the relative RMS error, in percent, of the candidate's
+  final latents (``fidelity_space="latent"``, default) or decoded images (``"image"``, pixels in [-1, 1])
+  against the unaccelerated run of the same prompts and seeds,
+  ``100 * sqrt(sum (x - x_ref)^2 / sum x_ref^2)``. It is a monotone function of the mean squared distance
+  (kept as ``mse`` in the extras), so both rank strategies alike; 0 means "identical to the original model".
+- ``fid``: FID of the decoded images against a pytorch-fid ``.npz`` of reference statistics. Meaningful only
+  with a few hundred images or more (the paper: 500 ImageNet-class images).
+- ``clip``: minus the mean CLIP score ``100 * max(cos, 0)``, from local open_clip weights.
+- ``imagereward``: minus the mean ImageReward (optional extra), from local files.
+
+The image metrics call the in-memory functions of ``sdeval.evaluate`` that ``scripts/eval_fid.py`` uses on
+folders, on the decoded images as uint8 tensors (the pixels a PNG of them would hold). A ``QualitySpec`` is
+the picklable description (flags and files); ``build_objective`` makes the scorer of one process, which loads
+its networks on first use.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple, Type
+
+import torch
+
+from sdgen.images import to_uint8_tensor
+
+from .identity import file_identity, file_sha256
+
+__all__ = [
+    "OBJECTIVES",
+    "QUALITIES",
+    "ClipObjective",
+    "FidObjective",
+    "FidelityObjective",
+    "ImageRewardObjective",
+    "ObjectiveError",
+    "QualityObjective",
+    "QualitySpec",
+    "build_objective",
+]
+
+FIDELITY_SPACES = ("latent", "image")
+Decode = Callable[[torch.Tensor], torch.Tensor]  # latents (N, C, h, w) -> images (N, 3, H, W) in [-1, 1]
+Score = Tuple[float, Dict[str, float]]
+
+
+class ObjectiveError(ValueError):
+    """An objective that cannot be computed (missing weights, extra or reference); raised before any work."""
+
+
+@dataclass(frozen=True)
+class QualitySpec:
+    """The quality objective and the local files it needs (small and picklable: Dask workers get it)."""
+
+    kind: str = "fidelity"
+    fidelity_space: str = "latent"
+    fid_ref: Optional[str] = None
+    inception_weights: Optional[str] = None
+    random_inception_seed: Optional[int] = None  # tests only: a seeded random Inception instead of weights
+    clip_arch: str = "ViT-g-14"
+    clip_weights: Optional[str] = None
+    imagereward_weights: Optional[str] = None
+    imagereward_med_config: Optional[str] = None
+
+    @property
+    def objective(self) -> Type["QualityObjective"]:
+        if self.kind not in OBJECTIVES:
+            raise ObjectiveError(f"unknown quality objective {self.kind!r}; expected one of {', '.join(QUALITIES)} "
+                                 f"(fidelity needs no extra weights).")
+        return OBJECTIVES[self.kind]
+
+    @property
+    def units(self) -> str:
+        return self.objective.units
+
+    def check(self, n_images: int) -> None:
+        """Raise ObjectiveError, with what to do, when the objective cannot run. Creates nothing."""
+        objective = self.objective
+        used = {"--fid-ref": "fid", "--inception-weights": "fid", "--clip-weights": "clip",
+                "--imagereward-weights": "imagereward", "--imagereward-med-config": "imagereward"}
+        values = {"--fid-ref": self.fid_ref, "--inception-weights": self.inception_weights,
+                  "--clip-weights": self.clip_weights, "--imagereward-weights": self.imagereward_weights,
+                  "--imagereward-med-config": self.imagereward_med_config}
+        for flag, value in values.items():
+            if value is not None and used[flag] != self.kind:
+                raise ObjectiveError(f"{flag} is not used by --quality {self.kind}; drop it or pick the quality "
+                                     f"objective it belongs to.")
+        objective.check(self, n_images)
+
+    def identity(self) -> Dict[str, Any]:
+        """The settings and files the quality values depend on (part of every evaluation's key)."""
+        return self.objective.identity(self)
+
+
+class QualityObjective:
+    """Scores one candidate's samples. Built once per process; networks are loaded on first use.
+
+    score(latents: (N, C, h, w) float32 on the CPU, decode) -> (value in `units`, extras); `decode` turns
+    latents into images (N, 3, H, W) in [-1, 1].
+    """
+
+    kind: ClassVar[str]
+    units: ClassVar[str]
+    axis: ClassVar[str]  # the quality axis label of front.png
+
+    def __init__(self, spec: QualitySpec, prompts: Sequence[str], device: torch.device) -> None:
+        self.spec = spec
+        self.prompts = list(prompts)
+        self.device = torch.device(device)
+
+    @classmethod
+    def check(cls, spec: QualitySpec, n_images: int) -> None:
+        """Raise ObjectiveError when `spec` cannot be scored (files, packages, image count)."""
+
+    @classmethod
+    def identity(cls, spec: QualitySpec) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def score(self, latents: torch.Tensor, decode: Decode) -> Score:
+        raise NotImplementedError
+
+
+class FidelityObjective(QualityObjective):
+    """Relative RMS error (%) against the unaccelerated run's final latents `reference` (or their images)."""
+
+    kind = "fidelity"
+    units = "relative RMS error vs the unaccelerated run, percent (0 = identical)"
+    axis = "fidelity: relative RMS error, %"
+
+    def __init__(self, spec: QualitySpec, prompts: Sequence[str], device: torch.device,
+                 reference: Optional[torch.Tensor] = None) -> None:
+        super().__init__(spec, prompts, device)
+        self.reference = reference
+        self._reference_images: Optional[torch.Tensor] = None
+
+    @classmethod
+    def check(cls, spec: QualitySpec, n_images: int) -> None:
+        if spec.fidelity_space not in FIDELITY_SPACES:
+            raise ObjectiveError(f"--fidelity-space must be one of {', '.join(FIDELITY_SPACES)}, "
+                                 f"got {spec.fidelity_space!r}")
+
+    @classmethod
+    def identity(cls, spec: QualitySpec) -> Dict[str, Any]:
+        return {"kind": "fidelity", "space": spec.fidelity_space}
+
+    def score(self, latents: torch.Tensor, decode: Decode) -> Score:
+        if self.reference is None:
+            raise RuntimeError("the fidelity objective needs the unaccelerated reference latents")
+        if self.spec.fidelity_space == "latent":
+            x, ref = latents, self.reference
+        else:
+            if self._reference_images is None:
+                self._reference_images = decode(self.reference)
+            x, ref = decode(latents), self._reference_images
+        x, ref = x.double(), ref.double()
+        squared = (x - ref).pow(2).sum().item()
+        relative = 100.0 * math.sqrt(squared / max(ref.pow(2).sum().item(), 1e-300))
+        return relative, {"mse": squared / ref.numel()}
+
+
+class FidObjective(QualityObjective):
+    """FID of the decoded images against reference Inception statistics (`--fid-ref`)."""
+
+    kind = "fid"
+    units = "FID against --fid-ref"
+    axis = "FID"
+    batch_size = 32  # images per Inception forward
+
+    def __init__(self, spec: QualitySpec, prompts: Sequence[str], device: torch.device) -> None:
+        super().__init__(spec, prompts, device)
+        self._scorer: Any = None
+
+    @classmethod
+    def check(cls, spec: QualitySpec, n_images: int) -> None:
+        if spec.fid_ref is None:
+            raise ObjectiveError("--quality fid needs --fid-ref FILE.npz: reference Inception statistics (mu, sigma), "
+                                 "e.g. from scripts/eval_fid.py --save-stats.")
+        if not Path(spec.fid_ref).is_file():
+            raise ObjectiveError(f"--fid-ref file not found: {spec.fid_ref}. Make it once with "
+                                 f"scripts/eval_fid.py --samples REF_IMAGES/ --save-stats {spec.fid_ref}.")
+        if importlib.util.find_spec("pytorch_fid") is None:
+            raise ObjectiveError("--quality fid needs the pytorch-fid package: pip install pytorch-fid "
+                                 "(or pip install -e '.[metrics]').")
+        from sdeval.fid import load_statistics
+        from sdeval.inception import missing_weights_message
+
+        try:
+            load_statistics(spec.fid_ref)
+        except (OSError, ValueError) as err:
+            raise ObjectiveError(f"--fid-ref: {err}") from None
+        if spec.random_inception_seed is None:
+            if spec.inception_weights is None:
+                raise ObjectiveError("--quality fid needs --inception-weights PATH (pytorch-fid's "
+                                     "pt_inception-2015-12-05-6726825d.pth).")
+            if not Path(spec.inception_weights).is_file():
+                raise ObjectiveError(missing_weights_message(spec.inception_weights))
+        if n_images < 2:
+            raise ObjectiveError(f"FID needs at least 2 images per candidate, got --n-prompts {n_images} "
+                                 f"(the paper uses 500).")
+
+    @classmethod
+    def identity(cls, spec: QualitySpec) -> Dict[str, Any]:
+        inception = (file_identity(spec.inception_weights) if spec.random_inception_seed is None
+                     else {"random_init_seed": spec.random_inception_seed})
+        return {"kind": "fid", "ref_sha256": file_sha256(spec.fid_ref), "inception": inception}
+
+    def score(self, latents: torch.Tensor, decode: Decode) -> Score:
+        from sdeval.evaluate import fid_from_features, inception_outputs
+        from sdeval.fid import load_statistics
+        from sdeval.inception import build_fid_inception
+
+        if self._scorer is None:
+            spec = self.spec
+            net = (build_fid_inception(spec.inception_weights) if spec.random_inception_seed is None
+                   else build_fid_inception(random_init_seed=spec.random_inception_seed))
+            self._scorer = (net, load_statistics(spec.fid_ref))
+        net, reference = self._scorer
+        pool, _ = inception_outputs(to_uint8_tensor(decode(latents)), net, batch_size=self.batch_size,
+                                    device=self.device)
+        return fid_from_features(pool, reference), {}
+
+
+class ClipObjective(QualityObjective):
+    """Minus the mean CLIP score of the decoded images with their prompts."""
+
+    kind = "clip"
+    units = "minus the mean CLIP score (100 * max(cos, 0))"
+    axis = "minus CLIP score"
+
+    def __init__(self, spec: QualitySpec, prompts: Sequence[str], device: torch.device) -> None:
+        super().__init__(spec, prompts, device)
+        self._clip: Any = None
+        self._text: Optional[torch.Tensor] = None
+
+    @classmethod
+    def check(cls, spec: QualitySpec, n_images: int) -> None:
+        if importlib.util.find_spec("open_clip") is None:
+            raise ObjectiveError("--quality clip needs the open_clip package: pip install open-clip-torch")
+        from sdeval.clip_score import missing_weights_message, resolve_arch
+
+        try:
+            resolve_arch(spec.clip_arch)
+        except ValueError as err:
+            raise ObjectiveError(str(err)) from None
+        if spec.clip_weights is None:
+            raise ObjectiveError(f"--quality clip needs --clip-weights PATH, a local open_clip checkpoint for "
+                                 f"{spec.clip_arch}")
+        if not Path(spec.clip_weights).is_file():
+            raise ObjectiveError(missing_weights_message(spec.clip_weights, spec.clip_arch))
+
+    @classmethod
+    def identity(cls, spec: QualitySpec) -> Dict[str, Any]:
+        return {"kind": "clip", "arch": spec.clip_arch, "weights": file_identity(spec.clip_weights)}
+
+    def score(self, latents: torch.Tensor, decode: Decode) -> Score:
+        from sdeval.evaluate import clip_scores, clip_text_features, load_clip
+
+        if self._clip is None:
+            self._clip = load_clip(self.spec.clip_arch, self.spec.clip_weights, self.device)
+            self._text = clip_text_features(self._clip, self.prompts)  # the prompts are the same every time
+        scores = clip_scores(self._clip, to_uint8_tensor(decode(latents)), text_features=self._text)
+        mean = float(scores.mean())
+        return -mean, {"clip_score": mean}
+
+
+class ImageRewardObjective(QualityObjective):
+    """Minus the mean ImageReward of the decoded images with their prompts."""
+
+    kind = "imagereward"
+    units = "minus the mean ImageReward"
+    axis = "minus ImageReward"
+
+    def __init__(self, spec: QualitySpec, prompts: Sequence[str], device: torch.device) -> None:
+        super().__init__(spec, prompts, device)
+        self._model: Any = None
+
+    @classmethod
+    def check(cls, spec: QualitySpec, n_images: int) -> None:
+        from sdeval import imagereward
+
+        if not imagereward.is_available():
+            raise ObjectiveError(imagereward.INSTALL_HINT)
+        for path, what, flag in ((spec.imagereward_weights, "weights", "--imagereward-weights"),
+                                 (spec.imagereward_med_config, "med_config", "--imagereward-med-config")):
+            if path is None:
+                raise ObjectiveError(f"--quality imagereward needs {flag} PATH")
+            if not Path(path).is_file():
+                raise ObjectiveError(imagereward.missing_file_message(path, what))
+
+    @classmethod
+    def identity(cls, spec: QualitySpec) -> Dict[str, Any]:
+        return {"kind": "imagereward", "weights": file_identity(spec.imagereward_weights),
+                "med_config_sha256": file_sha256(spec.imagereward_med_config)}
+
+    def score(self, latents: torch.Tensor, decode: Decode) -> Score:
+        from sdeval.evaluate import imagereward_scores
+        from sdeval.imagereward import load_imagereward
+
+        if self._model is None:
+            self._model = load_imagereward(self.spec.imagereward_weights, self.spec.imagereward_med_config,
+                                           self.device)
+        mean = float(imagereward_scores(self._model, to_uint8_tensor(decode(latents)), self.prompts).mean())
+        return -mean, {"imagereward": mean}
+
+
+OBJECTIVES: Dict[str, Type[QualityObjective]] = {
+    cls.kind: cls for cls in (FidelityObjective, FidObjective, ClipObjective, ImageRewardObjective)}
+QUALITIES = tuple(OBJECTIVES)
+
+
+def build_objective(spec: QualitySpec, prompts: Sequence[str], device: torch.device,
+                    reference: Optional[torch.Tensor] = None) -> QualityObjective:
+    """The scorer of `spec` for one process; `reference`: the fidelity objective's unaccelerated latents."""
+    if spec.objective is FidelityObjective:
+        return FidelityObjective(spec, prompts, device, reference=reference)
+    return spec.objective(spec, prompts, device)
