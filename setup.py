@@ -26,5 +26,7 @@ setup(
         "search": ["pymoo>=0.6", "dask[distributed]"],
         "metrics": ["pytorch-fid", "scipy"],
         "imagereward": ["image-reward"],
+        # datosd.apply_patch on diffusers pipelines; tested with diffusers 0.42.x (README "diffusers pipelines")
+        "diffusers": ["diffusers>=0.42,<0.43", "DeepCache>=0.1.1"],
     },
 )
