@@ -127,9 +127,7 @@ def apply_patch(pipe_or_unet: Any, strategy: StrategyLike = None, prune_ratio: f
     """
     remove_patch(pipe_or_unet)
     unet, pipe = unet_and_pipeline(pipe_or_unet)
-    if "forward" in vars(unet):
-        raise TypeError("the UNet's forward is wrapped by something else (DeepCache, accelerate offload hooks, ...); "
-                        "apply datosd to the plain pipeline first")
+    _drop_leftover_forward(unet)
     layout = UNetLayout.of(unet)
     state = DatoState(strategy=_resolve_strategy(strategy), options=DatoOptions(**options), prune_ratio=prune_ratio,
                       attn_downsample=layout.attn_downsample)
@@ -149,6 +147,19 @@ def apply_patch(pipe_or_unet: Any, strategy: StrategyLike = None, prune_ratio: f
     if pipe is not None:
         unet._dato_steps = SchedulerSteps(pipe, state)
     return state
+
+
+def _drop_leftover_forward(unet: torch.nn.Module) -> None:
+    """Refuse a UNet whose forward another tool wraps (the class swap would be bypassed); drop an instance
+    `forward` that is only the class's own method (what `DeepCacheSDHelper.disable()` leaves behind)."""
+    forward = vars(unet).get("forward")
+    if forward is None:
+        return
+    if getattr(forward, "__self__", None) is unet and getattr(forward, "__func__", None) is type(unet).forward:
+        del unet.forward
+        return
+    raise TypeError("the UNet's forward is wrapped by something else (DeepCache, accelerate offload hooks, ...); "
+                    "apply datosd to the plain pipeline first")
 
 
 def remove_patch(pipe_or_unet: Any) -> Any:
