@@ -146,22 +146,25 @@ def test_dato_picks_the_same_tokens_and_latents_as_the_ldm_path(model, pipe, con
 
 
 # --- invariants --------------------------------------------------------------------------------------------------
-def test_full_strategy_is_bit_identical_and_remove_patch_restores(pipe, conditioning, x_T, unpatched_latents):
-    unpatched = unpatched_latents
+def test_full_strategy_is_bit_identical_and_remove_patch_restores(pipe, conditioning, x_T):
+    def latents():
+        return pipe_latents(pipe, conditioning, x_T, steps=SHORT)
+
+    unpatched = latents()
     scheduler_methods = dict(vars(pipe.scheduler))
-    state = datosd.apply_patch(pipe, Strategy.full(STEPS))
+    state = datosd.apply_patch(pipe, Strategy.full(SHORT))
     assert type(pipe.unet).__name__ == "DatoUNet2DConditionModel"
-    assert torch.equal(pipe_latents(pipe, conditioning, x_T), unpatched)
-    assert len(state.calls) == STEPS and all(c.kind == "full" for c in state.calls)
+    assert torch.equal(latents(), unpatched)
+    assert len(state.calls) == SHORT and all(c.kind == "full" for c in state.calls)
     datosd.apply_patch(pipe, prune_ratio=0.0)
-    assert torch.equal(pipe_latents(pipe, conditioning, x_T), unpatched)
-    datosd.apply_patch(pipe, DATO)
-    assert not torch.equal(pipe_latents(pipe, conditioning, x_T), unpatched)
+    assert torch.equal(latents(), unpatched)
+    datosd.apply_patch(pipe, Strategy([12, 1, 0, 12], [0.5] * SHORT))
+    assert not torch.equal(latents(), unpatched)
     datosd.remove_patch(pipe)
     assert type(pipe.unet) is diffusers.UNet2DConditionModel
     assert not any(hasattr(m, "_dato") for m in pipe.unet.modules())
     assert dict(vars(pipe.scheduler)).keys() == scheduler_methods.keys()
-    assert torch.equal(pipe_latents(pipe, conditioning, x_T), unpatched)
+    assert torch.equal(latents(), unpatched)
 
 
 def test_two_calls_with_one_seed_give_identical_images(pipe):
@@ -308,11 +311,12 @@ def test_sdxl_prunes_its_highest_resolution_attention_level(sdxl):
         for handle in handles:
             handle.remove()
         datosd.remove_patch(sdxl)
-    # Per full step: 2 down + 3 up blocks at the top attention level (1 transformer block each), and 2 + 3 at the
-    # low level with 2 transformer blocks each (4 in the middle: 1 block). Step 1 (depth 1) runs no attention.
-    top_pruned, low = [n_top - int(ratio * n_top)] * 2, [n_low] * 4
-    pruned_step = top_pruned + low + [n_low] + low + low + low + [n_top - int(ratio * n_top)] * 3
-    unpruned_step = [n_top] * 2 + low + [n_low] + low + low + low + [n_top] * 3
+    # Per full step: the top attention level (1 transformer block per attention) runs 2 down and 3 up blocks; the
+    # low level (2 per attention) 4 down, 2 in the middle and 6 up. Step 1 (depth 1) runs no attention at all.
+    def step(top):
+        return [top] * 2 + [n_low] * (4 + 2 + 6) + [top] * 3
+
+    pruned_step, unpruned_step = step(n_top - int(ratio * n_top)), step(n_top)
     assert lengths == pruned_step + unpruned_step + pruned_step
     assert [c.kind for c in state.calls] == ["full", "partial", "full", "full"]
 
