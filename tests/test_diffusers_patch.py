@@ -346,6 +346,16 @@ def test_sdxl_full_strategy_bit_identical_and_img2img_steps(sdxl):
     assert [c.kind for c in state.calls] == ["full", "partial", "full"]
 
 
+def test_sdxl_denoising_end_is_refused_before_the_first_unet_call(sdxl):
+    state = datosd.apply_patch(sdxl, Strategy.full(4))
+    try:
+        with pytest.raises(ValueError, match="denoising_end"), torch.no_grad():
+            sdxl("a fox", num_inference_steps=4, denoising_end=0.5, output_type="latent")
+    finally:
+        datosd.remove_patch(sdxl)
+    assert state.calls == []
+
+
 def test_unsupported_unet_is_refused_clearly(sdxl):
     sdxl.unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
     try:

@@ -27,6 +27,8 @@ a run, `scheduler.step` advances it, and a UNet call belongs to the step of the 
 (Heun, DPM2: 2) and e the extra calls of its first step (PNDM's warm-up: 1)). So img2img `strength` runs the
 strategy over the steps that remain, and the run's hooks (`DatoState.hooks`, a `SamplingHooks`) see exactly
 those. Several UNet calls at one position (classifier-free guidance run as two calls) keep separate caches.
+Whether a call's batch is [unconditional; conditional] (spec 4) is the pipeline's `do_classifier_free_guidance`;
+a hand-written loop that calls the UNet once per half should patch with `align_cfg=False`.
 A bare UNet2DConditionModel has no scheduler: drive `state` (a `SamplingHook`) yourself, as with an ldm UNet.
 """
 from __future__ import annotations
@@ -46,8 +48,6 @@ from .strategy import StrategyError
 from .utils import is_class
 
 Block = Tuple[torch.nn.Module, ...]
-_UNSUPPORTED_CALL_ARGS = ("down_block_additional_residuals", "mid_block_additional_residual",
-                          "down_intrablock_additional_residuals")
 
 
 def unet_and_pipeline(obj: Any) -> Tuple[torch.nn.Module, Any]:
@@ -72,7 +72,7 @@ class UNetLayout:
 
     @classmethod
     def of(cls, unet: torch.nn.Module) -> "UNetLayout":
-        """Map `unet`; a UNet this patch cannot run (other block types, FreeU-free assumptions) raises TypeError."""
+        """Map `unet`; a UNet with other block types than Stable Diffusion's raises TypeError."""
         if unet.config.addition_embed_type == "image_hint":
             raise TypeError("datosd does not support UNets with addition_embed_type='image_hint'")
         inputs: List[Block] = [(unet.conv_in,)]
@@ -256,7 +256,6 @@ class SchedulerSteps:
         if self.pending:
             self.pending = False
             self.run = self._start(scheduler, timestep)
-            self.state.run.step = None
         run = self.run
         if run is None:  # a UNet call outside a pipeline run: no strategy step
             return
@@ -276,6 +275,9 @@ class SchedulerSteps:
             self.state.run = self.run.slots[0]
 
     def _start(self, scheduler: Any, timestep: Any) -> _Run:
+        if getattr(self.pipe, "denoising_end", None) is not None:
+            raise ValueError("datosd cannot follow SDXL's denoising_end (the pipeline stops before the scheduler's "
+                             "last step); run without it")
         timesteps = scheduler.timesteps
         begin = getattr(scheduler, "begin_index", None)
         if begin is None:  # DDIM, PNDM: no begin index; img2img starts at the first call's timestep
@@ -339,11 +341,11 @@ def _caching_unet_class(unet_class: type) -> type:
 
         def forward(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
                     attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None,
-                    encoder_attention_mask=None, return_dict=True, **kwargs):
-            passed = [name for name in _UNSUPPORTED_CALL_ARGS if kwargs.get(name) is not None]
-            if passed or set(kwargs) - set(_UNSUPPORTED_CALL_ARGS):
-                raise TypeError(f"the DaTo-patched UNet does not take {sorted(passed or kwargs)} "
-                                "(ControlNet / T2I-Adapter residuals are not supported)")
+                    encoder_attention_mask=None, return_dict=True, down_block_additional_residuals=None,
+                    mid_block_additional_residual=None, down_intrablock_additional_residuals=None):
+            if any(r is not None for r in (down_block_additional_residuals, mid_block_additional_residual,
+                                           down_intrablock_additional_residuals)):
+                raise TypeError("datosd does not support ControlNet / T2I-Adapter residuals")
             steps: Optional[SchedulerSteps] = getattr(self, "_dato_steps", None)
             if steps is not None:
                 steps.before_unet_call(timestep)
