@@ -29,9 +29,13 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "scipy", "pytorch-fid", "pymoo>=0.6", "dask[distributed]"],
+        # the tests cover every optional path, the diffusers one included
+        "test": ["pytest", "hypothesis", "scipy", "pytorch-fid", "pymoo>=0.6", "dask[distributed]",
+                 "diffusers>=0.42,<0.43", "DeepCache>=0.1.1"],
         "search": ["pymoo>=0.6", "dask[distributed]"],
         "metrics": ["pytorch-fid", "scipy"],
         "imagereward": ["image-reward"],
+        # datosd.apply_patch on diffusers pipelines; tested with diffusers 0.42.x (README "diffusers pipelines")
+        "diffusers": ["diffusers>=0.42,<0.43", "DeepCache>=0.1.1"],
     },
 )

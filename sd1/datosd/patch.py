@@ -24,7 +24,7 @@ from ldm.models.diffusion.hooks import SamplingHook, SamplingHooks
 
 from .dato import TokenSelection, diff_score, pool_score, select_tokens
 from .strategy import Strategy, call_kind
-from .utils import attention_downsample, find_unet, is_class
+from .utils import attention_downsample, find_unet, is_class, is_diffusers_model
 
 FULL_DEPTH = 12
 StrategyLike = Union[Strategy, str, PathLike, None]
@@ -120,7 +120,14 @@ class DatoState(SamplingHook):
     hooks: Optional[SamplingHooks] = field(default=None, repr=False)  # the model's hooks this state joined
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise ValueError(f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
         self.reset()
+
+    @property
+    def prunes(self) -> bool:
+        """True when some step prunes (the transformer blocks then need the pruning class)."""
+        return self.prune_ratio > 0 or (self.strategy is not None and max(self.strategy.prune_ratio) > 0)
 
     # --- sampling hooks (ldm.models.diffusion.hooks) ---
     def sampling_started(self, num_steps: int) -> None:
@@ -203,22 +210,24 @@ def _resolve_strategy(strategy: StrategyLike) -> Optional[Strategy]:
 
 def apply_patch(model: torch.nn.Module, strategy: StrategyLike = None, prune_ratio: float = 0.0,
                 **options) -> DatoState:
-    """Patch a LatentDiffusion (or its UNetModel) in place and return its state.
+    """Patch a LatentDiffusion (or its UNetModel) in place and return its state; a diffusers pipeline or its
+    UNet2DConditionModel goes to `datosd.diffusers_patch.apply_patch` (same arguments).
 
     strategy: a Strategy, a strategy YAML path, or None (every step full, pruning at `prune_ratio`).
     options: the fields of `DatoOptions` (diff_source, align_cfg, cfg_reference, recover_from,
     max_downsample, prune_selfattn, prune_crossattn, prune_mlp, patch, score_noise, seed).
     """
+    if is_diffusers_model(model):
+        from .diffusers_patch import apply_patch as apply_diffusers_patch
+
+        return apply_diffusers_patch(model, strategy, prune_ratio=prune_ratio, **options)
     remove_patch(model)
-    if not 0.0 <= prune_ratio < 1.0:
-        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
     unet = find_unet(model)
     state = DatoState(strategy=_resolve_strategy(strategy), options=DatoOptions(**options),
                       prune_ratio=prune_ratio, attention_downsample=attention_downsample(unet))
     unet._dato = state
     unet.__class__ = _caching_unet_class(unet.__class__)
-    prunes = prune_ratio > 0 or (state.strategy is not None and max(state.strategy.prune_ratio) > 0)
-    if prunes:
+    if state.prunes:
         for module in unet.modules():
             if is_class(module, "BasicTransformerBlock"):
                 module._dato = state
@@ -232,6 +241,10 @@ def apply_patch(model: torch.nn.Module, strategy: StrategyLike = None, prune_rat
 
 def remove_patch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `apply_patch`: original classes, no state, no hook. Safe to call on an unpatched model."""
+    if is_diffusers_model(model):
+        from .diffusers_patch import remove_patch as remove_diffusers_patch
+
+        return remove_diffusers_patch(model)
     unet = find_unet(model)
     state = getattr(unet, "_dato", None)
     if state is None:

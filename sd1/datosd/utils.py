@@ -7,6 +7,11 @@ def is_class(module: object, name: str) -> bool:
     return any(cls.__name__ == name for cls in type(module).__mro__)
 
 
+def is_diffusers_model(model: object) -> bool:
+    """True for a diffusers UNet2DConditionModel or a pipeline holding one as `.unet` (checked by name)."""
+    return is_class(model, "UNet2DConditionModel") or is_class(getattr(model, "unet", None), "UNet2DConditionModel")
+
+
 def find_unet(model: torch.nn.Module) -> torch.nn.Module:
     """The UNetModel of a LatentDiffusion or an SDXL DiffusionEngine (`model.model.diffusion_model`), or
     `model` itself if it is one."""

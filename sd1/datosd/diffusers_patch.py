@@ -1,0 +1,498 @@
+"""DaTo for diffusers: `apply_patch(pipe)` on a Stable Diffusion 1.x / 2.x / XL pipeline or its UNet2DConditionModel.
+
+The same algorithm, options and strategies as the ldm patch (`patch.py`): its `DatoState` holds the run, its
+`select_tokens` picks the tokens, and its pruned sub-layer runs in diffusers' `BasicTransformerBlock`. What this
+module adds is the diffusers side: the CompVis block map below, a caching UNet forward over it, and step tracking
+from the pipeline's scheduler.
+
+CompVis blocks in diffusers (spec 2's ids: `input_blocks[k]` has id k, `output_blocks[j]` has id n - 1 - j;
+L = len(down_blocks), R = layers_per_block; every row is one CompVis block, run in this order):
+
+    input_blocks[0]                   conv_in
+    input_blocks[1 + (R + 1) i + l]   down_blocks[i].resnets[l], then .attentions[l] if the level has attention
+    input_blocks[(R + 1) (i + 1)]     down_blocks[i].downsamplers[0]                     (i < L - 1)
+    middle_block                      mid_block
+    output_blocks[(R + 1) i + l]      up_blocks[i].resnets[l] (its input: the skip concatenated), then
+                                      .attentions[l], and for l = R the .upsamplers[0] (i < L - 1)
+    out                               conv_norm_out, conv_act, conv_out
+
+SD 1.x / 2.x (L = 4, R = 2): 12 input and 12 output blocks, exactly the CompVis UNet. SDXL (L = 3, R = 2): 9 and
+9, so depth >= 9 computes everything there. The DiffScore map (spec 3) is the output of the last output block.
+SDXL's highest-resolution level has no attention: pruning (spec 6) counts N_max at the highest-resolution level
+that has transformer blocks (`DatoState.attention_downsample`: 1 on SD 1.x / 2.x, 2 on SDXL).
+
+Steps (spec 1) come from the pipeline's scheduler, not from counting UNet calls: `scheduler.set_timesteps` starts
+a run, `scheduler.step` advances it, and a UNet call belongs to the step of the scheduler position it is made at
+(position p of `scheduler.timesteps` is step (p - e) // order, where `order` is the scheduler's calls per step
+(Heun, DPM2: 2) and e the extra calls of its first step (PNDM's warm-up: 1)). So img2img `strength` runs the
+strategy over the steps that remain, and the run's hooks (`DatoState.hooks`, a `SamplingHooks`) see exactly
+those. Several UNet calls at one position (classifier-free guidance run as two calls) keep separate caches.
+Whether a call's batch is [unconditional; conditional] (spec 4) is the pipeline's `do_classifier_free_guidance`;
+a hand-written loop that calls the UNet once per half should patch with `align_cfg=False`.
+A bare UNet2DConditionModel has no scheduler: drive `state` (a `SamplingHook`) yourself, as with an ldm UNet.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ldm.models.diffusion.hooks import SamplingHooks
+
+from .patch import (FULL_DEPTH, CallContext, CallRecord, DatoOptions, DatoState, RunCache, StrategyLike,
+                    _pruned, _resolve_strategy, _selection_for)
+from .strategy import StrategyError
+from .utils import is_class
+
+Block = Tuple[torch.nn.Module, ...]
+
+
+def unet_and_pipeline(obj: Any) -> Tuple[torch.nn.Module, Any]:
+    """(UNet2DConditionModel, its pipeline or None) of a pipeline or a bare UNet."""
+    if is_class(obj, "UNet2DConditionModel"):
+        return obj, None
+    unet = getattr(obj, "unet", None)
+    if not is_class(unet, "UNet2DConditionModel") or getattr(obj, "scheduler", None) is None:
+        raise TypeError(f"expected a diffusers pipeline with a UNet2DConditionModel and a scheduler, or the UNet "
+                        f"itself, got {type(obj).__name__}")
+    return unet, obj
+
+
+# --- the CompVis block map ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UNetLayout:
+    """A UNet2DConditionModel cut into CompVis blocks (module docstring). Each block: its diffusers modules in order."""
+
+    input_blocks: Tuple[Block, ...]
+    output_blocks: Tuple[Block, ...]
+    attention_downsample: int  # 2 ** (index of the first down block with attention)
+
+    @classmethod
+    def of(cls, unet: torch.nn.Module) -> "UNetLayout":
+        """Map `unet`; a UNet with other block types than Stable Diffusion's raises TypeError."""
+        if unet.config.addition_embed_type == "image_hint":
+            raise TypeError("datosd does not support UNets with addition_embed_type='image_hint'")
+        inputs: List[Block] = [(unet.conv_in,)]
+        attn_levels = []
+        for i, down in enumerate(unet.down_blocks):
+            attentions = _layers(down, "attentions", "Transformer2DModel")
+            resnets = _layers(down, "resnets", "ResnetBlock2D")
+            if attentions:
+                attn_levels.append(i)
+                if len(attentions) != len(resnets):
+                    raise TypeError(f"down_blocks[{i}] has {len(resnets)} resnets but {len(attentions)} attentions")
+            inputs += [(resnet,) + ((attentions[l],) if attentions else ()) for l, resnet in enumerate(resnets)]
+            inputs += [(sampler,) for sampler in _layers(down, "downsamplers", "Downsample2D")]
+        outputs: List[Block] = []
+        for i, up in enumerate(unet.up_blocks):
+            attentions = _layers(up, "attentions", "Transformer2DModel")
+            resnets = _layers(up, "resnets", "ResnetBlock2D")
+            if attentions and len(attentions) != len(resnets):
+                raise TypeError(f"up_blocks[{i}] has {len(resnets)} resnets but {len(attentions)} attentions")
+            blocks = [(resnet,) + ((attentions[l],) if attentions else ()) for l, resnet in enumerate(resnets)]
+            upsamplers = _layers(up, "upsamplers", "Upsample2D")
+            if upsamplers:
+                blocks[-1] += tuple(upsamplers)
+            outputs += blocks
+        if len(inputs) != len(outputs):
+            raise TypeError(f"the UNet has {len(inputs)} input but {len(outputs)} output blocks; datosd needs the "
+                            "symmetric Stable Diffusion layout")
+        if not attn_levels:
+            raise TypeError("the UNet has no attention levels")
+        mid = unet.mid_block
+        if mid is not None and not any(is_class(mid, name) for name in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D")):
+            raise TypeError(f"datosd does not support a {type(mid).__name__} mid block")
+        return cls(tuple(inputs), tuple(outputs), 2 ** attn_levels[0])
+
+
+def _layers(block: torch.nn.Module, name: str, class_name: str) -> List[torch.nn.Module]:
+    """block.<name> as a list (empty when absent), every entry checked to be a `class_name`."""
+    layers = list(getattr(block, name, None) or [])
+    for layer in layers:
+        if not is_class(layer, class_name):
+            raise TypeError(f"datosd supports {class_name} in {type(block).__name__}.{name}, "
+                            f"got {type(layer).__name__}")
+    return layers
+
+
+# --- apply / remove ----------------------------------------------------------------------------------------------
+def apply_patch(pipe_or_unet: Any, strategy: StrategyLike = None, prune_ratio: float = 0.0, **options) -> DatoState:
+    """Patch a diffusers pipeline (or its UNet2DConditionModel) in place and return its state.
+
+    Arguments as `datosd.apply_patch`. With a pipeline, its scheduler drives the steps (module docstring); with a
+    bare UNet, call the state's hooks yourself (no strategy step set: every call computes everything).
+    """
+    remove_patch(pipe_or_unet)
+    unet, pipe = unet_and_pipeline(pipe_or_unet)
+    _drop_leftover_forward(unet)
+    layout = UNetLayout.of(unet)
+    state = DatoState(strategy=_resolve_strategy(strategy), options=DatoOptions(**options), prune_ratio=prune_ratio,
+                      attention_downsample=layout.attention_downsample)
+    blocks = [m for m in unet.modules() if is_class(m, "BasicTransformerBlock")] if state.prunes else []
+    for block in blocks:
+        if block.norm_type != "layer_norm" or block.pos_embed is not None or hasattr(block, "fuser"):
+            raise TypeError(f"datosd prunes layer-norm transformer blocks without positional embeddings or GLIGEN; "
+                            f"this UNet has norm_type={block.norm_type!r}")
+    state.hooks = SamplingHooks()
+    state.hooks.add(state)
+    unet._dato = state
+    unet._dato_layout = layout
+    unet.__class__ = _caching_unet_class(unet.__class__)
+    for block in blocks:
+        block._dato = state
+        block.__class__ = _pruning_block_class(block.__class__)
+    if pipe is not None:
+        unet._dato_steps = SchedulerSteps(pipe, state)
+    return state
+
+
+def _drop_leftover_forward(unet: torch.nn.Module) -> None:
+    """Refuse a UNet whose forward another tool wraps (the class swap would be bypassed); drop an instance
+    `forward` that is only the class's own method (what `DeepCacheSDHelper.disable()` leaves behind)."""
+    forward = vars(unet).get("forward")
+    if forward is None:
+        return
+    if getattr(forward, "__self__", None) is unet and getattr(forward, "__func__", None) is type(unet).forward:
+        del unet.forward
+        return
+    raise TypeError("the UNet's forward is wrapped by something else (DeepCache, accelerate offload hooks, ...); "
+                    "apply datosd to the plain pipeline first")
+
+
+def remove_patch(pipe_or_unet: Any) -> Any:
+    """Undo `apply_patch`: original classes and scheduler methods, no state. Safe on an unpatched pipeline."""
+    unet, _ = unet_and_pipeline(pipe_or_unet)
+    state = getattr(unet, "_dato", None)
+    if state is None:
+        return pipe_or_unet
+    steps = getattr(unet, "_dato_steps", None)
+    if steps is not None:
+        steps.unwrap()
+        del unet._dato_steps
+    for module in unet.modules():
+        if getattr(module, "_dato", None) is state:
+            module.__class__ = module._parent
+            del module._dato
+    del unet._dato_layout
+    return pipe_or_unet
+
+
+# --- steps from the scheduler ------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """Where the pipeline's current run stands on its scheduler's timesteps."""
+
+    begin: int  # position of the run's first UNet call in scheduler.timesteps
+    end: int  # len(scheduler.timesteps)
+    order: int  # scheduler positions per step
+    extra: int  # extra positions of step 0 (PNDM's warm-up call)
+    stepped: int = 0  # scheduler.step calls so far
+    calls_here: int = 0  # UNet calls at the current position
+    slots: List[RunCache] = field(default_factory=list)  # per call at one position: its own cache
+
+    def step_at(self, position: int) -> int:
+        return max(0, position - self.extra) // self.order
+
+    @property
+    def num_steps(self) -> int:
+        return self.step_at(self.end - 1) + 1 - self.step_at(self.begin)
+
+    @property
+    def step(self) -> int:
+        return self.step_at(self.begin + self.stepped) - self.step_at(self.begin)
+
+
+class SchedulerSteps:
+    """Announces a pipeline's runs and steps to the state's hooks, from its scheduler's `set_timesteps` / `step`.
+
+    The scheduler gets two instance attributes that wrap its methods (signatures kept, for the pipelines that
+    inspect them); a scheduler swapped in after patching is wrapped at its first UNet call.
+    """
+
+    def __init__(self, pipe: Any, state: DatoState) -> None:
+        self.pipe = pipe
+        self.state = state
+        self.scheduler = None
+        self.pending = False  # set_timesteps was called: the next UNet call starts a run
+        self.run: Optional[_Run] = None
+        self._wrap(pipe.scheduler)
+
+    def _wrap(self, scheduler: Any) -> None:
+        set_timesteps, step = scheduler.set_timesteps, scheduler.step
+
+        @functools.wraps(set_timesteps)
+        def set_timesteps_and_restart(*args, **kwargs):
+            self._finish()
+            self.pending = True
+            return set_timesteps(*args, **kwargs)
+
+        @functools.wraps(step)
+        def step_and_advance(*args, **kwargs):
+            out = step(*args, **kwargs)
+            self._advance()
+            return out
+
+        scheduler.set_timesteps = set_timesteps_and_restart
+        scheduler.step = step_and_advance
+        self.scheduler = scheduler
+
+    def unwrap(self) -> None:
+        """Give the scheduler its own methods back and end any open run."""
+        self._finish()
+        for name in ("set_timesteps", "step"):
+            vars(self.scheduler).pop(name, None)
+
+    def before_unet_call(self, timestep: Any) -> None:
+        """Announce the run, step and call that a UNet call at `timestep` belongs to; select its cache slot."""
+        scheduler = self.pipe.scheduler
+        if scheduler is not self.scheduler:  # replaced after patching: it was set up just before this call
+            self.unwrap()
+            self._wrap(scheduler)
+            self.pending = True
+        hooks = self.state.hooks
+        if self.pending:
+            self.pending = False
+            self.run = self._start(scheduler, timestep)
+        run = self.run
+        if run is None:  # a UNet call outside a pipeline run: no strategy step
+            return
+        if run.step != self.state.run.step:
+            hooks.step_started(run.step)
+        hooks.model_call(bool(getattr(self.pipe, "do_classifier_free_guidance", False)))
+        if run.calls_here == len(run.slots):
+            first = run.slots[0]
+            run.slots.append(RunCache(generator=first.generator, step=first.step, calls=first.calls))
+        self.state.run = run.slots[run.calls_here]
+        self.state.run.step = run.step
+        run.calls_here += 1
+
+    def after_unet_call(self) -> None:
+        """Back to the run's first slot (the one the hooks and `state.calls` see)."""
+        if self.run is not None:
+            self.state.run = self.run.slots[0]
+
+    def _start(self, scheduler: Any, timestep: Any) -> _Run:
+        if getattr(self.pipe, "denoising_end", None) is not None:
+            raise ValueError("datosd cannot follow SDXL's denoising_end (the pipeline stops before the scheduler's "
+                             "last step); run without it")
+        timesteps = scheduler.timesteps
+        begin = getattr(scheduler, "begin_index", None)
+        if begin is None:  # DDIM, PNDM: no begin index; img2img starts at the first call's timestep
+            t = torch.as_tensor(timestep).flatten()[0].to(device=timesteps.device, dtype=timesteps.dtype)
+            found = (timesteps == t).nonzero()
+            if len(found) == 0:
+                raise ValueError(f"the UNet was called at timestep {t.item()}, which is not among the scheduler's "
+                                 f"timesteps; datosd follows the pipeline's scheduler")
+            begin = int(found[0])
+        order = int(getattr(scheduler, "order", 1))
+        n = int(scheduler.num_inference_steps)
+        run = _Run(begin=begin, end=len(timesteps), order=order, extra=max(0, len(timesteps) - (order * (n - 1) + 1)))
+        try:
+            self.state.hooks.sampling_started(run.num_steps)
+        except StrategyError as e:
+            raise StrategyError(f"{e} (the pipeline's {type(scheduler).__name__} runs {run.num_steps} of its "
+                                f"{n} inference steps: with img2img, steps = int(num_inference_steps * strength))"
+                                ) from None
+        run.slots.append(self.state.run)
+        return run
+
+    def _advance(self) -> None:
+        run = self.run
+        if run is None:
+            return
+        run.stepped += 1
+        run.calls_here = 0
+        if run.begin + run.stepped >= run.end:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.run is not None:
+            self.state.run = self.run.slots[0]
+            self.run = None
+            self.state.hooks.sampling_finished()
+
+
+# --- the caching UNet --------------------------------------------------------------------------------------------
+@dataclass
+class _Conditioning:
+    """What every attention layer of one UNet call receives."""
+
+    encoder_hidden_states: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    encoder_attention_mask: Optional[torch.Tensor]
+    cross_attention_kwargs: Optional[Dict[str, Any]]
+
+    def attention_kwargs(self) -> Dict[str, Any]:
+        return dict(encoder_hidden_states=self.encoder_hidden_states, attention_mask=self.attention_mask,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    encoder_attention_mask=self.encoder_attention_mask)
+
+
+def _caching_unet_class(unet_class: type) -> type:
+    output_class = getattr(importlib.import_module(unet_class.__module__), "UNet2DConditionOutput")
+
+    class DatoUNet2DConditionModel(unet_class):
+        """UNet2DConditionModel whose forward follows the step's cache depth (spec 2) over the CompVis block map."""
+
+        _parent = unet_class
+
+        def forward(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
+                    attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None,
+                    encoder_attention_mask=None, return_dict=True, down_block_additional_residuals=None,
+                    mid_block_additional_residual=None, down_intrablock_additional_residuals=None):
+            if any(r is not None for r in (down_block_additional_residuals, mid_block_additional_residual,
+                                           down_intrablock_additional_residuals)):
+                raise TypeError("datosd does not support ControlNet / T2I-Adapter residuals")
+            steps: Optional[SchedulerSteps] = getattr(self, "_dato_steps", None)
+            if steps is not None:
+                steps.before_unet_call(timestep)
+            try:
+                out = _caching_forward(self, sample, timestep, encoder_hidden_states, class_labels, timestep_cond,
+                                       attention_mask, cross_attention_kwargs, added_cond_kwargs,
+                                       encoder_attention_mask)
+            finally:
+                if steps is not None:
+                    steps.after_unet_call()
+            return output_class(sample=out) if return_dict else (out,)
+
+    return DatoUNet2DConditionModel
+
+
+def _embed(unet, sample, timestep, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs):
+    """The time embedding (B, C_emb) and the processed text states, as UNet2DConditionModel.forward computes them."""
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
+    class_emb = unet.get_class_embed(sample=sample, class_labels=class_labels)
+    if class_emb is not None:
+        emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
+    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                                 added_cond_kwargs=added_cond_kwargs)
+    if aug_emb is not None:
+        emb = emb + aug_emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    states = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
+                                                added_cond_kwargs=added_cond_kwargs)
+    return emb, states
+
+
+def _mask_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A (B, N) keep mask as an additive (B, 1, N) bias, as UNet2DConditionModel.forward makes it."""
+    return None if mask is None else ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
+
+
+def _run_block(block: Block, h: torch.Tensor, emb: torch.Tensor, cond: _Conditioning,
+               upsample_size: Optional[torch.Size]) -> torch.Tensor:
+    """One CompVis block: its diffusers modules in order. h: (B, C, H, W) -> (B, C', H', W')."""
+    for module in block:
+        if is_class(module, "ResnetBlock2D"):
+            h = module(h, emb)
+        elif is_class(module, "Transformer2DModel"):
+            h = module(h, return_dict=False, **cond.attention_kwargs())[0]
+        elif is_class(module, "Upsample2D"):
+            h = module(h, upsample_size)
+        else:  # conv_in, Downsample2D
+            h = module(h)
+    return h
+
+
+def _run_middle(unet, h: torch.Tensor, emb: torch.Tensor, cond: _Conditioning) -> torch.Tensor:
+    mid = unet.mid_block
+    if mid is None:
+        return h
+    if getattr(mid, "has_cross_attention", False):
+        return mid(h, emb, **cond.attention_kwargs())
+    return mid(h, emb)
+
+
+def _caching_forward(unet, sample, timestep, encoder_hidden_states, class_labels, timestep_cond, attention_mask,
+                     cross_attention_kwargs, added_cond_kwargs, encoder_attention_mask) -> torch.Tensor:
+    """sample: (B, C, H, W) -> (B, C_out, H, W), computing only the CompVis blocks the step's depth asks for."""
+    if any(getattr(up, "s1", None) for up in unet.up_blocks):
+        raise TypeError("FreeU is enabled on this UNet; disable it (unet.disable_freeu()) to use datosd")
+    if cross_attention_kwargs and cross_attention_kwargs.get("gligen") is not None:
+        raise TypeError("datosd does not support GLIGEN")
+    state: DatoState = unet._dato
+    layout: UNetLayout = unet._dato_layout
+    run = state.run
+    depth, ratio = state.planned()
+    key = (tuple(sample.shape), sample.dtype, sample.device)
+    n_blocks = len(layout.output_blocks)
+    if depth >= n_blocks or key != run.cache_key or run.final_cache is None:
+        depth = FULL_DEPTH
+    elif 0 < depth < FULL_DEPTH and run.output_cache[n_blocks - 1 - depth] is None:
+        depth = FULL_DEPTH
+    run.calls.append(CallRecord(run.step, depth, ratio))
+    if depth == 0:
+        return run.final_cache  # spec 2: every block reused, so the prediction is the last computed one
+    state.call = CallContext(ratio=ratio, latent_hw=(sample.shape[-2], sample.shape[-1]), cfg_halves=state.cfg_halves)
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+    emb, states = _embed(unet, sample, timestep, encoder_hidden_states, class_labels, timestep_cond,
+                         added_cond_kwargs)
+    cond = _Conditioning(states, _mask_bias(attention_mask, sample.dtype),
+                         _mask_bias(encoder_attention_mask, sample.dtype), cross_attention_kwargs)
+    resize = any(side % 2 ** unet.num_upsamplers for side in sample.shape[-2:])
+    if depth >= FULL_DEPTH:
+        run.output_cache = [None] * n_blocks
+    hs = []
+    h = sample
+    for k in range(min(depth, len(layout.input_blocks))):
+        h = _run_block(layout.input_blocks[k], h, emb, cond, None)
+        hs.append(h)
+    if depth >= FULL_DEPTH:
+        h = _run_middle(unet, h, emb, cond)
+        first_output = 0
+    else:
+        first_output = n_blocks - depth
+        h = run.output_cache[first_output - 1]
+    for j in range(first_output, n_blocks):
+        h = torch.cat([h, hs.pop()], dim=1)
+        upsample_size = hs[-1].shape[2:] if resize and hs else None
+        h = _run_block(layout.output_blocks[j], h, emb, cond, upsample_size)
+        run.output_cache[j] = h
+    if state.options.diff_source == "features":
+        state.remember_scores(h)
+    if unet.conv_norm_out is not None:
+        h = unet.conv_act(unet.conv_norm_out(h))
+    out = unet.conv_out(h)
+    if state.options.diff_source == "eps":
+        state.remember_scores(out)
+    run.final_cache = out
+    run.cache_key = key
+    state.call = None
+    return out
+
+
+# --- the pruning transformer block -------------------------------------------------------------------------------
+def _pruning_block_class(block_class: type) -> type:
+    class DatoBasicTransformerBlock(block_class):
+        """diffusers BasicTransformerBlock that runs attention on the kept tokens only (spec 6)."""
+
+        _parent = block_class
+
+        def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                    encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None,
+                    added_cond_kwargs=None):
+            selection = _selection_for(self._dato, hidden_states)
+            if selection is None:
+                return super().forward(hidden_states, attention_mask=attention_mask,
+                                       encoder_hidden_states=encoder_hidden_states,
+                                       encoder_attention_mask=encoder_attention_mask, timestep=timestep,
+                                       cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels,
+                                       added_cond_kwargs=added_cond_kwargs)
+            if attention_mask is not None:
+                raise TypeError("datosd cannot prune self-attention under an attention_mask")
+            options = self._dato.options
+            extra = cross_attention_kwargs or {}
+            x = _pruned(self.attn1, self.norm1, hidden_states, selection, options.prune_selfattn,
+                        encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None, **extra)
+            if self.attn2 is not None:
+                x = _pruned(self.attn2, self.norm2, x, selection, options.prune_crossattn,
+                            encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask,
+                            **extra)
+            return _pruned(self.ff, self.norm3, x, selection, options.prune_mlp)
+
+    return DatoBasicTransformerBlock
