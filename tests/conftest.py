@@ -1,10 +1,17 @@
 """Shared fixtures: the golden tiny model's config, weights and CompVis reference tensors."""
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads slow every small
+# kernel down many times. Set before torch starts OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from golden_weights import ensure_golden_weights
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sdgen.runtime import set_threads  # noqa: E402
+
+from golden_weights import ensure_golden_weights  # noqa: E402
 
 DATA_DIR = Path(__file__).parent / "data"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +25,7 @@ SDXL_CONFIG = DATA_DIR / "golden-sdxl-tiny.yaml"
 SDXL_IO = DATA_DIR / "golden-sdxl-tiny-io.safetensors"
 SDXL_WEIGHTS = DATA_DIR / "generated" / "golden-sdxl-tiny-model.safetensors"
 
-torch.set_num_threads(2)
+set_threads(2)
 
 
 @pytest.fixture(scope="session")

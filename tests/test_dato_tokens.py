@@ -7,15 +7,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from datosd.dato import diff_score, pool_score, select_tokens
+from sdgen.runtime import set_threads
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_thread():
     """These tensors are tiny: one thread avoids OpenMP wake-up stalls on a busy machine."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_threads(1)
     yield
-    torch.set_num_threads(threads)
+    set_threads(threads)
 
 
 # ---------------------------------------------------------------------------

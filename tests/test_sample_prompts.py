@@ -22,6 +22,7 @@ from PIL import Image
 from conftest import REPO_ROOT
 from sdgen import prompt_set
 from sdgen.cli import sample_prompts as SAMPLE
+from sdgen.runtime import set_threads
 
 SCRIPT = REPO_ROOT / "scripts" / "sample_prompts.py"
 PROMPTS = ["a photograph of an astronaut riding a horse", "tench, Tinca tinca", "a red car on a wet street",
@@ -38,9 +39,9 @@ def one_thread():
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_threads(1)
     yield
-    torch.set_num_threads(before)
+    set_threads(before)
 
 
 @pytest.fixture(scope="module")
