@@ -103,10 +103,12 @@ def _base_local_index(
     patch: Tuple[int, int],
     device: torch.device,
     generator: Optional[torch.Generator],
+    random_local: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Position of the base token inside each complete patch, (batch, nb) in 0 .. sy*sx - 1.
 
-    score: (batch, H, W) DiffScore, or None for a uniform random draw from ``generator``.
+    score: (batch, H, W) DiffScore, or None for random positions: ``random_local`` (batch, nb) when given
+    (drawn by the caller), else a uniform draw from ``generator``.
     Positions are row-major inside the patch, so lower position = lower token index.
     """
     (gy, gx), (sy, sx) = grid, patch
@@ -117,6 +119,10 @@ def _base_local_index(
         s = s.permute(0, 1, 3, 2, 4).reshape(batch, gy * gx, sy * sx)
         return s.argmax(dim=-1).to(device)
     # Spec 3: no DiffScore yet -> one random base token per patch, never from the global RNG.
+    if random_local is not None:
+        if tuple(random_local.shape) != (batch, gy * gx):
+            raise ValueError(f"random_local must be (B, nb) = {(batch, gy * gx)}, got {tuple(random_local.shape)}")
+        return random_local.to(device)
     if generator is None:
         generator = torch.Generator().manual_seed(DEFAULT_BASE_SEED)
     local = torch.randint(
@@ -135,6 +141,7 @@ def select_tokens(
     cfg_reference: CfgReference = "cond",
     recover_from: RecoverFrom = "base",
     generator: Optional[torch.Generator] = None,
+    random_local: Optional[torch.Tensor] = None,
 ) -> TokenSelection:
     """Choose base, pruned and kept tokens of one block (DaTo, spec 4-6).
 
@@ -157,6 +164,10 @@ def select_tokens(
         generator: source of the random base tokens when ``diff_score`` is None
             (on any device); None uses a fresh generator seeded with
             ``DEFAULT_BASE_SEED``. The global RNG is never used.
+        random_local: (B_ref, nb) random base positions inside each patch (0 .. sy*sx - 1)
+            drawn by the caller, used instead of ``generator`` when ``diff_score`` is
+            None; B_ref is B // 2 when the halves are aligned, else B. Drawing them
+            outside keeps this function free of generator calls (compilable).
 
     Returns:
         A ``TokenSelection``. Ties: base tokens and pruned tokens go to the lowest
@@ -199,9 +210,9 @@ def select_tokens(
     if aligned:
         ref = slice(half, batch) if cfg_reference == "cond" else slice(0, half)
         ref_score = None if diff_score is None else diff_score[ref]
-        local = _base_local_index(ref_score, half, (gy, gx), patch, device, generator).repeat(2, 1)
+        local = _base_local_index(ref_score, half, (gy, gx), patch, device, generator, random_local).repeat(2, 1)
     else:
-        local = _base_local_index(diff_score, batch, (gy, gx), patch, device, generator)
+        local = _base_local_index(diff_score, batch, (gy, gx), patch, device, generator, random_local)
     rows = torch.arange(gy, device=device).mul_(sy * w).view(gy, 1)
     cols = torch.arange(gx, device=device).mul_(sx).view(1, gx)
     origin = (rows + cols).view(1, nb)  # top-left token of each complete patch

@@ -42,8 +42,8 @@ import torch
 
 from ldm.models.diffusion.hooks import SamplingHooks
 
-from .patch import (FULL_DEPTH, CallContext, CallRecord, DatoOptions, DatoState, RunCache, StrategyLike,
-                    _pruned, _resolve_strategy, _selection_for)
+from .patch import (FULL_DEPTH, DatoOptions, DatoState, RunCache, StrategyLike, _pruned, _resolve_strategy,
+                    _selection_for)
 from .strategy import StrategyError
 from .utils import is_class
 
@@ -416,18 +416,12 @@ def _caching_forward(unet, sample, timestep, encoder_hidden_states, class_labels
         raise TypeError("datosd does not support GLIGEN")
     state: DatoState = unet._dato
     layout: UNetLayout = unet._dato_layout
-    run = state.run
-    depth, ratio = state.planned()
-    key = (tuple(sample.shape), sample.dtype, sample.device)
     n_blocks = len(layout.output_blocks)
-    if depth >= n_blocks or key != run.cache_key or run.final_cache is None:
-        depth = FULL_DEPTH
-    elif 0 < depth < FULL_DEPTH and run.output_cache[n_blocks - 1 - depth] is None:
-        depth = FULL_DEPTH
-    run.calls.append(CallRecord(run.step, depth, ratio))
+    depth = state.begin_call(sample, n_blocks)
     if depth == 0:
-        return run.final_cache  # spec 2: every block reused, so the prediction is the last computed one
-    state.call = CallContext(ratio=ratio, latent_hw=(sample.shape[-2], sample.shape[-1]), cfg_halves=state.cfg_halves)
+        return state.run.final_cache  # spec 2: every block reused, so the prediction is the last computed one
+    cached = None if depth >= FULL_DEPTH else state.run.output_cache[n_blocks - 1 - depth]
+    inputs = sample
     if unet.config.center_input_sample:
         sample = 2 * sample - 1.0
     emb, states = _embed(unet, sample, timestep, encoder_hidden_states, class_labels, timestep_cond,
@@ -435,8 +429,6 @@ def _caching_forward(unet, sample, timestep, encoder_hidden_states, class_labels
     cond = _Conditioning(states, _mask_bias(attention_mask, sample.dtype),
                          _mask_bias(encoder_attention_mask, sample.dtype), cross_attention_kwargs)
     resize = any(side % 2 ** unet.num_upsamplers for side in sample.shape[-2:])
-    if depth >= FULL_DEPTH:
-        run.output_cache = [None] * n_blocks
     hs = []
     h = sample
     for k in range(min(depth, len(layout.input_blocks))):
@@ -447,22 +439,17 @@ def _caching_forward(unet, sample, timestep, encoder_hidden_states, class_labels
         first_output = 0
     else:
         first_output = n_blocks - depth
-        h = run.output_cache[first_output - 1]
+        h = cached
+    outputs = []
     for j in range(first_output, n_blocks):
         h = torch.cat([h, hs.pop()], dim=1)
         upsample_size = hs[-1].shape[2:] if resize and hs else None
         h = _run_block(layout.output_blocks[j], h, emb, cond, upsample_size)
-        run.output_cache[j] = h
-    if state.options.diff_source == "features":
-        state.remember_scores(h)
+        outputs.append(h)
     if unet.conv_norm_out is not None:
         h = unet.conv_act(unet.conv_norm_out(h))
     out = unet.conv_out(h)
-    if state.options.diff_source == "eps":
-        state.remember_scores(out)
-    run.final_cache = out
-    run.cache_key = key
-    state.call = None
+    state.end_call(inputs, depth, outputs, out)
     return out
 
 

@@ -16,7 +16,7 @@ input_blocks 4-5 and output_blocks 3-5 prune).
 import math
 from dataclasses import dataclass, field, replace
 from os import PathLike
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 
@@ -102,7 +102,9 @@ class CallContext:
     ratio: float
     latent_hw: Tuple[int, int]
     cfg_halves: bool
-    scores: Dict[Tuple[int, int], Optional[torch.Tensor]] = field(default_factory=dict)  # DiffScore per grid
+    # Per pruning grid (h, w), decided before the blocks run, so the blocks only read (compile-safe):
+    scores: Dict[Tuple[int, int], Optional[torch.Tensor]] = field(default_factory=dict)  # (B, h, w), or None
+    random_local: Dict[Tuple[int, int], torch.Tensor] = field(default_factory=dict)  # drawn bases where None
 
 
 @dataclass(eq=False)
@@ -118,6 +120,8 @@ class DatoState(SamplingHook):
     call: Optional[CallContext] = None
     cfg_halves: bool = False  # the sampler's word on the next call's batch
     hooks: Optional[SamplingHooks] = field(default=None, repr=False)  # the model's hooks this state joined
+    compute: Callable = field(default=None, repr=False)  # the blocks of one call (eager, or compiled)
+    clone_outputs: bool = False  # keep copies of cached outputs (CUDA graphs reuse their output buffers)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prune_ratio < 1.0:
@@ -178,23 +182,93 @@ class DatoState(SamplingHook):
 
     def remember_scores(self, feature_map: torch.Tensor) -> None:
         """Keep the two most recent maps that DiffScore compares (spec 3)."""
-        self.run.score_maps = (self.run.score_maps + [feature_map.detach()])[-2:]
+        kept = feature_map.detach().clone() if self.clone_outputs else feature_map.detach()
+        self.run.score_maps = (self.run.score_maps + [kept])[-2:]
 
-    def score_for(self, hw: Tuple[int, int]) -> Optional[torch.Tensor]:
-        """DiffScore (B, h, w) at a block grid, or None while fewer than two maps exist (random bases)."""
-        scores = self.call.scores
-        if hw not in scores:
-            maps = self.run.score_maps
-            if len(maps) < 2:
-                scores[hw] = None
-            else:
-                score = diff_score(maps[1], maps[0])
-                scores[hw] = score if tuple(score.shape[-2:]) == hw else pool_score(score, hw)
-        return scores[hw]
+    # --- one UNet call: decided and prepared before the blocks run, stored after ---
+    def begin_call(self, x: torch.Tensor, n_blocks: int) -> int:
+        """Decide the cache depth of the call on x: (B, C, H, W), record it, and prepare what its pruning
+        blocks read (CallContext). Returns the depth: 0 = return `run.final_cache`, >= n_blocks = full."""
+        run = self.run
+        depth, ratio = self.planned()
+        key = (tuple(x.shape), x.dtype, x.device)
+        if run.cache_key is not None and key != run.cache_key:
+            run.score_maps = []  # spec 3 compares feature maps of equally shaped calls
+        if depth >= n_blocks or key != run.cache_key or run.final_cache is None:
+            depth = FULL_DEPTH
+        elif 0 < depth < FULL_DEPTH and run.output_cache[n_blocks - 1 - depth] is None:
+            depth = FULL_DEPTH
+        run.calls.append(CallRecord(run.step, depth, ratio))
+        if depth > 0:
+            self.call = self._call_context(ratio, x)
+        return depth
+
+    def end_call(self, x: torch.Tensor, depth: int, outputs: List[torch.Tensor], out: torch.Tensor) -> None:
+        """Store what later calls reuse: `outputs` = the output blocks' outputs this call computed (the last
+        ones; the newest is the DiffScore feature map), `out` = the UNet output (spec 2, 3)."""
+        run = self.run
+        if depth >= FULL_DEPTH:
+            run.output_cache = [None] * len(outputs)
+        n_blocks = len(run.output_cache)
+        keep = self._cached_blocks(n_blocks)
+        for j, h in zip(range(n_blocks - len(outputs), n_blocks), outputs):
+            if j in keep:
+                run.output_cache[j] = h.clone() if self.clone_outputs else h
+        if self.options.diff_source == "features":
+            self.remember_scores(outputs[-1])
+        else:
+            self.remember_scores(out)
+        run.final_cache = out.clone() if self.clone_outputs else out
+        run.cache_key = (tuple(x.shape), x.dtype, x.device)
+        self.call = None
+
+    def _cached_blocks(self, n_blocks: int) -> FrozenSet[int]:
+        """Output blocks whose outputs a later partial step reads: output_blocks[n - 1 - d] for each partial
+        depth d of the strategy (every block when there is no strategy to tell)."""
+        if self.strategy is None:
+            return frozenset(range(n_blocks))
+        depths = {self.strategy.step_setting(i)[0] for i in range(self.strategy.steps)}
+        return frozenset(n_blocks - 1 - d for d in depths if 0 < d < n_blocks)
+
+    def pruning_grids(self, latent_hw: Tuple[int, int]) -> List[Tuple[int, int]]:
+        """Token grids (h, w) of the transformer blocks that prune (spec 6): the highest-resolution attention
+        level (latent / attention_downsample) and the levels below it down to max_downsample."""
+        top = self.attention_downsample
+        height, width = latent_hw[0] // top, latent_hw[1] // top
+        grids, downsample = [], 1
+        while downsample <= self.options.max_downsample and height // downsample and width // downsample:
+            grids.append((height // downsample, width // downsample))
+            downsample *= 2
+        return grids
+
+    def _call_context(self, ratio: float, x: torch.Tensor) -> CallContext:
+        """The call's per-grid scores (DiffScore, pooled, with the released code's noise when asked) or, before
+        two feature maps exist, its random base positions, drawn from the run's seeded CPU generator (spec 3,
+        4). One draw per grid and call: every pruning block of a grid in a call uses the same bases."""
+        call = CallContext(ratio=ratio, latent_hw=(x.shape[-2], x.shape[-1]), cfg_halves=self.cfg_halves)
+        if ratio <= 0:
+            return call
+        options, maps = self.options, self.run.score_maps
+        batch = x.shape[0]
+        aligned = options.align_cfg and call.cfg_halves and batch % 2 == 0
+        rows = batch // 2 if aligned else batch
+        (sy, sx), newest = options.patch, None
+        if len(maps) == 2:
+            newest = diff_score(maps[1], maps[0])
+        for hw in self.pruning_grids(call.latent_hw):
+            if newest is None:
+                call.scores[hw] = None
+                patches = (hw[0] // sy) * (hw[1] // sx)
+                call.random_local[hw] = torch.randint(sy * sx, (rows, patches), generator=self.run.generator
+                                                      ).to(x.device)
+                continue
+            score = newest if tuple(newest.shape[-2:]) == hw else pool_score(newest, hw)
+            call.scores[hw] = self.noisy_score(score) if options.score_noise is not None else score
+        return call
 
     def noisy_score(self, score: torch.Tensor) -> torch.Tensor:
         """The released code's score (spec 3): +-w_diff * DiffScore + w_noise * N(0, 1), the sign flipped with
-        probability 1/2; drawn per pruning block from the run's seeded CPU generator."""
+        probability 1/2; drawn per call and grid from the run's seeded CPU generator."""
         w_diff, w_noise = self.options.score_noise
         generator = self.run.generator
         sign = 1.0 if torch.randint(2, (1,), generator=generator).item() == 0 else -1.0
@@ -224,7 +298,8 @@ def apply_patch(model: torch.nn.Module, strategy: StrategyLike = None, prune_rat
     remove_patch(model)
     unet = find_unet(model)
     state = DatoState(strategy=_resolve_strategy(strategy), options=DatoOptions(**options),
-                      prune_ratio=prune_ratio, attention_downsample=attention_downsample(unet))
+                      prune_ratio=prune_ratio, attention_downsample=attention_downsample(unet),
+                      compute=compute_blocks)
     unet._dato = state
     unet.__class__ = _caching_unet_class(unet.__class__)
     if state.prunes:
@@ -273,21 +348,24 @@ def _caching_unet_class(unet_class: type) -> type:
 def _caching_forward(unet, x, timesteps, context, y):
     """x: (B, C, H, W) -> (B, C_out, H, W), computing only the blocks the step's depth asks for."""
     state: DatoState = unet._dato
-    run = state.run
-    depth, ratio = state.planned()
-    key = (tuple(x.shape), x.dtype, x.device)
     n_blocks = len(unet.output_blocks)
-    if depth >= n_blocks or key != run.cache_key or run.final_cache is None:
-        depth = FULL_DEPTH
-    elif 0 < depth < FULL_DEPTH and run.output_cache[n_blocks - 1 - depth] is None:
-        depth = FULL_DEPTH
-    run.calls.append(CallRecord(run.step, depth, ratio))
+    depth = state.begin_call(x, n_blocks)
     if depth == 0:
-        return run.final_cache  # spec 2: every block reused, so the prediction is the last computed one
-    state.call = CallContext(ratio=ratio, latent_hw=(x.shape[-2], x.shape[-1]), cfg_halves=state.cfg_halves)
+        return state.run.final_cache  # spec 2: every block reused, so the prediction is the last computed one
+    cached = None if depth >= FULL_DEPTH else state.run.output_cache[n_blocks - 1 - depth]
+    out, outputs = state.compute(unet, x, timesteps, context, y, depth, cached)
+    state.end_call(x, depth, outputs, out)
+    return out
+
+
+def compute_blocks(unet, x, timesteps, context, y, depth: int, cached: Optional[torch.Tensor]):
+    """The blocks of one call at cache depth `depth` (spec 2), a pure function of its inputs (compilable).
+
+    x: (B, C, H, W); cached: the output of output_blocks[n - 1 - depth] of the last computed call (None for a
+    full call). Returns (UNet output (B, C_out, H, W), the outputs of the output blocks it ran, in order).
+    """
     emb = unet.embed_time(timesteps, y)
-    if depth >= FULL_DEPTH:
-        run.output_cache = [None] * n_blocks
+    n_blocks = len(unet.output_blocks)
     hs = []
     h = x
     for k in range(min(depth, len(unet.input_blocks))):
@@ -298,20 +376,13 @@ def _caching_forward(unet, x, timesteps, context, y):
         first_output = 0
     else:
         first_output = n_blocks - depth
-        h = run.output_cache[first_output - 1]
+        h = cached
+    outputs = []
     for j in range(first_output, n_blocks):
         h = torch.cat([h, hs.pop()], dim=1)
         h = unet.output_blocks[j](h, emb, context)
-        run.output_cache[j] = h
-    if state.options.diff_source == "features":
-        state.remember_scores(h)
-    out = unet.out(h)
-    if state.options.diff_source == "eps":
-        state.remember_scores(out)
-    run.final_cache = out
-    run.cache_key = key
-    state.call = None
-    return out
+        outputs.append(h)
+    return unet.out(h), outputs
 
 
 def _pruning_block_class(block_class: type) -> type:
@@ -355,12 +426,9 @@ def _selection_for(state: DatoState, x: torch.Tensor) -> Optional[TokenSelection
     while (height // downsample) * (width // downsample) > n_tokens:
         downsample *= 2
     hw = (height // downsample, width // downsample)
-    if hw[0] * hw[1] != n_tokens:
-        raise RuntimeError(f"cannot place {n_tokens} tokens on the grid of a {height}x{width} attention level")
+    if hw not in call.scores:
+        raise RuntimeError(f"cannot place {n_tokens} tokens on a pruning grid of a {height}x{width} attention level")
     options = state.options
-    score = state.score_for(hw)
-    if score is not None and options.score_noise is not None:
-        score = state.noisy_score(score)
-    return select_tokens(x, score, call.ratio, hw, patch=options.patch,
+    return select_tokens(x, call.scores[hw], call.ratio, hw, patch=options.patch,
                          cfg_halves=options.align_cfg and call.cfg_halves, cfg_reference=options.cfg_reference,
-                         recover_from=options.recover_from, generator=state.run.generator)
+                         recover_from=options.recover_from, random_local=call.random_local.get(hw))
