@@ -6,6 +6,7 @@ minute on a small CPU), --dry-run (print what would run), --out DIR, --nproc N, 
 """
 import argparse
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -102,12 +103,13 @@ def describe_plan(plan: TablePlan) -> str:
         lines.append(f"# not runnable yet: {reason}")
     model = "the tiny demo model (random weights)" if plan.model.demo else f"{plan.model.ckpt} with {plan.model.config}"
     lines.append(f"# model: {plan.spec.model} ({plan.model.kind}), {model}")
+    total = plan.total if source.prompts else "?"
     if source.is_img2img:
-        lines.append(f"# images: {plan.total} per row, init images of {source.init_dir}, prompts "
+        lines.append(f"# images: {total} per row, init images of {source.init_dir}, prompts "
                      f"{source.prompt_file}; DDIM {plan.encode_steps} of {plan.steps} steps (strength "
                      f"{v['strength']:g})")
     else:
-        lines.append(f"# images: {plan.total} per row, {source.prompt_file} ({len(source.prompts)} prompts) x "
+        lines.append(f"# images: {total} per row, {source.prompt_file} ({len(source.prompts) or '?'} prompts) x "
                      f"{source.repeats} repeat(s)")
     lines.append(f"# setup: {plan.setup_line}")
     network = (f"random-init Inception (seed {e.inception_seed})" if e.inception_seed is not None
@@ -186,6 +188,9 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] 
     options = Options(smoke=args.smoke, dry_run=args.dry_run, out=args.out, nproc=args.nproc, limit=args.limit,
                       batch_size=args.batch_size,
                       rows=tuple(r for r in args.rows.split(",") if r) if args.rows is not None else None)
+    info = dist_info_from_env()
+    if info.world > 1:  # under torchrun: the processes there are
+        options = dataclasses.replace(options, nproc=str(info.world))
     reason = unavailable_reason(specs.models[spec.model].kind)
     if reason and not options.dry_run:
         print(f"{prog}: {reason}; nothing was run.", file=sys.stderr)
@@ -198,7 +203,6 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] 
     if options.dry_run:
         print(describe_plan(plan))
         return 0
-    info = dist_info_from_env()
     if info.is_main:
         print(f"# {spec.title}\n# results: {plan.table_dir / RESULTS}")
         if plan.smoke:
@@ -207,8 +211,10 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] 
     if plan.values["nproc"] > 1 and "WORLD_SIZE" not in env:
         if plan.smoke:
             ensure_smoke_assets(plan.smoke_dir)
-        return subprocess.call(launch_command(name, [*rest, "--out", str(plan.out_dir)], plan.values["nproc"]),
-                               env=dict(env))
+        given = [("--limit", args.limit), ("--batch-size", args.batch_size), ("--rows", args.rows)]
+        child = ["--smoke"] * plan.smoke + ["--out", str(plan.out_dir)]
+        child += [item for flag, value in given if value is not None for item in (flag, value)]
+        return subprocess.call(launch_command(name, child, plan.values["nproc"]), env=dict(env))
     try:
         with smoke_threads(plan.smoke):
             code = run_table(plan, info, log=print if info.is_main else (lambda line: None))

@@ -10,7 +10,6 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from sdeval.clip_score import clip_scores, load_open_clip
-from sdeval.fid import feature_statistics, frechet_distance, load_statistics
 from sdeval.images import list_images
 from sdeval.prompts import prompts_for_images
 
@@ -41,7 +40,7 @@ class Evaluator:
     @property
     def inception(self):
         if self._inception is None:
-            from sdeval.inception import build_fid_inception  # pytorch-fid: the metrics extra
+            from sdeval.inception import build_fid_inception  # pytorch-fid and torchvision: imported when used
 
             if self.inception_seed is not None:
                 self._inception = build_fid_inception(random_init_seed=self.inception_seed)
@@ -58,6 +57,7 @@ class Evaluator:
 
     def reference_statistics(self, reference: str) -> Tuple[np.ndarray, np.ndarray]:
         """(mu, sigma) of an .npz of Inception statistics, or of a folder of images (computed once)."""
+        from sdeval.fid import feature_statistics, load_statistics
         from sdeval.inception import extract_inception
 
         if reference not in self._references:
@@ -74,8 +74,9 @@ class Evaluator:
         paths = list_images(samples)
         values: Dict[str, float] = {}
         if "fid" in self.metrics or "is" in self.metrics:
+            from sdeval.fid import feature_statistics, frechet_distance
             from sdeval.inception import extract_inception
-            from sdeval.inception_score import inception_score  # scipy: the metrics extra
+            from sdeval.inception_score import inception_score
 
             pool, logits = extract_inception(paths, self.inception, **self.loader)
             if "fid" in self.metrics:

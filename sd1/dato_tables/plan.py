@@ -2,6 +2,7 @@
 the images each row makes, the methods (registry names), the evaluation. Every problem is collected and
 reported together (PlanError) before anything is built or written.
 """
+import dataclasses
 import math
 import os
 import tempfile
@@ -319,12 +320,10 @@ def _out_dir(options: Options, env: Mapping[str, str], paths: _Paths, problems: 
     value = options.out or env.get("OUT_DIR")
     if value:
         return Path(value)
-    if options.dry_run:
+    if options.dry_run or options.smoke:
         if not options.smoke:
             paths.placeholders.append("OUT_DIR")
         return Path("<OUT_DIR>")
-    if options.smoke:
-        return Path(tempfile.mkdtemp(prefix="dato-tables-smoke.", dir=env.get("TMPDIR") or None))
     problems.append("OUT_DIR is not set: the folder for images and results (or pass --out DIR)")
     return Path("<OUT_DIR>")
 
@@ -380,11 +379,11 @@ def _evaluation(specs: Specs, spec: TableSpec, values: Mapping[str, Any], source
         return EvalPlan(**common, reference=str(smoke_dir / smoke.REF_DIR) if "fid" in metrics else None,
                         inception_seed=SMOKE_INCEPTION_SEED, clip_arch=str(smoke_dir / smoke.CLIP_CONFIG),
                         clip_weights=str(smoke_dir / smoke.CLIP_WEIGHTS), batch_size=8, num_workers=0)
+    reference = paths.get(dataset.reference) if "fid" in metrics else None
     files = {}
     for name, metric_file in specs.metric_files.items():
         files[name] = paths.get(metric_file.need) if set(metric_file.metrics) & set(metrics) else None
-    return EvalPlan(**common, reference=paths.get(dataset.reference) if "fid" in metrics else None,
-                    inception_weights=files.get("inception"), clip_arch=values["clip_arch"],
+    return EvalPlan(**common, reference=reference, inception_weights=files.get("inception"), clip_arch=values["clip_arch"],
                     clip_weights=files.get("clip"), num_workers=min(4, os.cpu_count() or 1))
 
 
@@ -447,7 +446,12 @@ def _check_counts(plan_total: int, evaluation: EvalPlan, source: SourcePlan, pro
 
 
 def make_plan(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str, str]) -> TablePlan:
-    """Everything a run of `spec` will do; PlanError lists every problem found."""
+    """Everything a run of `spec` will do; PlanError lists every problem found. A smoke run without an
+    output folder gets a new temp folder (made once the settings are known to be right)."""
+    if options.smoke and not options.dry_run and not (options.out or env.get("OUT_DIR")):
+        make_plan(specs, spec, dataclasses.replace(options, dry_run=True), env)
+        out = tempfile.mkdtemp(prefix="dato-tables-smoke.", dir=env.get("TMPDIR") or None)
+        return make_plan(specs, spec, dataclasses.replace(options, out=out), env)
     problems: List[str] = []
     values = resolve_settings(specs, spec, options, env, problems)
     paths = _Paths(env, options.dry_run, problems)
