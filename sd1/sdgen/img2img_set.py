@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import generate as gen
 from .cli.img2img import load_init_image
-from .images import atomic_save_png, atomic_write_text, temp_path, to_uint8_images
+from .images import atomic_save_png, atomic_write_text, check_output_dir, temp_path, to_uint8_images
 from .methods import Method
 from .prompt_set import MANIFEST, Timing, device_name, file_sha256, read_manifest
 from .runtime import UsageError, synchronize
@@ -76,6 +76,7 @@ class Img2ImgJob:
 def check_img2img_job(job: Img2ImgJob) -> Optional[Dict[str, Any]]:
     """Raise UsageError for mismatched inputs or an output folder of other settings; returns the previous
     manifest (None for a new folder). Writes nothing."""
+    check_output_dir(job.outdir)
     if len(job.prompts) < job.total:
         raise UsageError(f"{job.total} init images but only {len(job.prompts)} prompts in {job.prompt_file}")
     if job.method.steps is not None:
