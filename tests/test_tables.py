@@ -157,6 +157,13 @@ def test_missing_settings_are_all_reported_before_anything_runs(tmp_path, capsys
     assert f"SD15_CKPT={tmp_path / 'nope.ckpt'} is not a file" in err and "LIMIT must be a positive integer" in err
     assert "I2I_INIT_DIR is not set" in err and "CLIP_WEIGHTS is not set" in err
     assert not out_dir.exists()
+    (tmp_path / "sd15.ckpt").write_bytes(b"x")
+    (tmp_path / "ref.npz").write_bytes(b"not an npz")
+    env = dict(OUT_DIR=str(out_dir), SD15_CKPT=str(tmp_path / "sd15.ckpt"), IMAGENET_REF=str(tmp_path / "ref.npz"),
+               INCEPTION_WEIGHTS=str(tmp_path / "sd15.ckpt"))
+    assert cli.main(["table4_diffscore"], env=env) == 2
+    assert f"FID reference {tmp_path / 'ref.npz'} is not an .npz of Inception statistics" in capsys.readouterr().err
+    assert not out_dir.exists()
     assert cli.main(["table1_imagenet_sd15", "--smoke", "--nproc", "zero"], env={}) == 2
     assert "--nproc/NPROC must be a positive integer" in capsys.readouterr().err
     assert cli.main(["table4_diffscore", "--smoke", "--rows", "original,nope"], env={}) == 2
@@ -305,7 +312,7 @@ def test_table5_smoke_resumes_without_remaking_or_remeasuring(table5_smoke, caps
     assert [run["generated"] for run in manifest["runs"]] == [4, 0]
 
 
-def test_table4_smoke_prompt_sets_with_their_options(tmp_path):
+def test_table4_smoke_prompt_sets_with_their_options(tmp_path, capsys):
     out = tmp_path / "out"
     code = cli.main(["table4_diffscore", "--smoke", "--out", str(out), "--rows", "original,dato_released"], env={})
     assert code == 0
@@ -320,6 +327,11 @@ def test_table4_smoke_prompt_sets_with_their_options(tmp_path):
         with Image.open(table / r["row"] / "images" / "000003.png") as img:
             assert img.text["prompt"] == prompts[3] and img.text["seed"] == "3" and img.text["method"] == r["method"]
     assert speedups(rows)["dato_released"] == pytest.approx(rows[0]["latency"] / rows[1]["latency"])
+    # the same folder with another seed is refused before anything is made
+    capsys.readouterr()
+    assert cli.main(["table4_diffscore", "--smoke", "--out", str(out), "--rows", "original"], env={"SEED": "1"}) == 2
+    assert "holds images made with other settings (differing: seed" in capsys.readouterr().err
+    assert json.loads((table / "original" / "images" / "manifest.json").read_text())["settings"]["seed"] == 0
 
 
 # --- the report next to the paper ------------------------------------------------------------------------
@@ -358,7 +370,8 @@ def test_collect_on_an_empty_folder_leaves_our_cells_empty(empty_report):
     # Paper row | Ours | FID | FID (paper) | Latency | Latency (paper) | Speed-up | Speed-up (paper)
     rows = {b[0]: b for b in t1}
     assert rows["original"][1] == "Original (PLMS, 50 steps)" and rows["dato-b1"][1] == "DaTo (b1)"
-    assert rows["tomesd-a1"][1] == "n/a" and "only b1 is published" in section(empty_report, "Table 1: SD v1.5, ImageNet")
+    assert rows["tomesd-a1"][1] == "n/a"
+    assert "only b1 is published" in section(empty_report, "Table 1: SD v1.5, ImageNet")
     for b in t1:
         assert b[2] == b[4] == b[6] == ""
     assert rows["dato-b1"][3] == "25.40" and rows["dato-b1"][7] == "5.75x"

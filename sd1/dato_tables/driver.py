@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 from sdgen import generate as gen
+from sdgen.images import atomic_write_text
 from sdgen.img2img_set import Img2ImgJob, check_img2img_job, run_img2img_set
 from sdgen.prompt_set import PromptSetJob, check_job, read_manifest, run_prompt_set
 from sdgen.runtime import UsageError, pick_device
@@ -123,7 +124,7 @@ def evaluate_rows(plan: TablePlan, device: torch.device, log: Callable[[str], No
             metrics = evaluator.evaluate(row.images, e.reference, e.clip_prompts, e.prompts_cycle)
         record = dict(row_record(plan, row, read_manifest(row.images) or {}, metrics), measured=key)
         rows = record_row(plan.table_dir, meta, record)
-        (plan.table_dir / RESULTS).write_text(render_results(meta, rows), encoding="utf-8")
+        atomic_write_text(plan.table_dir / RESULTS, render_results(meta, rows))
         shown = ", ".join(f"{m} {record[m]:.4g}" for m in e.metrics if record[m] is not None)
         log(f"row {row.id} ({row.label}): {shown}, latency {record['latency']} s/img")
     return rows

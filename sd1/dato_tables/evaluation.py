@@ -5,7 +5,7 @@ statistics are computed once. Kept in this one module so that it can move onto s
 (the scripts/eval_fid.py functions) in one place.
 """
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -15,6 +15,28 @@ from sdeval.prompts import prompts_for_images
 
 METRICS = ("fid", "clip", "is")
 SMOKE_INCEPTION_SEED = 0  # smoke runs: a seeded random-init Inception (numbers mean nothing)
+
+
+def check_inputs(metrics: Sequence[str], reference: Optional[str], clip_arch: str) -> List[str]:
+    """Problems with a run's evaluation inputs that would otherwise show only after the images are made: an
+    unreadable .npz reference, an unknown CLIP architecture."""
+    problems = []
+    if "fid" in metrics and reference and Path(reference).is_file():
+        from sdeval.fid import load_statistics
+
+        try:
+            load_statistics(reference)
+        except Exception as err:  # any failure to read it (numpy, zip, shapes) is reported the same way
+            problems.append(f"FID reference {reference} is not an .npz of Inception statistics (mu, sigma): "
+                            f"{str(err).split('. ')[0]}; make one with scripts/eval_fid.py --save-stats")
+    if "clip" in metrics:
+        from sdeval.clip_score import resolve_arch
+
+        try:
+            resolve_arch(clip_arch)
+        except ValueError as err:
+            problems.append(f"CLIP_ARCH: {err}")
+    return problems
 
 
 class Evaluator:

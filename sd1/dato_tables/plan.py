@@ -19,7 +19,7 @@ from sdgen.methods import Method, MethodError, parse_method
 from sdgen.resources import DEMO_CONFIG, packaged
 
 from . import smoke
-from .evaluation import METRICS, SMOKE_INCEPTION_SEED
+from .evaluation import METRICS, SMOKE_INCEPTION_SEED, check_inputs
 from .spec import PathNeed, RowTemplate, SettingSpec, Specs, TableSpec
 
 SMOKE_DIR = "_smoke"
@@ -277,7 +277,8 @@ def default_rows(specs: Specs, spec: TableSpec) -> List[Dict[str, Any]]:
 
 def _encode_steps(values: Mapping[str, Any], problems: List[str]) -> int:
     try:
-        return min(img2img_encode_steps(values["strength"], values["steps"]), gen.sampler_steps("ddim", values["steps"]))
+        steps = values["steps"]
+        return min(img2img_encode_steps(values["strength"], steps), gen.sampler_steps("ddim", steps))
     except ValueError as err:
         problems.append(f"STRENGTH={values['strength']:g} with STEPS={values['steps']}: {err}")
         return 1
@@ -383,7 +384,8 @@ def _evaluation(specs: Specs, spec: TableSpec, values: Mapping[str, Any], source
     files = {}
     for name, metric_file in specs.metric_files.items():
         files[name] = paths.get(metric_file.need) if set(metric_file.metrics) & set(metrics) else None
-    return EvalPlan(**common, reference=reference, inception_weights=files.get("inception"), clip_arch=values["clip_arch"],
+    return EvalPlan(**common, reference=reference, inception_weights=files.get("inception"),
+                    clip_arch=values["clip_arch"],
                     clip_weights=files.get("clip"), num_workers=min(4, os.cpu_count() or 1))
 
 
@@ -481,6 +483,8 @@ def make_plan(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str,
     if values["limit"] is not None:
         total = min(total, values["limit"])
     _check_counts(total, evaluation, source, problems)
+    if not options.smoke and not options.dry_run:
+        problems += check_inputs(evaluation.metrics, evaluation.reference, evaluation.clip_arch)
     if problems:
         raise PlanError(problems)
     return TablePlan(spec=spec, out_dir=out_dir, table_dir=table_dir, model=model, source=source,

@@ -49,7 +49,8 @@ def markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
 
 
 def table_metrics(meta: Dict[str, Any], rows: List[Dict[str, Any]], extra: Sequence[str] = ()) -> List[str]:
-    wanted = set(meta.get("metrics") or ()) | set(extra) | {m for r in rows for m in METRIC_NAMES if r.get(m) is not None}
+    wanted = set(meta.get("metrics") or ()) | set(extra)
+    wanted |= {m for r in rows for m in METRIC_NAMES if r.get(m) is not None}
     return [m for m in METRIC_NAMES if m in wanted]
 
 
