@@ -10,7 +10,6 @@ sampling time per image (the DDIM loop; the first image of each process is a war
 """
 import json
 import os
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,12 +20,11 @@ from tqdm import tqdm
 
 from . import generate as gen
 from .cli.img2img import load_init_image
-from .images import atomic_save_png, atomic_write_text, check_output_dir, temp_path, to_uint8_images
+from .images import atomic_save_png, atomic_write_text, check_output_dir, to_uint8_images
 from .methods import Method
 from .prompt_set import MANIFEST, Timing, device_name, file_sha256, read_manifest
-from .runtime import UsageError, synchronize
-from .sharding import (DistInfo, all_reduce_sum, barrier, finish_distributed, init_distributed,
-                       missing_indices, png_path, shard_indices)
+from .runtime import UsageError
+from .sharding import DistInfo, png_path, run_sharded
 
 
 @dataclass(frozen=True)
@@ -162,29 +160,14 @@ def run_img2img_set(job: Img2ImgJob, info: DistInfo, device: torch.device, progr
     The model is loaded (by `load_model`, default `generate.load_model`) only when this rank has something
     to make. Returns the manifest (rank 0) or {}."""
     previous = check_img2img_job(job)
-    started = time.perf_counter()
-    device = init_distributed(info, device)
-    try:
-        os.makedirs(job.outdir, exist_ok=True)
-        mine = list(shard_indices(job.total, info))
-        for k in mine:  # leftovers of an interrupted write of one of this rank's images
-            temp_path(png_path(job.outdir, k)).unlink(missing_ok=True)
-        todo = missing_indices(job.outdir, mine)
-        timing = Timing()
-        if todo:
-            config, ckpt, ema, demo = job.model_args
-            model = (load_model or gen.load_model)(config, ckpt, device, use_ema=ema, demo=demo,
-                                                   verbose=info.is_main)
-            timing = transform_images(model, job, todo, progress=progress and info.is_main)
-            synchronize(device)
-        all_s, timed_s, timed_n, generated = all_reduce_sum(
-            info, device, [timing.seconds, timing.timed_seconds, timing.timed_images, len(todo)])
-        barrier(info, device)
-        manifest: Dict[str, Any] = {}
-        if info.is_main:
-            manifest = write_manifest(job, previous, info, device, (all_s, timed_s, timed_n), int(generated),
-                                      time.perf_counter() - started)
-            log(f"generated {int(generated)} images, {manifest['count']} of {manifest['total']} now in {job.outdir}")
-        return manifest
-    finally:
-        finish_distributed(info)
+
+    def make_images(device: torch.device, todo: Sequence[int]) -> Tuple[float, float, int]:
+        config, ckpt, ema, demo = job.model_args
+        model = (load_model or gen.load_model)(config, ckpt, device, use_ema=ema, demo=demo, verbose=info.is_main)
+        timing = transform_images(model, job, todo, progress=progress and info.is_main)
+        return timing.seconds, timing.timed_seconds, timing.timed_images
+
+    def manifest(device: torch.device, totals: Sequence[float], generated: int, wall_seconds: float):
+        return write_manifest(job, previous, info, device, totals, generated, wall_seconds)
+
+    return run_sharded(job.outdir, job.total, info, device, make_images, manifest, log)
