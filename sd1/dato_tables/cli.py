@@ -63,10 +63,9 @@ def _needs(specs: Specs, spec: TableSpec) -> List[PathNeed]:
 
 def help_text(specs: Specs, spec: TableSpec, prog: str) -> str:
     """Usage, what the table is, its rows, and every environment variable it reads."""
-    wrap = lambda text, indent="  ": textwrap.fill(text, 110, initial_indent=indent, subsequent_indent=indent)
     model = specs.models[spec.model]
     lines = [f"usage: {prog} [--smoke] [--dry-run] [--out DIR] [--nproc N] [--limit N] [--batch-size N] "
-             f"[--rows ID,...]", "", spec.title, wrap(spec.about, ""), "",
+             f"[--rows ID,...]", "", spec.title, textwrap.fill(spec.about, 110), "",
              "Rows (id, registry method of sdgen.methods, label; with the default settings):"]
     lines += [f"  {r['id']:<24} {r['method']:<36} {r['label']}" for r in default_rows(specs, spec)]
     if spec.extra_rows:

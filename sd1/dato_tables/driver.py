@@ -96,7 +96,10 @@ def table_meta(plan: TablePlan) -> Dict[str, Any]:
 def measurement_key(plan: TablePlan, row: RowPlan) -> str:
     """What a row's numbers depend on: its image files and the evaluation (settings, reference file)."""
     e = plan.evaluation
-    stat = lambda p: (p.name, p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None
+
+    def stat(path: Path):
+        return (path.name, path.stat().st_size, path.stat().st_mtime_ns) if path.exists() else None
+
     images = [stat(p) for p in sorted(row.images.glob("*.png"))]
     settings = [e.metrics, e.reference, stat(Path(e.reference)) if e.reference else None, e.inception_weights,
                 e.inception_seed, e.clip_arch, e.clip_weights, e.is_splits, e.prompts_cycle,

@@ -97,12 +97,13 @@ def _rows_layout(spec: TableSpec, table: PaperTable, meta, rows, defaults, unava
     lines, missing = [], {}
 
     def cells(key: Optional[str], label: str, ours: Dict[str, Any]) -> List[str]:
+        """One line: the paper row `key` (None: a row of ours alone) and our record `ours` beside it."""
+        def paper(field: str) -> Optional[float]:
+            return table.value(key, paper_fields[field]) if key and field in paper_fields else None
+
         out = [key or "", label]
         for m in metrics:
-            out.append(fmt(ours.get(m)))
-            if m in paper_fields:
-                out.append(fmt(table.value(key, paper_fields[m])) if key else "")
-        paper = (lambda f: table.value(key, paper_fields[f]) if key and f in paper_fields else None)
+            out += [fmt(ours.get(m))] + ([fmt(paper(m))] if m in paper_fields else [])
         return out + [fmt(ours.get("latency"), "latency"), fmt(paper("latency")),
                       fmt(speed.get(ours.get("row")), "speedup"), fmt(paper("speedup"), "speedup")]
 
