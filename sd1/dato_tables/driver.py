@@ -16,7 +16,7 @@ from sdgen.prompt_set import PromptSetJob, check_job, read_manifest, run_prompt_
 from sdgen.runtime import UsageError, pick_device
 from sdgen.sharding import DistInfo
 
-from .evaluation import Evaluator
+from .evaluation import METRICS, Evaluator
 from .plan import RowPlan, TablePlan, unavailable_reason
 from .records import RESULTS, read_table, record_row
 from .report import render_results
@@ -59,7 +59,10 @@ def row_job(plan: TablePlan, row: RowPlan) -> Job:
 def check_jobs(jobs: Dict[str, Job]) -> None:
     """Raise UsageError, before any image is made, when a row's folder holds images of other settings."""
     for job in jobs.values():
-        check_img2img_job(job) if isinstance(job, Img2ImgJob) else check_job(job)
+        if isinstance(job, Img2ImgJob):
+            check_img2img_job(job)
+        else:
+            check_job(job)
 
 
 def generate_rows(plan: TablePlan, jobs: Dict[str, Job], info: DistInfo, device: torch.device,
@@ -81,7 +84,7 @@ def generate_rows(plan: TablePlan, jobs: Dict[str, Job], info: DistInfo, device:
 def row_record(plan: TablePlan, row: RowPlan, manifest: Dict[str, Any], metrics: Dict[str, float]) -> Dict[str, Any]:
     record = {"table": plan.spec.key, "row": row.id, "label": row.label, "baseline": row.baseline,
               "method": row.method.name, "method_label": row.method.label}
-    record.update({m: metrics.get(m) for m in ("fid", "clip", "is")})
+    record.update({m: metrics.get(m) for m in METRICS})
     record.update({"latency": manifest.get("seconds_per_image"), "images": manifest.get("count"),
                    "samples": str(row.images), "paper": row.paper, "cell": list(row.cell) if row.cell else None})
     return record
