@@ -21,8 +21,9 @@ from PIL import Image
 from conftest import REPO_ROOT
 from dato_tables import cli, report
 from dato_tables.paper import load_paper, numeric_tables, paper_table
-from dato_tables.plan import Options, PlanError, make_plan
+from dato_tables.plan import PlanError, make_plan
 from dato_tables.records import read_table, record_row, speedups
+from dato_tables.settings import Options
 from dato_tables.spec import PAPER_FILE, load_specs
 from datosd.strategy import Strategy
 from sdgen.methods import parse_method
@@ -169,6 +170,9 @@ def test_missing_settings_are_all_reported_before_anything_runs(tmp_path, capsys
     assert cli.main(["table4_diffscore", "--smoke", "--rows", "original,nope"], env={}) == 2
     assert "--rows: no row nope in table4_diffscore" in capsys.readouterr().err
     assert cli.main(["table9"], env={}) == 2 and "unknown table 'table9'" in capsys.readouterr().err
+    assert cli.main(["table3_cfg_alignment", "--dry-run"], env={"SCALE": "abc", "RATIOS": "0.5 1.2"}) == 2
+    err = capsys.readouterr().err
+    assert "SCALE must be a number, got 'abc'" in err and "RATIOS each value must be below 1" in err
 
 
 def test_table2_sdxl_refuses_in_one_line_until_sdxl_sampling_exists(tmp_path, capsys):

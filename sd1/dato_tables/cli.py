@@ -21,8 +21,9 @@ from sdgen.runtime import UsageError, set_threads
 from sdgen.sharding import dist_info_from_env
 
 from .driver import run_table
-from .plan import Options, PlanError, TablePlan, default_rows, make_plan, unavailable_reason
+from .plan import PlanError, TablePlan, default_rows, make_plan, unavailable_reason
 from .records import RESULTS
+from .settings import Options
 from .smoke import ensure_smoke_assets
 from .spec import PathNeed, Specs, TableSpec, load_specs
 

@@ -127,8 +127,7 @@ def _matrix_layout(spec: TableSpec, table: PaperTable, meta, rows, defaults) -> 
     that are in no cell (recorded, or the table's rows not run yet)."""
     link = spec.paper
     in_cells = {tuple(r["cell"]): r for r in rows if r.get("cell")}
-    keys = list(table.rows) + sorted({k for k, _ in in_cells if k not in table.rows}, key=float)
-    keys.sort(key=float)
+    keys = sorted({*table.rows, *(k for k, _ in in_cells)}, key=float)
     header = ["Prune ratio", *(f"{c} (paper)" for c in table.columns), *link.columns.values()]
     lines = [[k, *(fmt(table.value(k, c)) for c in table.columns),
               *(fmt(in_cells.get((k, c), {}).get(link.metric)) for c in link.columns)] for k in keys]
