@@ -7,7 +7,8 @@ setup(
     package_dir={"": "sd1"},
     packages=find_packages("sd1"),
     # configs/ and data/ are linked into sdgen (sd1/sdgen/configs, sd1/sdgen/data), so a wheel carries them.
-    package_data={"sdgen": ["configs/stable-diffusion/*.yaml", "configs/dato/*.yaml", "data/*.txt", "data/*.md"]},
+    package_data={"sdgen": ["configs/stable-diffusion/*.yaml", "configs/dato/*.yaml", "data/*.txt", "data/*.md"],
+                  "dato_tables": ["data/*.yaml"]},
     entry_points={"console_scripts": [
         "dato-txt2img = sdgen.cli.txt2img:cli",
         "dato-img2img = sdgen.cli.img2img:cli",

@@ -1,338 +1,404 @@
-"""scripts/tables/: two table scripts end to end in --smoke mode, all six as --dry-run, and their helpers.
+"""The paper's tables (dato_tables, scripts/tables/): plans of every table, two smoke runs end to end, the
+report next to the paper's numbers.
 
-A smoke run is ~3 Python processes per row (sampling, metrics, bookkeeping), each ~10 s of CPU, mostly
-imports; all six scripts would take well over 3 minutes on 2 shared cores. So Table 4 (sample_prompts.py
-path, DaTo option flags) and Table 5 (img2img path, FID + CLIP + IS) run fully, and every script, those two
-included, is checked command by command with --dry-run.
+Cost: the smoke runs are in-process (one import of torch and the model code for the whole module), on one
+CPU thread. Table 5 runs every row (img2img sets, every method) with the CLIP score and the Inception Score,
+and once more to check that it resumes; Table 4 runs two rows with the FID (the prompt-set path; an FID
+costs two 2048 x 2048 eigendecompositions and two 2048^3 matrix products per row, seconds on a small CPU).
+Every other table is checked through its plan (what --dry-run prints).
 """
-import importlib.util
 import json
 import math
 import os
-import shlex
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
-import yaml
+from PIL import Image
 
 from conftest import REPO_ROOT
+from dato_tables import cli, report
+from dato_tables.paper import load_paper, numeric_tables, paper_table
+from dato_tables.plan import PlanError, make_plan
+from dato_tables.records import read_table, record_row, speedups
+from dato_tables.settings import Options
+from dato_tables.spec import PAPER_FILE, load_specs
+from datosd.strategy import Strategy
+from sdgen.methods import parse_method
+from sdgen.resources import find_strategy
+from sdgen.runtime import set_threads
 
 TABLES = REPO_ROOT / "scripts" / "tables"
-SETTINGS = ("OUT_DIR", "SD15_CKPT", "SD2_CKPT", "SD2_CONFIG", "SD15_CONFIG", "IMAGENET_REF", "COCO_REF",
-            "INCEPTION_WEIGHTS", "CLIP_WEIGHTS", "CLIP_ARCH", "NPROC", "LIMIT", "BATCH_SIZE", "SEED", "SCALE",
-            "STEPS", "FEW_STEPS", "TOME_RATIO", "DC_INTERVAL", "DC_DEPTH", "DATO_STRATEGY", "DATO_EXTRA",
-            "DATASET", "METRICS", "RATIOS", "REPEATS", "PRECISION", "STRENGTH", "I2I_INIT_DIR", "I2I_PROMPTS", "I2I_REF", "H", "W")
+REAL = dict(OUT_DIR="/data/out", SD15_CKPT="/w/sd15.safetensors", IMAGENET_REF="/w/imagenet.npz",
+            COCO_REF="/w/coco.npz", INCEPTION_WEIGHTS="/w/pt_inception-2015-12-05-6726825d.pth",
+            CLIP_WEIGHTS="/w/clip.bin", SD2_CKPT="/w/sd2.ckpt", I2I_INIT_DIR="/w/init", I2I_PROMPTS="/w/p.txt")
+SPECS = load_specs()
 
 
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def table_env(**settings):
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", **settings)
-    return env
-
-
-def run_table(script, *args, **env_settings):
-    return subprocess.run(["bash", str(TABLES / script), *args], cwd=REPO_ROOT, env=table_env(**env_settings),
-                          capture_output=True, text=True, timeout=900)
-
-
-def read_rows(table_dir):
-    return [json.loads(line) for line in (table_dir / "rows.jsonl").read_text().splitlines() if line.strip()]
+def dry_plan(table, env=None, **options):
+    return make_plan(SPECS, SPECS.table(table, env or {}), Options(dry_run=True, **options), env or {})
 
 
 def markdown_rows(text):
     """The body rows of the first markdown table in `text`, as lists of cells."""
-    lines = [l for l in text.splitlines() if l.startswith("|")]
-    return [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 
-# --- smoke runs ------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def smoke_out(tmp_path_factory):
-    """Both smoke runs at once (each is a chain of single-threaded processes), in two OUT_DIRs."""
-    out = tmp_path_factory.mktemp("tables")
-    procs = {}
-    for script in ("table4_diffscore.sh", "table5_img2img.sh"):
-        procs[script] = subprocess.Popen(["bash", str(TABLES / script), "--smoke", "--out", str(out / script)],
-                                         cwd=REPO_ROOT, env=table_env(), stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True)
-    results = {}
-    for script, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=900)
-        results[script] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    return out, results
+def section(report_text, title):
+    """The part of a report from '## title' to the next '## '."""
+    return report_text.split(f"## {title}")[1].split("\n## ")[0]
 
 
-def test_table4_smoke_end_to_end(smoke_out):
-    out, results = smoke_out
-    result = results["table4_diffscore.sh"]
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    table = out / "table4_diffscore.sh" / "table4_diffscore"
-    rows = read_rows(table)
-    assert [r["row"] for r in rows] == ["original", "dato_features", "dato_eps", "dato_released"]
-    assert [r["baseline"] for r in rows] == [True, False, False, False]
-    for r in rows:
-        assert r["images"] == 4 and math.isfinite(r["fid"]) and r["fid"] >= 0 and r["latency"] > 0, r
-        assert len(list((table / r["row"] / "images").glob("*.png"))) == 4
-    # each row really ran with its own DaTo options
-    options = {r["row"]: json.loads((table / r["row"] / "images" / "manifest.json").read_text())
-               ["settings"]["acceleration"]["dato_options"] for r in rows}
-    assert options["original"] is None
-    assert options["dato_features"]["diff_source"] == "features" and options["dato_features"]["align_cfg"]
-    assert options["dato_eps"]["diff_source"] == "eps"
-    assert options["dato_released"] == {**options["dato_released"], "diff_source": "eps",
-                                        "cfg_reference": "uncond", "recover_from": "kept"}
+# --- plans (what --dry-run prints) -----------------------------------------------------------------------
 
-    md = (table / "results.md").read_text()
-    assert "Smoke run" in md
-    body = markdown_rows(md)
-    assert [b[0] for b in body] == ["Original (PLMS, 5 steps)", "DaTo, DiffScore from features (paper)",
-                                    "DaTo, DiffScore from noise prediction",
-                                    "DaTo, released-code choices (--dato_parity)"]
-    assert body[0][3] == "1.00x"
-    for b, r in zip(body, rows):  # Method | FID | Latency | Speed-up | Images
-        assert b[1] == f"{r['fid']:.2f}" and b[4] == "4"
-        assert b[3] == f"{rows[0]['latency'] / r['latency']:.2f}x"
-
-
-def test_table5_smoke_end_to_end(smoke_out):
-    out, results = smoke_out
-    result = results["table5_img2img.sh"]
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    table = out / "table5_img2img.sh" / "table5_img2img"
-    rows = read_rows(table)
-    assert [r["row"] for r in rows] == ["original", "tome", "deepcache", "deepcache_tome", "dato"]
-    for r in rows:
-        assert r["images"] == 4 and r["latency"] > 0
-        for metric in ("fid", "clip", "is"):
-            assert math.isfinite(r[metric]), (r["row"], metric)
-        assert 0 <= r["clip"] <= 100 and r["is"] >= 1 - 1e-6
-    assert "ToMeSD r=0.5" in rows[1]["method"] and rows[2]["method"].startswith("DeepCache")
-    assert rows[4]["method"].startswith("DaTo [smoke5-last4: 4 steps")  # strength 0.8 of 5 steps = 4 steps
-    header = [l for l in (table / "results.md").read_text().splitlines() if l.startswith("| Method")][0]
-    assert header == "| Method | FID | CLIP | IS | Latency (s/img) | Speed-up | Images |"
-    # each output is an img2img of its own init image, with its own prompt
-    from PIL import Image
-
-    with Image.open(table / "dato" / "images" / "000002.png") as img:
-        assert img.text["init_img"].endswith("000002.png") and img.text["seed"] == "2"
-        assert img.size == (64, 64)
-
-
-def test_collect_renders_both_smoke_tables_next_to_the_paper(smoke_out, tmp_path):
-    out, results = smoke_out
-    assert all(r.returncode == 0 for r in results.values())
-    report = tmp_path / "report.md"
-    # a table folder, and an OUT_DIR holding one
-    paths = [str(out / "table4_diffscore.sh" / "table4_diffscore"), str(out / "table5_img2img.sh")]
-    result = subprocess.run([sys.executable, str(TABLES / "collect.py"), *paths, "--out", str(report)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    text = report.read_text()
-    assert text.strip() == result.stdout.strip()
-    assert "## Table 4: DiffScore source" in text and "## Table 5: image-to-image" in text
-    t5 = text.split("## Table 5")[1]
-    assert "| Method | FID | FID (paper) | CLIP | CLIP (paper) | IS | IS (paper) | Latency (s/img) | Speed-up |" in t5
-    body = markdown_rows(t5)
-    assert [b[0] for b in body][0] == "Original (DDIM, 4 of 5 steps)" and body[0][-1] == "1.00x"
-    assert len(body) == 5
-
-
-# --- dry runs --------------------------------------------------------------------------------------------
-
-def dry_run(script, **env):
-    result = run_table(script, "--dry-run", **env)
-    assert result.returncode == 0, result.stderr
-    rows, current = {}, None
-    for line in result.stdout.splitlines():
-        if line.startswith("## row "):
-            current = line[len("## row "):].split(":")[0]
-            rows[current] = []
-        elif line.startswith("+ ") and "make_strategy.py" not in line:  # those are checked separately
-            rows.setdefault(current, []).append(shlex.split(line[2:]))
-    return rows, result.stdout
-
-
-def flags_after(cmd, script_name):
-    """The arguments after the script path in a command."""
-    i = next(i for i, a in enumerate(cmd) if a.endswith(script_name))
-    return cmd[i + 1:]
-
-
-def value(args, flag):
-    return args[args.index(flag) + 1]
-
-
-REAL = dict(OUT_DIR="/data/out", SD15_CKPT="/w/sd15.safetensors", IMAGENET_REF="/w/imagenet.npz",
-            COCO_REF="/w/coco.npz", INCEPTION_WEIGHTS="/w/pt_inception-2015-12-05-6726825d.pth",
-            CLIP_WEIGHTS="/w/clip.bin", SD2_CKPT="/w/sd2.ckpt", I2I_INIT_DIR="/w/init", I2I_PROMPTS="/w/p.txt")
-
-
-@pytest.mark.parametrize("script, prompts, repeats", [
-    ("table1_imagenet_sd15.sh", "imagenet-class-prompts.txt", "2"),
-    ("table1_coco30k_sd15.sh", "coco30k-prompts.txt", "1"),
-    ("table1_sd2.sh", "imagenet-class-prompts.txt", "2"),
+@pytest.mark.parametrize("table, prompts, repeats, ckpt, config, scale, ref", [
+    ("table1_imagenet_sd15", "imagenet-class-prompts.txt", 2, "/w/sd15.safetensors", "v1-inference.yaml", 7.5,
+     "/w/imagenet.npz"),
+    ("table1_coco30k_sd15", "coco30k-prompts.txt", 1, "/w/sd15.safetensors", "v1-inference.yaml", 7.5, "/w/coco.npz"),
+    ("table1_sd2", "imagenet-class-prompts.txt", 2, "/w/sd2.ckpt", "v2-inference.yaml", 9.0, "/w/imagenet.npz"),
 ])
-def test_table1_dry_runs(script, prompts, repeats):
-    rows, _ = dry_run(script, NPROC="2", **REAL)
-    assert list(rows) == ["original", "ddim_few", "tome", "deepcache", "deepcache_tome", "dato_b1"]
-    sample = {}
-    for row, cmds in rows.items():
-        assert len(cmds) == 3  # sample, evaluate, record
-        launch, evaluate, record = cmds
-        assert launch[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        args = flags_after(launch, "sample_prompts.py")
-        sample[row] = args
-        assert value(args, "--from-file").endswith("data/" + prompts) and value(args, "--repeats") == repeats
-        assert value(args, "--outdir") == f"/data/out/{script[:-3]}/{row}/images"
-        ckpt = "/w/sd2.ckpt" if "sd2" in script else "/w/sd15.safetensors"
-        assert value(args, "--ckpt") == ckpt and value(args, "--H") == "512"
-        assert value(args, "--config").endswith("v2-inference.yaml" if "sd2" in script else "v1-inference.yaml")
-        ev = flags_after(evaluate, "eval_fid.py")
-        assert value(ev, "--samples") == value(args, "--outdir") and value(ev, "--metrics") == "fid"
-        assert value(ev, "--ref") == ("/w/coco.npz" if "coco" in script else "/w/imagenet.npz")
-        assert value(ev, "--inception-weights") == REAL["INCEPTION_WEIGHTS"]
-        rec = flags_after(record, "add_row.py")
-        assert value(rec, "--row") == row and ("--baseline" in rec) == (row == "original")
-    accel = {"--tome", "--deepcache", "--dato"}
-    assert "--plms" in sample["original"] and value(sample["original"], "--ddim_steps") == "50"
-    assert not accel & set(sample["original"])
-    assert "--plms" not in sample["ddim_few"] and value(sample["ddim_few"], "--ddim_steps") == "10"
-    assert value(sample["tome"], "--tome_ratio") == "0.5" and not {"--deepcache", "--dato"} & set(sample["tome"])
-    assert value(sample["deepcache"], "--cache_interval") == "3" and "--tome" not in sample["deepcache"]
-    assert {"--deepcache", "--tome"} <= set(sample["deepcache_tome"])
-    assert "--dato" in sample["dato_b1"] and value(sample["dato_b1"], "--strategy").endswith("configs/dato/b1.yaml")
+def test_table1_plans(table, prompts, repeats, ckpt, config, scale, ref):
+    plan = dry_plan(table, dict(REAL, NPROC="2"))
+    assert [r.id for r in plan.rows] == ["original", "ddim_few", "tome", "deepcache", "deepcache_tome", "dato_b1"]
+    assert [r.method.name for r in plan.rows] == ["original", "ddim10", "tome-0.5", "deepcache-n3",
+                                                  "deepcache-n3+tome-0.5", "dato"]
+    assert [r.baseline for r in plan.rows] == [True] + [False] * 5
+    assert [r.paper for r in plan.rows] == ["original", "ddim10", None, None, None, "dato-b1"]
+    assert Path(plan.source.prompt_file).name == prompts and plan.source.repeats == repeats
+    assert plan.total == len(plan.source.prompts) * repeats
+    assert plan.model.ckpt == ckpt and plan.model.config.endswith(config) and plan.values["scale"] == scale
+    assert plan.evaluation.reference == ref and plan.evaluation.metrics == ("fid",)
+    assert plan.evaluation.inception_weights == REAL["INCEPTION_WEIGHTS"]
+    assert plan.values["nproc"] == 2 and plan.sampler == "plms" and plan.steps == 50
+    assert plan.rows[0].images == Path("/data/out") / plan.spec.key / "original" / "images"
+    # the registry decides what each row runs: DDIM-10 forces its sampler, the others keep PLMS 50
+    assert plan.rows[1].method.run_sampler("plms") == "ddim" and plan.rows[1].method.run_steps(50) == 10
+    assert plan.rows[5].method.strategy.to_dict()["cache_depth"] == Strategy.load(find_strategy("b1")).cache_depth
 
 
-def test_table3_dry_run_pairs_aligned_and_per_half_rows():
-    rows, out = dry_run("table3_cfg_alignment.sh", RATIOS="0.3 0.7", **REAL)
-    assert list(rows) == ["original", "dato_r0.3_aligned", "dato_r0.3_per_half", "dato_r0.7_aligned",
-                          "dato_r0.7_per_half"]
-    makes = [shlex.split(l[2:]) for l in out.splitlines() if "make_strategy.py" in l]
-    assert [value(m, "--ratio") for m in makes] == ["0.3", "0.7"]
-    assert all(value(m, "--base").endswith("configs/dato/b1.yaml") for m in makes)
-    for r in ("0.3", "0.7"):
-        aligned = flags_after(rows[f"dato_r{r}_aligned"][0], "sample_prompts.py")
-        per_half = flags_after(rows[f"dato_r{r}_per_half"][0], "sample_prompts.py")
-        assert value(aligned, "--strategy") == value(per_half, "--strategy") == \
-            f"/data/out/table3_cfg_alignment/strategies/ratio-{r}.yaml"
-        assert "--no_align_cfg" not in aligned and "--no_align_cfg" in per_half
+def test_table1_sd2_picks_the_dataset_and_settings_change_the_rows():
+    plan = dry_plan("table1_sd2", dict(REAL, DATASET="coco", FEW_STEPS="20", TOME_RATIO="0.3", DC_INTERVAL="5",
+                                       DC_DEPTH="2", DATO_EXTRA="again=b1"))
+    assert plan.spec.key == "table1_coco30k_sd2" and plan.evaluation.reference == "/w/coco.npz"
+    assert [r.method.name for r in plan.rows] == ["original", "ddim20", "tome-0.3", "deepcache-n5-d2",
+                                                  "deepcache-n5-d2+tome-0.3", "dato", "dato"]
+    assert plan.rows[1].paper == "ddim20" and plan.rows[-1].id == "dato_again"
+    with pytest.raises(Exception, match="imagenet, coco"):
+        dry_plan("table1_sd2", dict(REAL, DATASET="lsun"))
 
 
-def test_table4_dry_run_flags():
-    rows, out = dry_run("table4_diffscore.sh", **REAL)
-    args = {row: flags_after(cmds[0], "sample_prompts.py") for row, cmds in rows.items()}
-    assert value(args["dato_features"], "--diff_source") == "features"
-    assert value(args["dato_eps"], "--diff_source") == "eps"
-    assert "--dato_parity" in args["dato_released"] and "--dato" not in args["original"]
+def test_table3_rows_pair_aligned_and_per_half_at_each_ratio():
+    plan = dry_plan("table3_cfg_alignment", dict(REAL, RATIOS="0.3 0.7"))
+    assert [r.id for r in plan.rows] == ["original", "dato_r0.3_aligned", "dato_r0.3_per_half",
+                                         "dato_r0.7_aligned", "dato_r0.7_per_half"]
+    assert [r.method.name for r in plan.rows[1:]] == ["dato@r0.3", "dato@r0.3,align_cfg=0", "dato@r0.7",
+                                                      "dato@r0.7,align_cfg=0"]
+    assert [r.cell for r in plan.rows[1:]] == [("0.3", "aligned"), ("0.3", "per_half"), ("0.7", "aligned"),
+                                               ("0.7", "per_half")]
+    b1 = Strategy.load(find_strategy("b1"))
+    for row in plan.rows[1:]:
+        strategy = row.method.strategy
+        assert strategy.cache_depth == b1.cache_depth and set(strategy.prune_ratio) == {float(row.cell[0])}
+        assert row.method.dato_options == ({} if row.cell[1] == "aligned" else {"align_cfg": False})
+    assert [r.id for r in dry_plan("table3_cfg_alignment", REAL).rows][1::2] == [
+        f"dato_r{r}_aligned" for r in ("0.4", "0.5", "0.6", "0.7")]  # the paper's ratios by default
 
 
-def test_table5_dry_run_uses_img2img_and_the_last_steps_of_b1():
-    rows, out = dry_run("table5_img2img.sh", **REAL)
-    assert list(rows) == ["original", "tome", "deepcache", "deepcache_tome", "dato"]
-    make = [shlex.split(l[2:]) for l in out.splitlines() if "make_strategy.py" in l]
-    assert len(make) == 1 and value(make[0], "--last") == "37"  # int(0.75 * 50)
-    for row, (gen, evaluate, _) in rows.items():
-        args = flags_after(gen, "img2img_batch.py")
-        assert value(args, "--init-dir") == "/w/init" and value(args, "--prompts") == "/w/p.txt"
-        i2i = args[args.index("--") + 1:]
-        assert value(i2i, "--strength") == "0.75" and value(i2i, "--ddim_steps") == "50"
-        assert value(i2i, "--ckpt") == "/w/sd15.safetensors"
-        ev = flags_after(evaluate, "eval_fid.py")
-        assert value(ev, "--metrics") == "fid,clip,is" and value(ev, "--clip-weights") == "/w/clip.bin"
-        assert value(ev, "--prompts") == "/w/p.txt" and value(ev, "--ref") == "/w/init"  # default I2I_REF
-        assert "--prompts-cycle" not in ev
-    dato = flags_after(rows["dato"][0], "img2img_batch.py")
-    assert value(dato, "--strategy") == value(make[0], "--out")
+def test_table4_rows_differ_in_the_diffscore_source():
+    options = {r.id: r.method.dato_options for r in dry_plan("table4_diffscore", REAL).rows}
+    assert options["original"] == {} and options["dato_features"] == {"diff_source": "features"}
+    assert options["dato_eps"] == {"diff_source": "eps"}
+    assert options["dato_released"] == {"diff_source": "eps", "cfg_reference": "uncond", "recover_from": "kept",
+                                        "score_noise": (0.1, 0.1)}
 
 
-def test_dry_run_without_settings_shows_placeholders():
-    rows, out = dry_run("table1_imagenet_sd15.sh")
-    assert "# dry run: OUT_DIR SD15_CKPT IMAGENET_REF INCEPTION_WEIGHTS not set" in out
-    args = flags_after(rows["original"][0], "sample_prompts.py")
-    assert value(args, "--ckpt") == "<SD15_CKPT>"
-
-
-def test_missing_settings_are_all_reported_before_anything_runs(tmp_path):
-    result = run_table("table1_imagenet_sd15.sh")
-    assert result.returncode == 2 and result.stdout == ""
-    for name in ("OUT_DIR is not set", "SD15_CKPT is not set", "IMAGENET_REF is not set",
-                 "INCEPTION_WEIGHTS is not set", "--smoke"):
-        assert name in result.stderr
-    out = tmp_path / "out"
-    result = run_table("table5_img2img.sh", OUT_DIR=str(out), SD15_CKPT=str(tmp_path / "nope.ckpt"))
-    assert result.returncode == 2 and f"SD15_CKPT={tmp_path / 'nope.ckpt'} is not a file" in result.stderr
-    assert "I2I_INIT_DIR is not set" in result.stderr and "CLIP_WEIGHTS is not set" in result.stderr
-    assert not out.exists()
-    result = run_table("table1_imagenet_sd15.sh", "--smoke", "--nproc", "zero")
-    assert result.returncode == 2 and "--nproc must be a positive integer" in result.stderr
-
-
-# --- helpers ---------------------------------------------------------------------------------------------
-
-def test_add_row_replaces_rows_and_computes_speedups(tmp_path):
-    add_row = load("add_row_script", TABLES / "add_row.py")
-
-    def record(row, latency, fid, baseline=False):
-        samples = tmp_path / row
-        samples.mkdir(exist_ok=True)
-        (samples / "manifest.json").write_text(json.dumps({"seconds_per_image": latency, "count": 10,
-                                                           "method": row}))
-        metrics = tmp_path / f"{row}.jsonl"
-        metrics.write_text(json.dumps({"metric": "fid", "value": fid + 1}) + "\n" +
-                           json.dumps({"metric": "fid", "value": fid}) + "\n")  # the last one counts
-        argv = ["--table-dir", str(tmp_path / "t"), "--table", "t", "--title", "T", "--row", row, "--label",
-                row.upper(), "--samples", str(samples), "--metrics-file", str(metrics)]
-        assert add_row.main(argv + (["--baseline"] if baseline else [])) == 0
-
-    record("original", 2.0, 10.0, baseline=True)
-    record("fast", 0.5, 12.5)
-    record("fast", 0.25, 11.0)  # re-run: replaces the row
-    rows = read_rows(tmp_path / "t")
-    assert [(r["row"], r["fid"], r["latency"]) for r in rows] == [("original", 10.0, 2.0), ("fast", 11.0, 0.25)]
-    body = markdown_rows((tmp_path / "t" / "results.md").read_text())
-    assert body == [["ORIGINAL", "10.00", "2.000", "1.00x", "10"], ["FAST", "11.00", "0.250", "8.00x", "10"]]
-    assert add_row.main(["--table-dir", str(tmp_path / "t"), "--table", "t", "--title", "T", "--row", "x",
-                         "--label", "X", "--samples", str(tmp_path / "none"), "--metrics-file",
-                         str(tmp_path / "none.jsonl")]) == 2
-
-
-def test_make_strategy_derivations(tmp_path):
-    make = load("make_strategy_script", TABLES / "make_strategy.py")
-    b1 = yaml.safe_load((REPO_ROOT / "configs" / "dato" / "b1.yaml").read_text())
-    assert make.main(["--base", str(REPO_ROOT / "configs/dato/b1.yaml"), "--last", "37",
-                      "--out", str(tmp_path / "l.yaml")]) == 0
-    last = yaml.safe_load((tmp_path / "l.yaml").read_text())
-    assert last["steps"] == 37 and last["cache_depth"] == b1["cache_depth"][-37:]
-    assert last["prune_ratio"] == b1["prune_ratio"][-37:]
-    assert make.main(["--base", str(REPO_ROOT / "configs/dato/b1.yaml"), "--ratio", "0.7",
-                      "--out", str(tmp_path / "r.yaml")]) == 0
-    ratio = yaml.safe_load((tmp_path / "r.yaml").read_text())
-    assert ratio["prune_ratio"] == [0.7] * 50 and ratio["cache_depth"] == b1["cache_depth"]
-    assert make.main(["--base", "smoke", "--steps", "5", "--ratio", "1.0", "--out", str(tmp_path / "x.yaml")]) == 2
-    assert not (tmp_path / "x.yaml").exists()
-
-
-def test_img2img_batch_checks_inputs_before_loading(tmp_path, capsys):
-    batch = load("img2img_batch_script", TABLES / "img2img_batch.py")
-    from PIL import Image
-
+def test_table5_plan_uses_img2img_and_the_last_steps_of_b1(tmp_path):
     init = tmp_path / "init"
     init.mkdir()
     for k in range(3):
         Image.new("RGB", (64, 64)).save(init / f"{k}.png")
     prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\nthree\n")
+    env = dict(REAL, OUT_DIR=str(tmp_path / "out"), I2I_INIT_DIR=str(init), I2I_PROMPTS=str(prompts), IS_SPLITS="3")
+    plan = dry_plan("table5_img2img", env)
+    assert plan.source.is_img2img and plan.encode_steps == 37 and plan.total == 3  # int(0.75 * 50)
+    assert [r.method.name for r in plan.rows] == ["original", "tome-0.5", "deepcache-n3", "deepcache-n3+tome-0.5",
+                                                  "dato@last37"]
+    assert plan.rows[-1].method.strategy.cache_depth == Strategy.load(find_strategy("b1")).cache_depth[-37:]
+    assert plan.evaluation.metrics == ("fid", "clip", "is") and plan.evaluation.reference == str(init)
+    assert plan.evaluation.clip_prompts == ("one", "two", "three") and not plan.evaluation.prompts_cycle
     prompts.write_text("one\ntwo\n")
-    code = batch.main(["--init-dir", str(init), "--prompts", str(prompts), "--outdir", str(tmp_path / "o"),
-                       "--", "--demo", "--seed", "3"])
+    with pytest.raises(PlanError, match="3 init images but only 2 prompts"):
+        make_plan(SPECS, SPECS.tables["table5_img2img"], Options(), env)
+
+
+def test_every_table_and_alias_plans_as_a_dry_run():
+    for name in [*SPECS.tables, *SPECS.aliases]:
+        plan = dry_plan(name)
+        assert plan.rows and sum(r.baseline for r in plan.rows) == 1, name
+        assert "OUT_DIR" in plan.placeholders and str(plan.table_dir).startswith("<OUT_DIR>")
+        text = cli.describe_plan(plan)
+        assert all(f"## row {r.id}: " in text for r in plan.rows)
+
+
+def test_missing_settings_are_all_reported_before_anything_runs(tmp_path, capsys):
+    assert cli.main(["table1_imagenet_sd15"], env={}) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    for name in ("OUT_DIR is not set", "SD15_CKPT is not set", "IMAGENET_REF is not set",
+                 "INCEPTION_WEIGHTS is not set", "--smoke"):
+        assert name in err
+    out_dir = tmp_path / "out"
+    env = dict(OUT_DIR=str(out_dir), SD15_CKPT=str(tmp_path / "nope.ckpt"), LIMIT="0")
+    assert cli.main(["table5_img2img"], env=env) == 2
     err = capsys.readouterr().err
-    assert code == 2 and "3 init images but only 2 prompts" in err and "--seed: set by this script" in err
-    assert not (tmp_path / "o").exists()
+    assert f"SD15_CKPT={tmp_path / 'nope.ckpt'} is not a file" in err and "LIMIT must be a positive integer" in err
+    assert "I2I_INIT_DIR is not set" in err and "CLIP_WEIGHTS is not set" in err
+    assert not out_dir.exists()
+    (tmp_path / "sd15.ckpt").write_bytes(b"x")
+    (tmp_path / "ref.npz").write_bytes(b"not an npz")
+    env = dict(OUT_DIR=str(out_dir), SD15_CKPT=str(tmp_path / "sd15.ckpt"), IMAGENET_REF=str(tmp_path / "ref.npz"),
+               INCEPTION_WEIGHTS=str(tmp_path / "sd15.ckpt"))
+    assert cli.main(["table4_diffscore"], env=env) == 2
+    assert f"FID reference {tmp_path / 'ref.npz'} is not an .npz of Inception statistics" in capsys.readouterr().err
+    assert not out_dir.exists()
+    assert cli.main(["table1_imagenet_sd15", "--smoke", "--nproc", "zero"], env={}) == 2
+    assert "--nproc/NPROC must be a positive integer" in capsys.readouterr().err
+    assert cli.main(["table4_diffscore", "--smoke", "--rows", "original,nope"], env={}) == 2
+    assert "--rows: no row nope in table4_diffscore" in capsys.readouterr().err
+    assert cli.main(["table9"], env={}) == 2 and "unknown table 'table9'" in capsys.readouterr().err
+    assert cli.main(["table3_cfg_alignment", "--dry-run"], env={"SCALE": "abc", "RATIOS": "0.5 1.2"}) == 2
+    err = capsys.readouterr().err
+    assert "SCALE must be a number, got 'abc'" in err and "RATIOS each value must be below 1" in err
+
+
+def test_table2_sdxl_refuses_in_one_line_until_sdxl_sampling_exists(tmp_path, capsys):
+    assert cli.main(["table2_sdxl", "--out", str(tmp_path / "out")], env={}) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "SDXL sampling is not available yet" in err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["table2_sdxl", "--smoke"], env={}) == 2
+    plan = dry_plan("table2_sdxl")
+    assert plan.model.kind == "sgm" and plan.sampler == "euler_edm" and plan.values["scale"] == 7.0
+    assert (plan.values["height"], plan.values["width"]) == (1024, 1024)
+    assert [r.method.name for r in plan.rows] == ["original", "deepcache-n3", "deepcache-n3+tome-0.5", "dato"]
+    assert "SDXL_PROMPTS" in plan.placeholders and "COCO_REF" in plan.placeholders
+
+
+def test_shell_entry_point_dry_run_and_help():
+    env = {k: v for k, v in os.environ.items() if k not in REAL and k not in ("WORLD_SIZE", "RATIOS", "METRICS")}
+    env.update(PYTHON=sys.executable, PYTHONPATH=str(REPO_ROOT / "sd1"), **REAL)
+    result = subprocess.run(["bash", str(TABLES / "table4_diffscore.sh"), "--dry-run"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "# Table 4: DiffScore source (SD v1.5, ImageNet)"
+    assert [line.split(":")[0] for line in lines if line.startswith("## row")] == [
+        "## row original", "## row dato_features", "## row dato_eps", "## row dato_released"]
+    assert "method dato,diff_source=eps = DaTo [b1: 50 steps" in result.stdout
+    assert "-> /data/out/table4_diffscore/dato_eps/images" in result.stdout
+
+
+def test_help_lists_rows_needs_and_settings(capsys):
+    assert cli.main(["table3_cfg_alignment", "--help"], env={}) == 0
+    text = capsys.readouterr().out
+    for word in ("usage: table3_cfg_alignment.sh", "dato:b1@r0.4,align_cfg=0", "SD15_CKPT", "IMAGENET_REF",
+                 "INCEPTION_WEIGHTS", "RATIOS", "0.4 0.5 0.6 0.7", "--dry-run", "--rows"):
+        assert word in text
+
+
+# --- records --------------------------------------------------------------------------------------------
+
+def test_record_row_replaces_rows_and_keeps_one_baseline(tmp_path):
+    meta = {"table": "t", "title": "T", "metrics": ["fid"]}
+    record_row(tmp_path, meta, {"row": "original", "label": "O", "baseline": True, "fid": 10.0, "latency": 2.0})
+    record_row(tmp_path, meta, {"row": "fast", "label": "F", "baseline": False, "fid": 12.5, "latency": 0.5})
+    rows = record_row(tmp_path, meta, {"row": "fast", "label": "F", "baseline": False, "fid": 11.0, "latency": 0.25})
+    assert read_table(tmp_path) == (meta, rows)
+    assert [(r["row"], r["fid"], r["latency"]) for r in rows] == [("original", 10.0, 2.0), ("fast", 11.0, 0.25)]
+    assert speedups(rows) == {"original": 1.0, "fast": 8.0}
+    body = markdown_rows(report.render_results(meta, rows))
+    assert body == [["O", "10.00", "2.000", "1.00x", ""], ["F", "11.00", "0.250", "8.00x", ""]]
+    rows = record_row(tmp_path, meta, {"row": "fast", "label": "F", "baseline": True, "latency": 0.25})
+    assert [r["baseline"] for r in rows] == [False, True]
+
+
+# --- smoke runs -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as a smoke run uses: the img2img script then makes bit-identical images."""
+    before = set_threads(None)
+    set_threads(1)
+    yield
+    set_threads(before)
+
+
+@pytest.fixture(scope="module")
+def table5_smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("table5")
+    code = cli.main(["table5_img2img", "--smoke", "--out", str(out)], env={"METRICS": "clip,is"})
+    return out, code
+
+
+def test_table5_smoke_end_to_end(table5_smoke):
+    out, code = table5_smoke
+    assert code == 0
+    table = out / "table5_img2img"
+    meta, rows = read_table(table)
+    assert meta["table"] == "table5_img2img" and meta["smoke"] and meta["metrics"] == ["clip", "is"]
+    assert [r["row"] for r in rows] == ["original", "tome", "deepcache", "deepcache_tome", "dato"]
+    assert [r["method"] for r in rows] == ["original", "tome-0.5", "deepcache-n2", "deepcache-n2+tome-0.5",
+                                           "dato@every10@last4"]  # strength 0.8 of 5 steps = 4 steps
+    for r in rows:
+        manifest = json.loads((table / r["row"] / "images" / "manifest.json").read_text())
+        assert r["images"] == manifest["count"] == 4 and r["latency"] == manifest["seconds_per_image"] > 0
+        assert r["fid"] is None and math.isfinite(r["clip"]) and math.isfinite(r["is"])
+        assert 0 <= r["clip"] <= 100 and r["is"] >= 1 - 1e-6
+        assert len(list((table / r["row"] / "images").glob("*.png"))) == 4
+    dato = json.loads((table / "dato" / "images" / "manifest.json").read_text())["settings"]["strategy"]
+    b1 = Strategy.load(find_strategy("b1"))
+    assert dato["cache_depth"] == b1.cache_depth[::10][-4:] and dato["prune_ratio"] == b1.prune_ratio[::10][-4:]
+    body = markdown_rows((table / "results.md").read_text())  # Method | CLIP | IS | Latency | Speed-up | Images
+    for b, r in zip(body, rows):
+        assert b[0] == r["label"] and b[1] == f"{r['clip']:.2f}" and b[2] == f"{r['is']:.2f}" and b[5] == "4"
+        assert b[4] == f"{rows[0]['latency'] / r['latency']:.2f}x"
+    with Image.open(table / "dato" / "images" / "000002.png") as img:
+        assert img.text["init_img"].endswith("000002.png") and img.text["seed"] == "2" and img.size == (64, 64)
+
+
+def test_table5_clip_scores_are_those_of_the_images(table5_smoke):
+    """The CLIP column, recomputed here with sdeval on the smoke run's own images and prompts."""
+    from sdeval.clip_score import clip_scores, load_open_clip
+    from sdeval.images import list_images
+
+    out, _ = table5_smoke
+    smoke = out / "_smoke"
+    model, preprocess, tokenizer = load_open_clip(str(smoke / "tiny-clip.json"), smoke / "tiny-clip.pt")
+    prompts = (smoke / "init-prompts.txt").read_text().splitlines()
+    for r in read_table(out / "table5_img2img")[1]:
+        paths = list_images(out / "table5_img2img" / r["row"] / "images")
+        expected = clip_scores(model, preprocess, tokenizer, paths, prompts, progress=False).mean()
+        assert r["clip"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_table5_images_are_those_of_the_img2img_script(table5_smoke, tmp_path):
+    """Image i of a row is what `img2img.py --init-img i --prompt i --seed i --n_samples 1` makes."""
+    from sdgen.cli import img2img
+
+    out, _ = table5_smoke
+    smoke = out / "_smoke"
+    prompt = (smoke / "init-prompts.txt").read_text().splitlines()[1]
+    code = img2img.main(["--demo", "--init-img", str(smoke / "init" / "000001.png"), "--prompt", prompt,
+                         "--seed", "1", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "5", "--strength", "0.8",
+                         "--scale", "7.5", "--precision", "full", "--device", "cpu", "--skip_grid",
+                         "--method", "dato@every10@last4", "--outdir", str(tmp_path)])
+    assert code == 0
+    made = np.asarray(Image.open(tmp_path / "samples" / "00000.png"))
+    assert np.array_equal(made, np.asarray(Image.open(out / "table5_img2img" / "dato" / "images" / "000001.png")))
+
+
+def test_table5_smoke_resumes_without_remaking_or_remeasuring(table5_smoke, capsys):
+    out, _ = table5_smoke
+    table = out / "table5_img2img"
+    pngs = sorted(table.glob("*/images/*.png"))
+    stamps = [p.stat().st_mtime_ns for p in pngs]
+    _, before = read_table(table)
+    assert cli.main(["table5_img2img", "--smoke", "--out", str(out)], env={"METRICS": "clip,is"}) == 0
+    assert "generated 0 images, 4 of 4 now in" in capsys.readouterr().out
+    assert sorted(table.glob("*/images/*.png")) == pngs and [p.stat().st_mtime_ns for p in pngs] == stamps
+    _, after = read_table(table)
+    assert after == before  # same images and evaluation: the numbers are kept, not re-measured
+    manifest = json.loads((table / "dato" / "images" / "manifest.json").read_text())
+    assert [run["generated"] for run in manifest["runs"]] == [4, 0]
+
+
+def test_table4_smoke_prompt_sets_with_their_options(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["table4_diffscore", "--smoke", "--out", str(out), "--rows", "original,dato_released"], env={})
+    assert code == 0
+    table = out / "table4_diffscore"
+    meta, rows = read_table(table)
+    assert meta["metrics"] == ["fid"] and [r["row"] for r in rows] == ["original", "dato_released"]
+    assert rows[0]["baseline"] and not rows[1]["baseline"] and rows[0]["is"] is None
+    assert rows[1]["method"] == parse_method("dato@every10,parity").name
+    prompts = (REPO_ROOT / "data" / "imagenet-class-prompts.txt").read_text().splitlines()
+    for r in rows:
+        assert r["images"] == 4 and math.isfinite(r["fid"]) and r["fid"] > 0 and r["latency"] > 0
+        with Image.open(table / r["row"] / "images" / "000003.png") as img:
+            assert img.text["prompt"] == prompts[3] and img.text["seed"] == "3" and img.text["method"] == r["method"]
+    assert speedups(rows)["dato_released"] == pytest.approx(rows[0]["latency"] / rows[1]["latency"])
+    # the same folder with another seed is refused before anything is made
+    capsys.readouterr()
+    assert cli.main(["table4_diffscore", "--smoke", "--out", str(out), "--rows", "original"], env={"SEED": "1"}) == 2
+    assert "holds images made with other settings (differing: seed" in capsys.readouterr().err
+    assert json.loads((table / "original" / "images" / "manifest.json").read_text())["settings"]["seed"] == 0
+
+
+# --- the report next to the paper ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def empty_report(tmp_path_factory):
+    empty = tmp_path_factory.mktemp("empty")
+    out = tmp_path_factory.mktemp("report") / "report.md"
+    assert report.main([str(empty), "--out", str(out)]) == 0
+    return out.read_text()
+
+
+def test_every_paper_table_is_rendered_with_its_numbers(empty_report):
+    paper = load_paper(PAPER_FILE)
+    linked = {spec.paper.table: spec for spec in SPECS.tables.values() if spec.paper}
+    keys = numeric_tables(paper)
+    assert set(keys) == set(linked) and len(keys) == 8  # Table 1 x 4, Tables 2-5
+    for key in keys:
+        spec, table = linked[key], paper_table(paper, key)
+        text = section(empty_report, spec.title)
+        body = markdown_rows(text)
+        assert len(body) >= len(table.rows)
+        for name, values in table.rows.items():
+            line = next(b for b in body if b[0] == name)  # one line per paper row, under its key
+            for column, value in zip(table.columns, values):
+                suffix = "x" if column == "speedup" else ""
+                assert f"{value:.2f}{suffix}" in line, (key, name, column)
+    b1 = paper["table6_b1"]
+    text = section(empty_report, "Table 6")
+    assert f"cache_depth: {b1['cache_depth']}" in text and f"cache_depth: {b1['cache_depth'][::-1]}" in text
+    assert "The shipped strategy `b1` (configs/dato/b1.yaml) is Table 6 read" in text
+
+
+def test_collect_on_an_empty_folder_leaves_our_cells_empty(empty_report):
+    t1 = markdown_rows(section(empty_report, "Table 1: SD v1.5, ImageNet"))
+    # Paper row | Ours | FID | FID (paper) | Latency | Latency (paper) | Speed-up | Speed-up (paper)
+    rows = {b[0]: b for b in t1}
+    assert rows["original"][1] == "Original (PLMS, 50 steps)" and rows["dato-b1"][1] == "DaTo (b1)"
+    assert rows["tomesd-a1"][1] == "n/a"
+    assert "only b1 is published" in section(empty_report, "Table 1: SD v1.5, ImageNet")
+    for b in t1:
+        assert b[2] == b[4] == b[6] == ""
+    assert rows["dato-b1"][3] == "25.40" and rows["dato-b1"][7] == "5.75x"
+    t2 = section(empty_report, "Table 2: SDXL")
+    assert all(b[1] == "n/a" for b in markdown_rows(t2)) and "SDXL sampling is not available yet" in t2
+    t3 = markdown_rows(section(empty_report, "Table 3"))
+    assert [b[0] for b in t3][:4] == ["0.4", "0.5", "0.6", "0.7"] and all(b[-2:] == ["", ""] for b in t3[:4])
+
+
+def test_collect_puts_smoke_numbers_next_to_the_paper(table5_smoke, tmp_path, capsys):
+    out, _ = table5_smoke
+    assert report.main([str(out / "table5_img2img")]) == 0
+    text = capsys.readouterr().out
+    assert "## Table 1" not in text  # one table folder: that table alone
+    t5 = section(text, "Table 5")
+    assert "Smoke run" in t5
+    body = {b[1]: b for b in markdown_rows(t5)}
+    _, rows = read_table(out / "table5_img2img")
+    # Paper row | Ours | CLIP | CLIP (paper) | IS | IS (paper) | Latency | Latency (paper) | Speed-up | (paper)
+    for r in rows:
+        b = body[r["label"]]
+        assert b[0] == (r["paper"] if r["row"] in ("original", "deepcache", "dato") else "")
+        assert b[2] == f"{r['clip']:.2f}" and b[4] == f"{r['is']:.2f}" and b[6] == f"{r['latency']:.3f}"
+        assert b[8] == f"{rows[0]['latency'] / r['latency']:.2f}x"
+    assert body[rows[0]["label"]][3] == "17.45" and body[rows[-1]["label"]][9] == "3.96x"
+    assert report.main([str(tmp_path / "missing")]) == 2

@@ -6,11 +6,15 @@ gets its own seed (base + k) and its own generator, so its starting noise does n
 size or on the number of processes.
 """
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
+
+from .images import temp_path
+from .runtime import synchronize
 
 PNG_NAME = "{:06d}.png"  # image k of a prompt set
 
@@ -97,3 +101,38 @@ def png_path(outdir, k: int) -> Path:
 def missing_indices(outdir, indices) -> List[int]:
     """The indices whose PNG does not exist yet (a resumed run makes only these)."""
     return [k for k in indices if not png_path(outdir, k).is_file()]
+
+
+def run_sharded(outdir, total: int, info: DistInfo, device: torch.device,
+                make_images: Callable[[torch.device, List[int]], Sequence[float]],
+                write_manifest: Callable[[torch.device, Sequence[float], int, float], Dict[str, Any]],
+                log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """One rank's part of a sharded image set of `total` images in `outdir` (DiT's sample_ddp shape).
+
+    Joins the process group, drops this rank's leftover temp files, calls `make_images(device, todo)` for its
+    missing indices (only when there are some, so the model is loaded only then) -> (seconds, timed_seconds,
+    timed_images), sums those and the image count over the ranks, and rank 0 calls
+    `write_manifest(device, (seconds, timed_seconds, timed_images), generated, wall_seconds)`.
+    Returns the manifest (rank 0) or {}.
+    """
+    started = time.perf_counter()
+    device = init_distributed(info, device)
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        mine = list(shard_indices(total, info))
+        for k in mine:  # leftovers of an interrupted write of one of this rank's images
+            temp_path(png_path(outdir, k)).unlink(missing_ok=True)
+        todo = missing_indices(outdir, mine)
+        timing = [0.0, 0.0, 0]
+        if todo:
+            timing = list(make_images(device, todo))
+            synchronize(device)
+        *totals, generated = all_reduce_sum(info, device, [*timing, len(todo)])
+        barrier(info, device)
+        if not info.is_main:
+            return {}
+        manifest = write_manifest(device, totals, int(generated), time.perf_counter() - started)
+        log(f"generated {int(generated)} images, {manifest['count']} of {manifest['total']} now in {outdir}")
+        return manifest
+    finally:
+        finish_distributed(info)

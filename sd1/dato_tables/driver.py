@@ -1,0 +1,154 @@
+"""Run a table plan: generate every row's images (all torchrun ranks, the model loaded once per process),
+then measure them and record the rows (rank 0). Re-running resumes: existing images are kept, and a row is
+re-measured (and its record replaced) only when its images or the evaluation settings changed.
+"""
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+
+from sdgen import generate as gen
+from sdgen.images import atomic_write_text
+from sdgen.img2img_set import Img2ImgJob, check_img2img_job, run_img2img_set
+from sdgen.prompt_set import PromptSetJob, check_job, read_manifest, run_prompt_set
+from sdgen.runtime import UsageError, pick_device
+from sdgen.sharding import DistInfo
+
+from .evaluation import METRICS, Evaluator
+from .plan import RowPlan, TablePlan, unavailable_reason
+from .records import RESULTS, read_table, record_row
+from .report import render_results
+from .smoke import ensure_smoke_assets
+
+Job = Union[PromptSetJob, Img2ImgJob]
+
+
+class ModelCache:
+    """The table's model, loaded by the first row that needs it and handed to every later row."""
+
+    def __init__(self):
+        self.model: Optional[torch.nn.Module] = None
+
+    def __call__(self, config, ckpt, device, use_ema=False, demo=False, verbose=True) -> torch.nn.Module:
+        if self.model is None:
+            self.model = gen.load_model(config, ckpt, device, use_ema=use_ema, demo=demo, verbose=verbose)
+        return self.model
+
+
+def row_job(plan: TablePlan, row: RowPlan) -> Job:
+    """The generation job of one row: a prompt set, or an img2img set."""
+    v = plan.values
+    geometry = gen.model_geometry(gen.read_config(plan.model.config))
+    if plan.source.is_img2img:
+        return Img2ImgJob(outdir=row.images, init_dir=plan.source.init_dir,
+                          init_images=plan.source.init_images[:plan.total], prompts=plan.source.prompts,
+                          prompt_file=plan.source.prompt_file, method=row.method, model_args=plan.model.args,
+                          strength=v["strength"], encode_steps=plan.encode_steps, ddim_steps=plan.steps,
+                          seed=v["seed"], scale=v["scale"], precision=v["precision"], geometry=geometry)
+    sampler = row.method.run_sampler(plan.sampler)
+    ddim_steps = row.method.run_steps(plan.steps)
+    return PromptSetJob(outdir=row.images, prompts=plan.source.prompts, prompt_file=plan.source.prompt_file,
+                        method=row.method, model_args=plan.model.args, repeats=plan.source.repeats,
+                        limit=v["limit"], seed=v["seed"], sampler=sampler, ddim_steps=ddim_steps,
+                        steps=gen.sampler_steps(sampler, ddim_steps), scale=v["scale"], height=v["height"],
+                        width=v["width"], precision=v["precision"], batch_size=v["batch_size"], geometry=geometry)
+
+
+def check_jobs(jobs: Dict[str, Job]) -> None:
+    """Raise UsageError, before any image is made, when a row's folder holds images of other settings."""
+    for job in jobs.values():
+        if isinstance(job, Img2ImgJob):
+            check_img2img_job(job)
+        else:
+            check_job(job)
+
+
+def generate_rows(plan: TablePlan, jobs: Dict[str, Job], info: DistInfo, device: torch.device,
+                  log: Callable[[str], None]) -> None:
+    models = ModelCache()
+    progress = not plan.smoke
+    for row in plan.rows:
+        log(f"## row {row.id}: {row.label}\nmethod: {row.method.name} = {row.method.label}")
+        job = jobs[row.id]
+        if isinstance(job, Img2ImgJob):
+            run_img2img_set(job, info, device, progress=progress, load_model=models, log=log)
+        else:
+            run_prompt_set(job, info, device, progress=progress, load_model=models, log=log)
+    models.model = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def row_record(plan: TablePlan, row: RowPlan, manifest: Dict[str, Any], metrics: Dict[str, float]) -> Dict[str, Any]:
+    record = {"table": plan.spec.key, "row": row.id, "label": row.label, "baseline": row.baseline,
+              "method": row.method.name, "method_label": row.method.label}
+    record.update({m: metrics.get(m) for m in METRICS})
+    record.update({"latency": manifest.get("seconds_per_image"), "images": manifest.get("count"),
+                   "samples": str(row.images), "paper": row.paper, "cell": list(row.cell) if row.cell else None})
+    return record
+
+
+def table_meta(plan: TablePlan) -> Dict[str, Any]:
+    spec = plan.spec
+    return {"table": spec.key, "title": spec.title, "setup": plan.setup_line, "smoke": plan.smoke,
+            "metrics": list(plan.evaluation.metrics), "paper": spec.paper.table if spec.paper else None}
+
+
+def measurement_key(plan: TablePlan, row: RowPlan) -> str:
+    """What a row's numbers depend on: its image files and the evaluation (settings, reference file)."""
+    e = plan.evaluation
+
+    def stat(path: Path):
+        return (path.name, path.stat().st_size, path.stat().st_mtime_ns) if path.exists() else None
+
+    images = [stat(p) for p in sorted(row.images.glob("*.png"))]
+    settings = [e.metrics, e.reference, stat(Path(e.reference)) if e.reference else None, e.inception_weights,
+                e.inception_seed, e.clip_arch, e.clip_weights, e.is_splits, e.prompts_cycle,
+                hashlib.sha256("\n".join(e.clip_prompts).encode()).hexdigest()]
+    return hashlib.sha256(json.dumps([images, settings]).encode()).hexdigest()
+
+
+def evaluate_rows(plan: TablePlan, device: torch.device, log: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """Measure every row's images and record it (rows.jsonl, results.md); a row whose images and evaluation
+    settings are those of its record keeps its numbers. Returns the table's rows."""
+    e = plan.evaluation
+    evaluator = Evaluator(e.metrics, inception_weights=e.inception_weights, inception_seed=e.inception_seed,
+                          clip_arch=e.clip_arch, clip_weights=e.clip_weights, is_splits=e.is_splits,
+                          device=str(device), batch_size=e.batch_size, num_workers=e.num_workers,
+                          progress=not plan.smoke)
+    meta = table_meta(plan)
+    _, rows = read_table(plan.table_dir)
+    recorded = {r["row"]: r for r in rows}
+    for row in plan.rows:
+        key = measurement_key(plan, row)
+        previous = recorded.get(row.id, {})
+        if previous.get("measured") == key:
+            metrics = {m: previous[m] for m in e.metrics}
+        else:
+            metrics = evaluator.evaluate(row.images, e.reference, e.clip_prompts, e.prompts_cycle)
+        record = dict(row_record(plan, row, read_manifest(row.images) or {}, metrics), measured=key)
+        rows = record_row(plan.table_dir, meta, record)
+        atomic_write_text(plan.table_dir / RESULTS, render_results(meta, rows))
+        shown = ", ".join(f"{m} {record[m]:.4g}" for m in e.metrics if record[m] is not None)
+        log(f"row {row.id} ({row.label}): {shown}, latency {record['latency']} s/img")
+    return rows
+
+
+def run_table(plan: TablePlan, info: DistInfo, log: Callable[[str], None] = print) -> int:
+    """Generate (every rank), then evaluate and record (rank 0). UsageError before any work for a row
+    folder of other settings."""
+    if unavailable_reason(plan.model.kind):
+        raise UsageError(unavailable_reason(plan.model.kind))
+    if plan.smoke:
+        ensure_smoke_assets(plan.smoke_dir)
+    jobs = {row.id: row_job(plan, row) for row in plan.rows}
+    check_jobs(jobs)
+    device = pick_device(plan.device)
+    generate_rows(plan, jobs, info, device, log)
+    if not info.is_main:
+        return 0
+    evaluate_rows(plan, device, log)
+    log("\n" + (plan.table_dir / RESULTS).read_text(encoding="utf-8"))
+    return 0

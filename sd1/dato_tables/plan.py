@@ -1,0 +1,363 @@
+"""One table run, decided before any work: settings from the command line and the environment, the model,
+the images each row makes, the methods (registry names), the evaluation. Every problem is collected and
+reported together (PlanError) before anything is built or written.
+"""
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from datosd.strategy import StrategyError
+from sdeval.images import list_images
+from sdeval.prompts import read_prompts
+from sdgen import generate as gen
+from sdgen.cli.img2img import encode_steps as img2img_encode_steps
+from sdgen.methods import Method, MethodError, parse_method
+from sdgen.resources import DEMO_CONFIG, packaged
+
+from . import smoke
+from .evaluation import SMOKE_INCEPTION_SEED, check_inputs
+from .settings import Options, expand_rows, resolve_settings, template_values
+from .spec import PathNeed, Specs, TableSpec
+
+SMOKE_DIR = "_smoke"
+EXTRA_ROW_ID = "dato_{name}"
+# Model kinds (a table spec's model `kind`) that sdgen.generate cannot sample yet, and why.
+UNAVAILABLE_KINDS = {
+    "sgm": "SDXL sampling is not available yet: sdgen.generate cannot sample SDXL until the sgm package lands",
+}
+
+
+def unavailable_reason(kind: str) -> Optional[str]:
+    """Why rows of a model kind cannot be generated here (None: they can)."""
+    return UNAVAILABLE_KINDS.get(kind)
+
+
+class PlanError(ValueError):
+    """Settings that are missing or wrong, all of them."""
+
+    def __init__(self, problems: Sequence[str]):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """One method row: its images go to `images`; `paper` / `cell` say which paper numbers it faces."""
+
+    id: str
+    label: str
+    method: Method
+    images: Path
+    baseline: bool = False
+    paper: Optional[str] = None
+    cell: Optional[Tuple[str, str]] = None
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    kind: str
+    config: str
+    ckpt: str
+    demo: bool
+
+    @property
+    def args(self) -> Tuple[str, str, bool, bool]:
+        """(config, ckpt, use_ema, demo), as generate.load_model and the generation jobs take them."""
+        return self.config, self.ckpt, False, self.demo
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """The prompts of a prompt set (image k: prompt k mod n), or an img2img set (init image i: prompt i)."""
+
+    prompt_file: str
+    prompts: Tuple[str, ...]
+    repeats: int = 1
+    init_dir: Optional[str] = None
+    init_images: Tuple[Path, ...] = ()
+
+    @property
+    def is_img2img(self) -> bool:
+        return self.init_dir is not None
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What each row's images are measured with. inception_seed: a random-init Inception (smoke runs)."""
+
+    metrics: Tuple[str, ...]
+    reference: Optional[str]
+    clip_prompts: Tuple[str, ...] = ()
+    prompts_cycle: bool = False
+    inception_weights: Optional[str] = None
+    inception_seed: Optional[int] = None
+    clip_arch: str = ""
+    clip_weights: Optional[str] = None
+    is_splits: int = 10
+    batch_size: int = 50
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    spec: TableSpec
+    out_dir: Path
+    table_dir: Path
+    model: ModelPlan
+    source: SourcePlan
+    evaluation: EvalPlan
+    rows: Tuple[RowPlan, ...]
+    values: Mapping[str, Any]
+    sampler: str
+    steps: int
+    encode_steps: Optional[int]
+    device: str
+    total: int
+    smoke: bool = False
+    dry_run: bool = False
+    placeholders: Tuple[str, ...] = ()
+    notes: Tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def smoke_dir(self) -> Path:
+        return self.out_dir / SMOKE_DIR
+
+    @property
+    def setup_line(self) -> str:
+        v = self.values
+        size = f"{v['height']} x {v['width']}"
+        head = f"smoke: demo model, {size}" if self.smoke else f"{size}, precision {v['precision']}"
+        head += f", guidance {v['scale']:g}"
+        if self.source.is_img2img:
+            return (f"{head}; strength {v['strength']:g} ({self.encode_steps} of {self.steps} DDIM steps); "
+                    f"seed {v['seed']} + image index; {v['nproc']} process(es)")
+        return f"{head}; seed {v['seed']} + image index; batch size {v['batch_size']}; {v['nproc']} process(es)"
+
+
+def default_rows(specs: Specs, spec: TableSpec) -> List[Dict[str, Any]]:
+    """The table's rows with every setting at its default (no environment): what the paper faces."""
+    values = resolve_settings(specs, spec, Options(), {}, [])
+    if "strength" in values:
+        values["encode_steps"] = _encode_steps(values, [])
+    return expand_rows(spec.rows, template_values(values), values)
+
+
+def _encode_steps(values: Mapping[str, Any], problems: List[str]) -> int:
+    try:
+        steps = values["steps"]
+        return min(img2img_encode_steps(values["strength"], steps), gen.sampler_steps("ddim", steps))
+    except ValueError as err:
+        problems.append(f"STRENGTH={values['strength']:g} with STEPS={values['steps']}: {err}")
+        return 1
+
+
+# --- paths ------------------------------------------------------------------------------------------------
+
+class _Paths:
+    """Input paths from the environment: unset ones become <NAME> placeholders in a dry run."""
+
+    def __init__(self, env: Mapping[str, str], dry_run: bool, problems: List[str]):
+        self.env, self.dry_run, self.problems = env, dry_run, problems
+        self.placeholders: List[str] = []
+
+    def get(self, need: PathNeed) -> Optional[str]:
+        value = self.env.get(need.env) or (self.env.get(need.default_env) if need.default_env else None)
+        if not value:
+            if self.dry_run:
+                self.placeholders.append(need.env)
+                return f"<{need.env}>"
+            self.problems.append(f"{need.env} is not set: {need.help}")
+            return None
+        if self.dry_run:
+            return value
+        path = Path(value)
+        if need.kind == "file" and not path.is_file():
+            self.problems.append(f"{need.env}={value} is not a file: {need.help}")
+        elif need.kind == "dir" and not path.is_dir():
+            self.problems.append(f"{need.env}={value} is not a folder: {need.help}")
+        elif need.kind == "any" and not path.exists():
+            self.problems.append(f"{need.env}={value} does not exist: {need.help}")
+        return value
+
+    def readable(self, value: Optional[str]) -> bool:
+        """Whether `value` is a real path to read now (not a placeholder, not missing)."""
+        return bool(value) and not value.startswith("<") and Path(value).exists()
+
+
+def _out_dir(options: Options, env: Mapping[str, str], paths: _Paths, problems: List[str]) -> Path:
+    value = options.out or env.get("OUT_DIR")
+    if value:
+        return Path(value)
+    if options.dry_run or options.smoke:
+        if not options.smoke:
+            paths.placeholders.append("OUT_DIR")
+        return Path("<OUT_DIR>")
+    problems.append("OUT_DIR is not set: the folder for images and results (or pass --out DIR)")
+    return Path("<OUT_DIR>")
+
+
+# --- the plan ---------------------------------------------------------------------------------------------
+
+def _source(specs: Specs, spec: TableSpec, values: Mapping[str, Any], paths: _Paths, smoke_dir: Path,
+            options: Options, problems: List[str]) -> SourcePlan:
+    dataset = specs.datasets[spec.dataset]
+    if dataset.is_img2img:
+        if options.smoke:
+            init_dir = str(smoke_dir / smoke.INIT_DIR)
+            return SourcePlan(prompt_file=str(smoke_dir / smoke.INIT_PROMPTS_FILE), prompts=smoke.INIT_PROMPTS,
+                              init_dir=init_dir, init_images=smoke.init_image_paths(smoke_dir))
+        init_dir, prompt_file = paths.get(dataset.init_images), paths.get(dataset.prompts)
+        images, prompts = (), ()
+        if paths.readable(init_dir) and Path(init_dir).is_dir():
+            try:
+                images = tuple(list_images(init_dir))
+            except ValueError as err:
+                problems.append(f"{dataset.init_images.env}: {err}")
+        if paths.readable(prompt_file) and Path(prompt_file).is_file():
+            try:
+                prompts = tuple(read_prompts(prompt_file))
+            except ValueError as err:
+                problems.append(f"{dataset.prompts.env}: {err}")
+        if images and prompts and len(prompts) < len(images):
+            problems.append(f"{dataset.prompts.env}: {len(images)} init images but only {len(prompts)} prompts in "
+                            f"{prompt_file}")
+        return SourcePlan(prompt_file=prompt_file or "", prompts=prompts, init_dir=init_dir or "",
+                          init_images=images)
+    repeats = values.get("repeats") or dataset.repeats
+    if dataset.packaged:
+        prompt_file = str(packaged("data", dataset.packaged))
+    else:
+        prompt_file = paths.get(dataset.prompts) or ""
+    prompts = ()
+    if paths.readable(prompt_file):
+        try:
+            prompts = tuple(read_prompts(prompt_file))
+        except ValueError as err:
+            problems.append(f"prompts {prompt_file}: {err}")
+    return SourcePlan(prompt_file=prompt_file, prompts=prompts, repeats=repeats)
+
+
+def _evaluation(specs: Specs, spec: TableSpec, values: Mapping[str, Any], source: SourcePlan, paths: _Paths,
+                smoke_dir: Path, options: Options) -> EvalPlan:
+    metrics = values.get("metrics") or spec.metrics
+    dataset = specs.datasets[spec.dataset]
+    common = dict(metrics=metrics, clip_prompts=source.prompts if "clip" in metrics else (),
+                  prompts_cycle=source.repeats > 1, is_splits=values["is_splits"])
+    if options.smoke:
+        return EvalPlan(**common, reference=str(smoke_dir / smoke.REF_DIR) if "fid" in metrics else None,
+                        inception_seed=SMOKE_INCEPTION_SEED, clip_arch=str(smoke_dir / smoke.CLIP_CONFIG),
+                        clip_weights=str(smoke_dir / smoke.CLIP_WEIGHTS), batch_size=8, num_workers=0)
+    reference = paths.get(dataset.reference) if "fid" in metrics else None
+    files = {}
+    for name, metric_file in specs.metric_files.items():
+        files[name] = paths.get(metric_file.need) if set(metric_file.metrics) & set(metrics) else None
+    return EvalPlan(**common, reference=reference, inception_weights=files.get("inception"),
+                    clip_arch=values["clip_arch"],
+                    clip_weights=files.get("clip"), num_workers=min(4, os.cpu_count() or 1))
+
+
+def _model(specs: Specs, spec: TableSpec, env: Mapping[str, str], paths: _Paths, options: Options,
+           problems: List[str]) -> ModelPlan:
+    model = specs.models[spec.model]
+    if options.smoke:
+        return ModelPlan(kind=model.kind, config=str(DEMO_CONFIG), ckpt="", demo=True)
+    ckpt = paths.get(model.checkpoint) or ""
+    config = env.get(model.config_env) or model.config_default
+    if model.kind == "ldm" and not options.dry_run:
+        try:
+            gen.read_config(config)
+        except (ValueError, OSError) as err:
+            problems.append(f"{model.config_env}: {err}")
+    return ModelPlan(kind=model.kind, config=config, ckpt=ckpt, demo=False)
+
+
+def _row_plans(specs: Specs, spec: TableSpec, values: Mapping[str, Any], table_dir: Path, sampler: str,
+               encode_steps: Optional[int], options: Options, problems: List[str]) -> Tuple[RowPlan, ...]:
+    rows = expand_rows(spec.rows, template_values(values), values)
+    for name, strategy in (values.get(spec.extra_rows) or []) if spec.extra_rows else []:
+        rows.append({"id": EXTRA_ROW_ID.format(name=name), "label": f"DaTo ({name})", "method": f"dato:{strategy}",
+                     "baseline": False, "paper": None, "cell": None})
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        problems.append(f"two rows with one id in {ids} (check RATIOS and DATO_EXTRA)")
+    if options.rows is not None:
+        unknown = [r for r in options.rows if r not in ids]
+        if unknown:
+            problems.append(f"--rows: no row {', '.join(unknown)} in {spec.key}; its rows: {', '.join(ids)}")
+        rows = [r for r in rows if r["id"] in options.rows]
+    plans = []
+    for r in rows:
+        try:
+            method = parse_method(r["method"])
+            if encode_steps is not None:
+                if method.steps is not None:
+                    raise MethodError(f"{method.name} sets its own sampler and steps; img2img runs DDIM")
+                method.check_steps(encode_steps)
+            elif specs.models[spec.model].kind == "ldm":
+                run_sampler = method.run_sampler(sampler)
+                method.check_steps(gen.sampler_steps(run_sampler, method.run_steps(values["steps"])))
+        except (MethodError, StrategyError, ValueError) as err:
+            problems.append(f"row {r['id']} ({r['method']}): {err}")
+            continue
+        plans.append(RowPlan(id=r["id"], label=r["label"], method=method, images=table_dir / r["id"] / "images",
+                             baseline=r["baseline"], paper=r["paper"], cell=r["cell"]))
+    return tuple(plans)
+
+
+def _check_counts(plan_total: int, evaluation: EvalPlan, source: SourcePlan, problems: List[str]) -> None:
+    if not source.prompts:
+        return
+    if "fid" in evaluation.metrics and plan_total < 2:
+        problems.append(f"FID needs at least 2 images per row, this run makes {plan_total} (raise LIMIT)")
+    if "is" in evaluation.metrics and plan_total < evaluation.is_splits:
+        problems.append(f"the Inception Score needs at least IS_SPLITS={evaluation.is_splits} images per row, this "
+                        f"run makes {plan_total}")
+
+
+def make_plan(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str, str]) -> TablePlan:
+    """Everything a run of `spec` will do; PlanError lists every problem found. A smoke run without an
+    output folder gets a new temp folder (made once the settings are known to be right)."""
+    if options.smoke and not options.dry_run and not (options.out or env.get("OUT_DIR")):
+        make_plan(specs, spec, dataclasses.replace(options, dry_run=True), env)
+        out = tempfile.mkdtemp(prefix="dato-tables-smoke.", dir=env.get("TMPDIR") or None)
+        return make_plan(specs, spec, dataclasses.replace(options, out=out), env)
+    problems: List[str] = []
+    values = resolve_settings(specs, spec, options, env, problems)
+    paths = _Paths(env, options.dry_run, problems)
+    out_dir = _out_dir(options, env, paths, problems)
+    table_dir, smoke_dir = out_dir / spec.key, out_dir / SMOKE_DIR
+    model = _model(specs, spec, env, paths, options, problems)
+    size = 64 if options.smoke else specs.models[spec.model].size
+    values["height"] = values["height"] or size
+    values["width"] = values["width"] or size
+    if model.kind == "ldm" and not options.dry_run or options.smoke:
+        try:
+            geometry = gen.model_geometry(gen.read_config(model.config))
+            gen.latent_shape(geometry, values["height"], values["width"])
+        except (ValueError, OSError) as err:
+            problems.append(f"H/W: {err}")
+    source = _source(specs, spec, values, paths, smoke_dir, options, problems)
+    encode_steps = None
+    if source.is_img2img:
+        encode_steps = values["encode_steps"] = _encode_steps(values, problems)
+    evaluation = _evaluation(specs, spec, values, source, paths, smoke_dir, options)
+    sampler = "ddim" if source.is_img2img else spec.sampler
+    rows = _row_plans(specs, spec, values, table_dir, sampler, encode_steps, options, problems)
+    if source.is_img2img:
+        total = len(source.init_images)
+    else:
+        total = len(source.prompts) * source.repeats
+    if values["limit"] is not None:
+        total = min(total, values["limit"])
+    _check_counts(total, evaluation, source, problems)
+    if not options.smoke and not options.dry_run:
+        problems += check_inputs(evaluation.metrics, evaluation.reference, evaluation.clip_arch)
+    if problems:
+        raise PlanError(problems)
+    return TablePlan(spec=spec, out_dir=out_dir, table_dir=table_dir, model=model, source=source,
+                     evaluation=evaluation, rows=rows, values=values, sampler=sampler, steps=values["steps"],
+                     encode_steps=encode_steps, device="cpu" if options.smoke else "auto", total=total,
+                     smoke=options.smoke, dry_run=options.dry_run, placeholders=tuple(paths.placeholders))
