@@ -26,6 +26,7 @@ from dato_search.objectives import QualitySpec, build_objective
 from dato_search.space import SearchSpace
 from datosd import Strategy
 from sdgen.cli import txt2img
+from sdgen.resources import DEMO_CONFIG
 from sdgen.runtime import set_threads
 
 pytest.importorskip("pymoo")
@@ -285,7 +286,7 @@ def test_bad_options_give_one_error_and_create_nothing(tmp_path, capsys, extra, 
 def tiny_evaluator():
     sampling = SamplingSpec(prompts=("a red car", "a small dog"), seeds=(42, 43), steps=5, sampler="plms", scale=7.5,
                             height=64, width=64, batch_size=2, precision="full")
-    spec = ModelSpec(demo=True, config="", ckpt="")
+    spec = ModelSpec(demo=True, config=str(DEMO_CONFIG), ckpt="")
     sampler = CandidateSampler(spec.build(), spec.geometry(), sampling, threads=1)
     reference, _ = sampler.sample(None)
     return StrategyEvaluator(sampler, build_objective(QualitySpec(), sampling.prompts, sampler.device, reference))

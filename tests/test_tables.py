@@ -175,17 +175,20 @@ def test_missing_settings_are_all_reported_before_anything_runs(tmp_path, capsys
     assert "SCALE must be a number, got 'abc'" in err and "RATIOS each value must be below 1" in err
 
 
-def test_table2_sdxl_refuses_in_one_line_until_sdxl_sampling_exists(tmp_path, capsys):
-    assert cli.main(["table2_sdxl", "--out", str(tmp_path / "out")], env={}) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and len(err.strip().splitlines()) == 1 and "SDXL sampling is not available yet" in err
-    assert not (tmp_path / "out").exists()
-    assert cli.main(["table2_sdxl", "--smoke"], env={}) == 2
+def test_table2_sdxl_plans_and_runs_its_smoke_rows(tmp_path):
     plan = dry_plan("table2_sdxl")
-    assert plan.model.kind == "sgm" and plan.sampler == "euler_edm" and plan.values["scale"] == 7.0
+    assert plan.model.kind == "sgm" and plan.sampler == "euler" and plan.values["scale"] == 7.0
     assert (plan.values["height"], plan.values["width"]) == (1024, 1024)
     assert [r.method.name for r in plan.rows] == ["original", "deepcache-n3", "deepcache-n3+tome-0.5", "dato"]
     assert "SDXL_PROMPTS" in plan.placeholders and "COCO_REF" in plan.placeholders
+    # The smoke run samples the tiny SDXL demo model with EulerEDM (2 rows, FID off: it only shows the path).
+    out = tmp_path / "out"
+    args = ["table2_sdxl", "--smoke", "--out", str(out), "--rows", "original,dato", "--limit", "2"]
+    assert cli.main(args, env={"METRICS": "clip"}) == 0
+    rows = {r["row"]: r for r in read_table(out / "table2_sdxl")[1]}
+    assert set(rows) == {"original", "dato"} and all(r["clip"] is not None for r in rows.values())
+    manifest = json.loads((out / "table2_sdxl" / "dato" / "images" / "manifest.json").read_text())
+    assert manifest["settings"]["sampler"] == "euler" and manifest["count"] == 2
 
 
 def test_shell_entry_point_dry_run_and_help():
@@ -271,17 +274,19 @@ def test_table5_smoke_end_to_end(table5_smoke):
 
 
 def test_table5_clip_scores_are_those_of_the_images(table5_smoke):
-    """The CLIP column, recomputed here with sdeval on the smoke run's own images and prompts."""
-    from sdeval.clip_score import clip_scores, load_open_clip
+    """The CLIP column, recomputed here with sdeval's in-memory scores on the smoke run's images and prompts
+    (the table reads the files through the folder functions)."""
+    from sdeval.evaluate import clip_scores, load_clip
     from sdeval.images import list_images
 
     out, _ = table5_smoke
     smoke = out / "_smoke"
-    model, preprocess, tokenizer = load_open_clip(str(smoke / "tiny-clip.json"), smoke / "tiny-clip.pt")
+    clip = load_clip(str(smoke / "tiny-clip.json"), smoke / "tiny-clip.pt")
     prompts = (smoke / "init-prompts.txt").read_text().splitlines()
     for r in read_table(out / "table5_img2img")[1]:
         paths = list_images(out / "table5_img2img" / r["row"] / "images")
-        expected = clip_scores(model, preprocess, tokenizer, paths, prompts, progress=False).mean()
+        images = [Image.open(path).convert("RGB") for path in paths]
+        expected = clip_scores(clip, images, prompts[:len(images)]).mean()
         assert r["clip"] == pytest.approx(expected, rel=1e-6)
 
 
@@ -380,7 +385,8 @@ def test_collect_on_an_empty_folder_leaves_our_cells_empty(empty_report):
         assert b[2] == b[4] == b[6] == ""
     assert rows["dato-b1"][3] == "25.40" and rows["dato-b1"][7] == "5.75x"
     t2 = section(empty_report, "Table 2: SDXL")
-    assert all(b[1] == "n/a" for b in markdown_rows(t2)) and "SDXL sampling is not available yet" in t2
+    t2_rows = {b[0]: b for b in markdown_rows(t2)}
+    assert t2_rows["dato"][1] == "DaTo (b1)" and all(b[2] == "" for b in t2_rows.values())
     t3 = markdown_rows(section(empty_report, "Table 3"))
     assert [b[0] for b in t3][:4] == ["0.4", "0.5", "0.6", "0.7"] and all(b[-2:] == ["", ""] for b in t3[:4])
 

@@ -72,7 +72,7 @@ def test_bad_input_fails_before_writing(tmp_path, capsys, args, message):
 
 
 @pytest.mark.parametrize("flags,label", [
-    (["--dato", "--plms", "--ddim_steps", "50"], "DaTo [b1: 50 steps, 6 full / 37 partial / 7 reused"),
+    (["--dato", "--plms", "--ddim_steps", "50"], "DaTo [b1: 50 steps, 6 full / 38 partial / 6 reused"),
     (["--deepcache", "--cache_interval", "3", "--cache_depth", "1"], "method: deepcache-n3 = DeepCache N=3 depth 1"),
     (["--tome", "--tome_ratio", "0.5"], "method: tome-0.5 = ToMeSD r=0.5"),
     (["--deepcache", "--tome"], "method: deepcache-n3+tome-0.5 = DeepCache N=3 depth 1 + ToMeSD r=0.5"),

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 from datosd.strategy import StrategyError
 from ldm.checkpoint import CheckpointError
 from sdgen.cli import run
-from sdgen.cli.flags import add_model_args
+from sdgen.cli.flags import add_model_args, resolve_model_args
 from sdgen.runtime import UsageError, set_threads
 
 from .objectives import QUALITIES, ObjectiveError
@@ -128,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None, mode: str = "depth") -> int:
     from .rundir import check_rerun
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    opt = build_parser(mode).parse_args(argv)
+    opt = resolve_model_args(build_parser(mode).parse_args(argv))
     previous_threads = set_threads(None)
     previous_handler = None
     dask = None

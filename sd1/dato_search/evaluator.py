@@ -22,7 +22,7 @@ import torch
 from datosd.strategy import Strategy
 from sdgen import generate as gen
 from sdgen.methods import Method
-from sdgen.resources import DEMO_CONFIG, find_config
+from sdgen.resources import find_config
 from sdgen.runtime import set_threads
 
 from .identity import file_identity, file_sha256
@@ -49,7 +49,7 @@ class ModelSpec:
         gen.check_model_files(self.config, self.ckpt, demo=self.demo)
 
     def config_path(self):
-        return DEMO_CONFIG if self.demo else find_config(self.config)
+        return find_config(self.config)
 
     def geometry(self) -> gen.ModelGeometry:
         """Latent channels and VAE factor, from the config."""
@@ -58,7 +58,7 @@ class ModelSpec:
     def identity(self) -> Dict[str, Any]:
         """What the model's outputs depend on: 'demo' (its config hash) or config hash + checkpoint path/size."""
         if self.demo:
-            return {"model": "demo", "config_sha256": file_sha256(DEMO_CONFIG)}
+            return {"model": "demo", "config_sha256": file_sha256(self.config_path())}
         return {"model": "checkpoint", "config_sha256": file_sha256(self.config_path()),
                 "ckpt": file_identity(self.ckpt), "ema": self.ema}
 

@@ -21,7 +21,7 @@ from sdgen.runtime import UsageError, set_threads
 from sdgen.sharding import dist_info_from_env
 
 from .driver import run_table
-from .plan import PlanError, TablePlan, default_rows, make_plan, unavailable_reason
+from .plan import PlanError, TablePlan, default_rows, make_plan
 from .records import RESULTS
 from .settings import Options
 from .smoke import ensure_smoke_assets
@@ -71,8 +71,6 @@ def help_text(specs: Specs, spec: TableSpec, prog: str) -> str:
     lines += [f"  {r['id']:<24} {r['method']:<36} {r['label']}" for r in default_rows(specs, spec)]
     if spec.extra_rows:
         lines.append(f"  + one DaTo row per {specs.settings[spec.extra_rows].env} entry")
-    if unavailable_reason(model.kind):
-        lines += ["", f"Not runnable yet: {unavailable_reason(model.kind)}."]
     lines += ["", "Needs (environment):"]
     lines += [f"  {n.env:<18} {n.help}" for n in _needs(specs, spec)]
     lines += [f"  {'OUT_DIR':<18} the folder for images and results (or --out DIR)", "",
@@ -98,9 +96,6 @@ def describe_plan(plan: TablePlan) -> str:
     lines = [f"# {plan.spec.title}"]
     if plan.placeholders:
         lines.append(f"# dry run: {' '.join(plan.placeholders)} not set, shown as <NAME>")
-    reason = unavailable_reason(plan.model.kind)
-    if reason:
-        lines.append(f"# not runnable yet: {reason}")
     model = "the tiny demo model (random weights)" if plan.model.demo else f"{plan.model.ckpt} with {plan.model.config}"
     lines.append(f"# model: {plan.spec.model} ({plan.model.kind}), {model}")
     total = plan.total if source.prompts else "?"
@@ -191,10 +186,6 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] 
     info = dist_info_from_env()
     if info.world > 1:  # under torchrun: the processes there are
         options = dataclasses.replace(options, nproc=str(info.world))
-    reason = unavailable_reason(specs.models[spec.model].kind)
-    if reason and not options.dry_run:
-        print(f"{prog}: {reason}; nothing was run.", file=sys.stderr)
-        return 2
     try:
         plan = make_plan(specs, spec, options, env)
     except PlanError as err:

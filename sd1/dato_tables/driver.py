@@ -13,11 +13,11 @@ from sdgen import generate as gen
 from sdgen.images import atomic_write_text
 from sdgen.img2img_set import Img2ImgJob, check_img2img_job, run_img2img_set
 from sdgen.prompt_set import PromptSetJob, check_job, read_manifest, run_prompt_set
-from sdgen.runtime import UsageError, pick_device
+from sdgen.runtime import pick_device
 from sdgen.sharding import DistInfo
 
 from .evaluation import METRICS, Evaluator
-from .plan import RowPlan, TablePlan, unavailable_reason
+from .plan import RowPlan, TablePlan
 from .records import RESULTS, read_table, record_row
 from .report import render_results
 from .smoke import ensure_smoke_assets
@@ -139,8 +139,6 @@ def evaluate_rows(plan: TablePlan, device: torch.device, log: Callable[[str], No
 def run_table(plan: TablePlan, info: DistInfo, log: Callable[[str], None] = print) -> int:
     """Generate (every rank), then evaluate and record (rank 0). UsageError before any work for a row
     folder of other settings."""
-    if unavailable_reason(plan.model.kind):
-        raise UsageError(unavailable_reason(plan.model.kind))
     if plan.smoke:
         ensure_smoke_assets(plan.smoke_dir)
     jobs = {row.id: row_job(plan, row) for row in plan.rows}

@@ -1,15 +1,15 @@
 """The table driver's one link to sdeval: measure a folder of images (FID, CLIP score, Inception Score).
 
 The metric networks are built once per table run and reused for every row; a folder reference's Inception
-statistics are computed once. Kept in this one module so that it can move onto sdeval's evaluation library
-(the scripts/eval_fid.py functions) in one place.
+statistics are computed once. The metrics are those of sdeval's evaluation library (`sdeval.evaluate`, the
+functions under scripts/eval_fid.py), so a table and eval_fid.py give the same numbers for one folder.
 """
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from sdeval.clip_score import clip_scores, load_open_clip
+from sdeval.evaluate import fid_from_features, folder_clip_scores, folder_inception_outputs, load_clip
 from sdeval.images import list_images
 from sdeval.prompts import prompts_for_images
 
@@ -72,19 +72,18 @@ class Evaluator:
 
     @property
     def clip(self):
-        """(model, preprocess, tokenizer) of the open_clip model."""
+        """The open_clip model (sdeval.evaluate.ClipModel)."""
         if self._clip is None:
-            self._clip = load_open_clip(self.clip_arch, self.clip_weights, self.loader["device"])
+            self._clip = load_clip(self.clip_arch, self.clip_weights, self.loader["device"])
         return self._clip
 
     def reference_statistics(self, reference: str) -> Tuple[np.ndarray, np.ndarray]:
         """(mu, sigma) of an .npz of Inception statistics, or of a folder of images (computed once)."""
         from sdeval.fid import feature_statistics, load_statistics
-        from sdeval.inception import extract_inception
 
         if reference not in self._references:
             if Path(reference).is_dir():
-                pool, _ = extract_inception(list_images(reference), self.inception, **self.loader)
+                pool, _ = folder_inception_outputs(list_images(reference), self.inception, **self.loader)
                 self._references[reference] = feature_statistics(pool)
             else:
                 self._references[reference] = load_statistics(reference)
@@ -96,18 +95,15 @@ class Evaluator:
         paths = list_images(samples)
         values: Dict[str, float] = {}
         if "fid" in self.metrics or "is" in self.metrics:
-            from sdeval.fid import feature_statistics, frechet_distance
-            from sdeval.inception import extract_inception
             from sdeval.inception_score import inception_score
 
-            pool, logits = extract_inception(paths, self.inception, **self.loader)
+            pool, logits = folder_inception_outputs(paths, self.inception, **self.loader)
             if "fid" in self.metrics:
-                mu, sigma = feature_statistics(pool)
-                values["fid"] = frechet_distance(mu, sigma, *self.reference_statistics(reference))
+                values["fid"] = fid_from_features(pool, self.reference_statistics(reference))
             if "is" in self.metrics:
                 values["is"], _ = inception_score(logits, splits=self.is_splits)
         if "clip" in self.metrics:
-            model, preprocess, tokenizer = self.clip
             paired = prompts_for_images(paths, list(prompts), cycle=prompts_cycle)
-            values["clip"] = float(clip_scores(model, preprocess, tokenizer, paths, paired, **self.loader).mean())
+            loader = {k: v for k, v in self.loader.items() if k != "device"}
+            values["clip"] = float(folder_clip_scores(self.clip, paths, paired, **loader).mean())
         return values

@@ -13,9 +13,8 @@ from datosd.strategy import StrategyError
 from sdeval.images import list_images
 from sdeval.prompts import read_prompts
 from sdgen import generate as gen
-from sdgen.cli.img2img import encode_steps as img2img_encode_steps
 from sdgen.methods import Method, MethodError, parse_method
-from sdgen.resources import DEMO_CONFIG, packaged
+from sdgen.resources import DEMO_CONFIG, DEMO_SDXL_CONFIG, packaged
 
 from . import smoke
 from .evaluation import SMOKE_INCEPTION_SEED, check_inputs
@@ -23,16 +22,10 @@ from .settings import Options, expand_rows, resolve_settings, template_values
 from .spec import PathNeed, Specs, TableSpec
 
 SMOKE_DIR = "_smoke"
+SMOKE_PROMPTS = "coco30k-prompts.txt"
 EXTRA_ROW_ID = "dato_{name}"
-# Model kinds (a table spec's model `kind`) that sdgen.generate cannot sample yet, and why.
-UNAVAILABLE_KINDS = {
-    "sgm": "SDXL sampling is not available yet: sdgen.generate cannot sample SDXL until the sgm package lands",
-}
-
-
-def unavailable_reason(kind: str) -> Optional[str]:
-    """Why rows of a model kind cannot be generated here (None: they can)."""
-    return UNAVAILABLE_KINDS.get(kind)
+# The smoke runs' demo model of each model kind (seeded random weights, toy size).
+DEMO_CONFIGS = {"ldm": DEMO_CONFIG, "sgm": DEMO_SDXL_CONFIG}
 
 
 class PlanError(ValueError):
@@ -148,7 +141,7 @@ def default_rows(specs: Specs, spec: TableSpec) -> List[Dict[str, Any]]:
 def _encode_steps(values: Mapping[str, Any], problems: List[str]) -> int:
     try:
         steps = values["steps"]
-        return min(img2img_encode_steps(values["strength"], steps), gen.sampler_steps("ddim", steps))
+        return min(gen.img2img_steps(values["strength"], steps), gen.sampler_steps("ddim", steps))
     except ValueError as err:
         problems.append(f"STRENGTH={values['strength']:g} with STEPS={values['steps']}: {err}")
         return 1
@@ -227,8 +220,8 @@ def _source(specs: Specs, spec: TableSpec, values: Mapping[str, Any], paths: _Pa
         return SourcePlan(prompt_file=prompt_file or "", prompts=prompts, init_dir=init_dir or "",
                           init_images=images)
     repeats = values.get("repeats") or dataset.repeats
-    if dataset.packaged:
-        prompt_file = str(packaged("data", dataset.packaged))
+    if dataset.packaged or options.smoke:  # smoke runs of a user's prompt list use the shipped COCO captions
+        prompt_file = str(packaged("data", dataset.packaged or SMOKE_PROMPTS))
     else:
         prompt_file = paths.get(dataset.prompts) or ""
     prompts = ()
@@ -263,10 +256,10 @@ def _model(specs: Specs, spec: TableSpec, env: Mapping[str, str], paths: _Paths,
            problems: List[str]) -> ModelPlan:
     model = specs.models[spec.model]
     if options.smoke:
-        return ModelPlan(kind=model.kind, config=str(DEMO_CONFIG), ckpt="", demo=True)
+        return ModelPlan(kind=model.kind, config=str(DEMO_CONFIGS[model.kind]), ckpt="", demo=True)
     ckpt = paths.get(model.checkpoint) or ""
     config = env.get(model.config_env) or model.config_default
-    if model.kind == "ldm" and not options.dry_run:
+    if not options.dry_run:
         try:
             gen.read_config(config)
         except (ValueError, OSError) as err:
@@ -296,8 +289,9 @@ def _row_plans(specs: Specs, spec: TableSpec, values: Mapping[str, Any], table_d
                 if method.steps is not None:
                     raise MethodError(f"{method.name} sets its own sampler and steps; img2img runs DDIM")
                 method.check_steps(encode_steps)
-            elif specs.models[spec.model].kind == "ldm":
+            else:
                 run_sampler = method.run_sampler(sampler)
+                gen.check_sampler(gen.ModelGeometry(4, 8, kind=specs.models[spec.model].kind), run_sampler)
                 method.check_steps(gen.sampler_steps(run_sampler, method.run_steps(values["steps"])))
         except (MethodError, StrategyError, ValueError) as err:
             problems.append(f"row {r['id']} ({r['method']}): {err}")
@@ -333,7 +327,7 @@ def make_plan(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str,
     size = 64 if options.smoke else specs.models[spec.model].size
     values["height"] = values["height"] or size
     values["width"] = values["width"] or size
-    if model.kind == "ldm" and not options.dry_run or options.smoke:
+    if not options.dry_run or options.smoke:
         try:
             geometry = gen.model_geometry(gen.read_config(model.config))
             gen.latent_shape(geometry, values["height"], values["width"])

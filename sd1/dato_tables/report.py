@@ -18,7 +18,7 @@ from datosd.strategy import Strategy
 from sdgen.resources import find_strategy
 
 from .paper import COLUMN_FIELDS, PaperTable, load_paper, paper_table
-from .plan import default_rows, unavailable_reason
+from .plan import default_rows
 from .records import META, ROWS, read_table, speedups
 from .spec import PAPER_FILE, Specs, StrategyTable, TableSpec, load_specs
 
@@ -82,8 +82,7 @@ def _reason(spec: TableSpec, key: str) -> str:
     return reasons.get(key) or reasons.get("*") or "not produced here"
 
 
-def _rows_layout(spec: TableSpec, table: PaperTable, meta, rows, defaults, unavailable: Optional[str]
-                 ) -> Tuple[str, Dict[str, List[str]]]:
+def _rows_layout(spec: TableSpec, table: PaperTable, meta, rows, defaults) -> Tuple[str, Dict[str, List[str]]]:
     """Paper rows in the paper's order, ours beside the row each faces, then our other rows."""
     paper_fields = {COLUMN_FIELDS[c]: c for c in table.columns}
     metrics = table_metrics(meta or {"metrics": spec.metrics}, rows, [f for f in paper_fields if f in METRIC_NAMES])
@@ -111,11 +110,11 @@ def _rows_layout(spec: TableSpec, table: PaperTable, meta, rows, defaults, unava
         ours = ours_by_key.get(key)
         if ours is not None:
             label = ours["label"]
-        elif key in default_by_key and unavailable is None:
+        elif key in default_by_key:
             label = default_by_key[key]["label"]
         else:
             label = NOT_PRODUCED
-            missing.setdefault(unavailable or _reason(spec, key), []).append(key)
+            missing.setdefault(_reason(spec, key), []).append(key)
         lines.append(cells(key, label, ours or {}))
     lines += [cells(None, r["label"], r) for r in rows if r.get("paper") not in ours_by_key or
               ours_by_key[r["paper"]] is not r]
@@ -147,7 +146,6 @@ def render_comparison(specs: Specs, spec: TableSpec, paper: Dict[str, Any], meta
     parts = [f"## {spec.title}", ""]
     if meta.get("smoke"):
         parts += [SMOKE_NOTE, ""]
-    unavailable = unavailable_reason(specs.models[spec.model].kind)
     if spec.paper is None:
         body, missing, notes = results_table(meta, rows), {}, []
     else:
@@ -157,14 +155,12 @@ def render_comparison(specs: Specs, spec: TableSpec, paper: Dict[str, Any], meta
             body, missing = _matrix_layout(spec, table, meta or {"metrics": spec.metrics}, rows,
                                            default_rows(specs, spec))
         else:
-            body, missing = _rows_layout(spec, table, meta, rows, default_rows(specs, spec), unavailable)
+            body, missing = _rows_layout(spec, table, meta, rows, default_rows(specs, spec))
         notes = list(spec.paper.notes)
     parts += [body, ""]
     if meta.get("setup"):
         parts += [f"Ours: {meta['setup']}.", ""]
     notes += [f"{NOT_PRODUCED}: {', '.join(keys)}: {reason}" for reason, keys in missing.items()]
-    if unavailable and not missing:
-        notes.append(unavailable)
     parts += [f"- {note}" for note in notes] + ([""] if notes else [])
     return "\n".join(parts)
 

@@ -14,6 +14,7 @@ Randomness: the start noise comes from per-image CPU generators (`start_noise`),
 of a run (DDIM eta noise, DaTo's random base tokens, tomesd's partition) from generators seeded with the
 run's `seed`, so a seed gives the same images on any device, in any process, run after run.
 """
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -94,9 +95,10 @@ def check_model_files(config_path, ckpt, demo: bool = False) -> None:
             f"file, or run with --demo to try the pipeline on the built-in tiny model with random weights.")
 
 
-def build_demo_model(device="cpu") -> torch.nn.Module:
-    """The tiny demo LatentDiffusion with seeded random weights (no checkpoint needed)."""
-    model = instantiate_from_config(OmegaConf.load(str(DEMO_CONFIG)).model)
+def build_demo_model(device="cpu", config_path=DEMO_CONFIG) -> torch.nn.Module:
+    """A tiny demo model with seeded random weights (no checkpoint needed): the SD 1.x one by default,
+    or the model of another (tiny) config, e.g. DEMO_SDXL_CONFIG."""
+    model = instantiate_from_config(read_config(config_path).model)
     return seeded_random_weights(model, DEMO_SEED).to(device).eval()
 
 
@@ -108,9 +110,10 @@ def build_random_model(config_path, device="cpu") -> torch.nn.Module:
 
 def load_model(config_path, ckpt, device="cpu", use_ema: bool = False, demo: bool = False,
                verbose: bool = True) -> torch.nn.Module:
-    """The model a run asked for: the demo model, or `config_path` + `ckpt` (both checked first)."""
+    """The model a run asked for: `config_path` with seeded random weights (`demo`: the scripts' --demo passes
+    DEMO_CONFIG), or `config_path` + `ckpt` (both checked first)."""
     if demo:
-        return build_demo_model(device)
+        return build_demo_model(device, config_path)
     check_model_files(config_path, ckpt)
     model = load_model_from_config(read_config(config_path), ckpt, use_ema=use_ema, verbose=verbose)
     return model.to(device).eval()
@@ -124,7 +127,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def latent_shape(geometry: ModelGeometry, height: int, width: int) -> Tuple[int, int, int]:
     """(C, H/f, W/f) for an image of height x width; every UNet level must halve the latent sides evenly."""
     halvings = geometry.levels - 1
-    multiple = geometry.factor * 2 ** halvings
+    multiple = latent_multiple(geometry)
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         side = geometry.default_size
         raise UsageError(
@@ -132,6 +135,11 @@ def latent_shape(geometry: ModelGeometry, height: int, width: int) -> Tuple[int,
             f"(latent sides multiples of {2 ** halvings}, as the UNet downsamples {halvings} times), e.g. "
             f"{side}x{side}.")
     return geometry.channels, height // geometry.factor, width // geometry.factor
+
+
+def latent_multiple(geometry: ModelGeometry) -> int:
+    """Image sides must be multiples of this (every UNet level halves the latent evenly)."""
+    return geometry.factor * 2 ** (geometry.levels - 1)
 
 
 def check_geometry(geometry: ModelGeometry, channels: int, factor: int) -> None:
@@ -258,6 +266,16 @@ def sample_latents(model, cond: Conditioning, x_T: torch.Tensor, *, sampler: str
             unconditional_guidance_scale=scale, unconditional_conditioning=cond.uncond, eta=eta,
             x_T=x_T.to(device), generator=generator, disable_progress=not progress), device)
     return SampleResult(latents, seconds, method.call_counts() if method is not None else None)
+
+
+def img2img_steps(strength: float, ddim_steps: int) -> int:
+    """t_enc: how many DDIM steps img2img runs (CompVis: int(strength * ddim_steps)); UsageError if none."""
+    if not math.isfinite(strength) or not 0.0 <= strength <= 1.0:
+        raise UsageError(f"--strength must be in [0, 1], got {strength}")
+    t_enc = int(strength * ddim_steps)
+    if t_enc < 1:
+        raise UsageError(f"--strength {strength} with --ddim_steps {ddim_steps} runs no step; raise either")
+    return t_enc
 
 
 def img2img_latents(model, init_latent: torch.Tensor, cond: Conditioning, noise: torch.Tensor, *, steps: int,

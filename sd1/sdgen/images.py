@@ -156,3 +156,25 @@ class SampleWriter:
         print(f"sampling time: {self.sampling_seconds:.2f} s for {count} images "
               f"({self.sampling_seconds / max(1, count):.2f} s per image)")
         print(f"Your samples are ready and waiting for you here: \n{self.outdir} \nEnjoy.")
+
+
+def load_init_image(path, multiple: int = 64, flag: str = "init image") -> torch.Tensor:
+    """Image file -> (1, 3, H, W) in [-1, 1], sides cut down to multiples of `multiple` (Lanczos resize), as
+    CompVis img2img does. Unreadable or too small files raise UsageError naming `flag`."""
+    if not path:
+        raise UsageError(f"{flag} is required: the path of the image to transform")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = opened.convert("RGB")
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path} does not exist; give the path of the image to transform") from None
+    except Exception as err:
+        raise UsageError(f"{flag} {path} is not a readable image ({err})") from None
+    w, h = image.size
+    w, h = w - w % multiple, h - h % multiple
+    if w == 0 or h == 0:
+        raise UsageError(f"{flag} {path} is {image.size[0]}x{image.size[1]}: both sides must be at least {multiple}")
+    image = image.resize((w, h), resample=Image.LANCZOS)
+    array = np.asarray(image).astype(np.float32) / 255.0
+    return 2.0 * torch.from_numpy(array[None].transpose(0, 3, 1, 2).copy()) - 1.0

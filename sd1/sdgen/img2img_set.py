@@ -19,8 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import generate as gen
-from .cli.img2img import load_init_image
-from .images import atomic_save_png, atomic_write_text, check_output_dir, to_uint8_images
+from .images import atomic_save_png, atomic_write_text, check_output_dir, load_init_image, to_uint8_images
 from .methods import Method
 from .prompt_set import MANIFEST, Timing, device_name, file_sha256, read_manifest
 from .runtime import UsageError
@@ -92,7 +91,7 @@ def check_img2img_job(job: Img2ImgJob) -> Optional[Dict[str, Any]]:
 def transform_image(model, job: Img2ImgJob, applied, k: int) -> Tuple[torch.Tensor, float]:
     """Init image k -> (decoded image (1, 3, H, W), sampler seconds), with img2img.py's random draws."""
     seed = job.seed + k
-    init = load_init_image(job.init_images[k], multiple=8 * job.geometry.factor)
+    init = load_init_image(job.init_images[k], multiple=gen.latent_multiple(job.geometry))
     init_latent = gen.encode_image(model, init, seed, job.precision)
     noise_generator = torch.Generator().manual_seed(seed)
     shape = (1, *init_latent.shape[1:])

@@ -12,7 +12,6 @@ sampling time per image.
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,11 +21,10 @@ import torch
 from tqdm import tqdm
 
 from . import generate as gen
-from .images import atomic_save_png, atomic_write_text, check_output_dir, temp_path, to_uint8_images
+from .images import atomic_save_png, atomic_write_text, check_output_dir, to_uint8_images
 from .methods import Method
-from .runtime import UsageError, synchronize
-from .sharding import (DistInfo, all_reduce_sum, barrier, finish_distributed, init_distributed,
-                       missing_indices, png_path, shard_indices)
+from .runtime import UsageError
+from .sharding import DistInfo, png_path, run_sharded
 
 MANIFEST = "manifest.json"
 LOCATION_KEYS = ("prompt_file",)  # where the prompts were read from: their content (prompt_sha256) is what counts
@@ -129,12 +127,12 @@ def generate_images(model, job: PromptSetJob, todo: Sequence[int], progress: boo
                  "scale": job.scale, "method": job.method.name,
                  "model": gen.DEMO_LABEL if job.model_args[3] else job.model_args[1]}
     timing = Timing()
-    device = gen.model_device(model)
+    size = gen.SizeConditioning(job.height, job.width)
     bar = tqdm(total=len(todo), desc=f"sampling ({job.method.name})", unit="img", disable=not progress)
     with job.method.apply(model, job.steps, seed=job.seed) as applied:
         for b, ks in enumerate(gen.batches(list(todo), job.batch_size)):
             prompts = [job.prompts[k % n] for k in ks]
-            cond = gen.encode_prompts(model, prompts, job.scale, job.precision)
+            cond = gen.encode_prompts(model, prompts, job.scale, job.precision, size=size)
             x_T = gen.start_noise([job.seed + k for k in ks], shape)
             result = gen.sample_latents(model, cond, x_T, sampler=job.sampler, steps=job.steps, scale=job.scale,
                                         seed=job.seed + ks[0], method=applied, precision=job.precision)
@@ -196,32 +194,18 @@ def run_prompt_set(job: PromptSetJob, info: DistInfo, device: torch.device, prog
     The model is loaded (by `load_model`, default `generate.load_model`) only when this rank has something
     to make. Returns the manifest (rank 0) or {}."""
     previous = check_job(job)
-    started = time.perf_counter()
-    device = init_distributed(info, device)
-    try:
-        os.makedirs(job.outdir, exist_ok=True)
-        mine = list(shard_indices(job.total, info))
-        for k in mine:  # leftovers of an interrupted write of one of this rank's images
-            temp_path(png_path(job.outdir, k)).unlink(missing_ok=True)
-        todo = missing_indices(job.outdir, mine)
-        timing = Timing()
-        if todo:
-            config, ckpt, ema, demo = job.model_args
-            model = (load_model or gen.load_model)(config, ckpt, device, use_ema=ema, demo=demo,
-                                                   verbose=info.is_main)
-            timing = generate_images(model, job, todo, progress=progress and info.is_main)
-            synchronize(device)
-        all_s, timed_s, timed_n, generated = all_reduce_sum(
-            info, device, [timing.seconds, timing.timed_seconds, timing.timed_images, len(todo)])
-        barrier(info, device)
-        manifest: Dict[str, Any] = {}
-        if info.is_main:
-            manifest = write_manifest(job, previous, info, device, (all_s, timed_s, timed_n), int(generated),
-                                      time.perf_counter() - started)
-            log(f"generated {int(generated)} images, {manifest['count']} of {manifest['total']} now in {job.outdir}")
-            if manifest["seconds_per_image"] is not None:
-                log(f"sampling time: {manifest['seconds_per_image']:.4f} s per image "
-                    f"(over {manifest['timing']['timed_images']} timed images)")
-        return manifest
-    finally:
-        finish_distributed(info)
+
+    def make_images(device: torch.device, todo: Sequence[int]) -> Tuple[float, float, int]:
+        config, ckpt, ema, demo = job.model_args
+        model = (load_model or gen.load_model)(config, ckpt, device, use_ema=ema, demo=demo, verbose=info.is_main)
+        timing = generate_images(model, job, todo, progress=progress and info.is_main)
+        return timing.seconds, timing.timed_seconds, timing.timed_images
+
+    def manifest(device: torch.device, totals: Sequence[float], generated: int, wall_seconds: float):
+        written = write_manifest(job, previous, info, device, totals, generated, wall_seconds)
+        if written["seconds_per_image"] is not None:
+            log(f"sampling time: {written['seconds_per_image']:.4f} s per image "
+                f"(over {written['timing']['timed_images']} timed images)")
+        return written
+
+    return run_sharded(job.outdir, job.total, info, device, make_images, manifest, log)

@@ -18,6 +18,7 @@ def packaged(*parts: str) -> Path:
 
 
 DEMO_CONFIG = packaged("configs", "stable-diffusion", "tiny-demo.yaml")
+DEMO_SDXL_CONFIG = packaged("configs", "stable-diffusion", "tiny-demo-sdxl.yaml")
 STRATEGY_DIR = packaged("configs", "dato")
 DEFAULT_STRATEGY = STRATEGY_DIR / "b1.yaml"
 IMAGENET_PROMPTS = packaged("data", "imagenet-class-prompts.txt")

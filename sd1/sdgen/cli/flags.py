@@ -5,6 +5,7 @@ import math
 from datosd.strategy import MAX_DEPTH
 
 from ..methods import Method, MethodError, parse_method
+from ..resources import DEMO_CONFIG
 from ..runtime import UsageError
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
@@ -14,18 +15,29 @@ DATO_FLAGS = ("strategy", "dato_parity", "diff_source", "cfg_reference", "recove
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--config, --ckpt, --ema, --demo, --device, --precision (CompVis names)."""
-    parser.add_argument("--config", type=str, default=DEFAULT_CONFIG, help="path to config which constructs model")
+    """--config, --ckpt, --ema, --demo, --device, --precision (CompVis names). Call resolve_model_args on the
+    parsed options."""
+    parser.add_argument("--config", type=str, default=None,
+                        help=f"path to config which constructs model (default {DEFAULT_CONFIG}; with --demo the "
+                             f"tiny demo config)")
     parser.add_argument("--ckpt", type=str, default=DEFAULT_CKPT,
                         help="path to checkpoint of model (.ckpt or .safetensors)")
     parser.add_argument("--ema", action="store_true",
                         help="use the checkpoint's EMA weights (model_ema.*) if it has them")
     parser.add_argument("--demo", action="store_true",
-                        help="use the built-in tiny model with seeded random weights (no checkpoint needed)")
+                        help="seeded random weights, no checkpoint: the built-in tiny SD model, or --config's model "
+                             "(e.g. configs/stable-diffusion/tiny-demo-sdxl.yaml)")
     parser.add_argument("--device", type=str, choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to run (auto: CUDA when available)")
     parser.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
                         help="autocast = float16 on CUDA, bfloat16 on CPU; full = float32")
+
+
+def resolve_model_args(opt: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the default --config: the tiny demo config with --demo, else the SD 1.x inference config."""
+    if opt.config is None:
+        opt.config = str(DEMO_CONFIG) if opt.demo else DEFAULT_CONFIG
+    return opt
 
 
 def add_acceleration_args(parser: argparse.ArgumentParser) -> None:

@@ -13,19 +13,18 @@ import argparse
 import math
 import sys
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm, trange
 
 from ldm.checkpoint import CheckpointError
 
 from .. import generate as gen
-from ..images import SampleWriter, check_output_dir, to_uint8_images
+from ..images import SampleWriter, check_output_dir, load_init_image, to_uint8_images
 from ..methods import MethodError, parse_method
 from ..runtime import UsageError, pick_device, seed_everything
 from . import run
-from .flags import add_acceleration_args, add_model_args, method_from_args, method_name_from_args
+from .flags import (add_acceleration_args, add_model_args, method_from_args, method_name_from_args,
+                    resolve_model_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,38 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_init_image(path, multiple: int = 64) -> torch.Tensor:
-    """Image file -> (1, 3, H, W) in [-1, 1], sides cut down to multiples of `multiple`."""
-    if not path:
-        raise UsageError("--init-img is required: the path of the image to transform")
-    try:
-        image = Image.open(path)
-        image.load()
-        image = image.convert("RGB")
-    except FileNotFoundError:
-        raise UsageError(f"--init-img {path} does not exist; give the path of the image to transform") from None
-    except Exception as err:
-        raise UsageError(f"--init-img {path} is not a readable image ({err})") from None
-    w, h = image.size
-    w, h = w - w % multiple, h - h % multiple
-    if w == 0 or h == 0:
-        raise UsageError(f"--init-img {path} is {image.size[0]}x{image.size[1]}: both sides must be at least "
-                         f"{multiple}")
-    image = image.resize((w, h), resample=Image.LANCZOS)
-    array = np.asarray(image).astype(np.float32) / 255.0
-    return 2.0 * torch.from_numpy(array[None].transpose(0, 3, 1, 2).copy()) - 1.0
-
-
-def encode_steps(strength: float, ddim_steps: int) -> int:
-    """t_enc: how many DDIM steps img2img runs (CompVis: int(strength * ddim_steps))."""
-    if not math.isfinite(strength) or not 0.0 <= strength <= 1.0:
-        raise UsageError(f"--strength must be in [0, 1], got {strength}")
-    t_enc = int(strength * ddim_steps)
-    if t_enc < 1:
-        raise UsageError(f"--strength {strength} with --ddim_steps {ddim_steps} runs no step; raise either")
-    return t_enc
-
-
 def resolve_method(opt, t_enc: int):
     """The method for a t_enc-step run: --dato without --strategy takes b1's last t_enc steps."""
     method = method_from_args(opt)
@@ -114,11 +81,11 @@ def check_options(opt):
         raise UsageError("--ddim_steps must be at most 1000 (the number of training timesteps)")
     if not math.isfinite(opt.scale) or not math.isfinite(opt.ddim_eta) or opt.ddim_eta < 0:
         raise UsageError("--scale must be a finite number and --ddim_eta a finite number >= 0")
-    geometry = gen.model_geometry(gen.read_config(gen.DEMO_CONFIG if opt.demo else opt.config))
+    geometry = gen.model_geometry(gen.read_config(opt.config))
     gen.check_geometry(geometry, opt.C, opt.f)
-    init_image = load_init_image(opt.init_img, multiple=8 * geometry.factor)
+    init_image = load_init_image(opt.init_img, multiple=gen.latent_multiple(geometry), flag="--init-img")
     total = gen.sampler_steps("ddim", opt.ddim_steps)
-    t_enc = min(encode_steps(opt.strength, opt.ddim_steps), total)
+    t_enc = min(gen.img2img_steps(opt.strength, opt.ddim_steps), total)
     if opt.from_file:
         try:
             with open(opt.from_file, encoding="utf-8") as f:
@@ -139,7 +106,7 @@ def check_options(opt):
 def main(argv=None, model=None) -> int:
     """Run img2img with command-line flags `argv`; `model`, when given, is used instead of loading one
     (a driver transforming many images loads it once)."""
-    opt = build_parser().parse_args(argv)
+    opt = resolve_model_args(build_parser().parse_args(argv))
     try:
         init_image, batches, method, t_enc = check_options(opt)
         device = pick_device(opt.device)

@@ -41,7 +41,7 @@ from ..prompt_set import PromptSetJob, check_job, run_prompt_set
 from ..runtime import UsageError, pick_device, seed_everything
 from ..sharding import dist_info_from_env
 from . import run
-from .flags import add_acceleration_args, add_model_args, method_from_args
+from .flags import add_acceleration_args, add_model_args, method_from_args, resolve_model_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +89,7 @@ def job_from_args(opt) -> PromptSetJob:
         raise UsageError(f"--scale must be a finite number, got {opt.scale}")
     if opt.seed < 0:
         raise UsageError(f"--seed must be 0 or more (image k uses seed + k), got {opt.seed}")
-    geometry = gen.model_geometry(gen.read_config(gen.DEMO_CONFIG if opt.demo else opt.config))
+    geometry = gen.model_geometry(gen.read_config(opt.config))
     gen.check_geometry(geometry, opt.C, opt.f)
     gen.latent_shape(geometry, opt.H, opt.W)
     try:
@@ -109,7 +109,7 @@ def job_from_args(opt) -> PromptSetJob:
 
 
 def main(argv=None) -> int:
-    opt = build_parser().parse_args(argv)
+    opt = resolve_model_args(build_parser().parse_args(argv))
     try:
         job = job_from_args(opt)
         info = dist_info_from_env()

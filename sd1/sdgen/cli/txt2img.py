@@ -22,7 +22,7 @@ from ..images import SampleWriter, check_output_dir, to_uint8_images
 from ..methods import MethodError
 from ..runtime import UsageError, pick_device, seed_everything
 from . import run
-from .flags import add_acceleration_args, add_model_args, method_from_args
+from .flags import add_acceleration_args, add_model_args, method_from_args, resolve_model_args
 
 DEMO_SIZE = 128
 
@@ -110,7 +110,7 @@ def size_conditioning(opt) -> gen.SizeConditioning:
 def check_options(opt):
     """Reject bad input before anything is loaded or written. Returns (batches, method, steps, sampler,
     latent shape)."""
-    geometry = gen.model_geometry(gen.read_config(gen.DEMO_CONFIG if opt.demo else opt.config))
+    geometry = gen.model_geometry(gen.read_config(opt.config))
     if opt.H is None:
         opt.H = DEMO_SIZE if opt.demo else geometry.default_size
     if opt.W is None:
@@ -137,7 +137,7 @@ def check_options(opt):
 
 
 def main(argv=None) -> int:
-    opt = build_parser().parse_args(argv)
+    opt = resolve_model_args(build_parser().parse_args(argv))
     try:
         batches, method, steps, sampler, shape = check_options(opt)
         device = pick_device(opt.device)
