@@ -10,6 +10,7 @@ import hashlib
 import json
 import platform
 import random
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,14 @@ def context_width(unet: torch.nn.Module) -> int:
     raise ValueError("the UNet has no cross-attention layer")
 
 
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median of repeated measurements; 0 for fewer than two."""
+    if len(values) < 2:
+        return 0.0
+    median = statistics.median(values)
+    return (max(values) - min(values)) / median if median > 0 else float("inf")
+
+
 CallPlan = Sequence[Tuple[int, float]]  # (cache depth, prune ratio) of every UNet call of a run
 
 
@@ -90,13 +99,8 @@ class CostTable:
         return self.plan_macs(strategy.call_plan(sampler))
 
     def spread(self, name: str) -> float:
-        """(max - min) / median of an entry's repeats: 0 for a single repeat; large when the machine was
-        disturbed while it was measured."""
-        values = self.raw_seconds.get(name, [])
-        if len(values) < 2:
-            return 0.0
-        median = sorted(values)[len(values) // 2]
-        return (max(values) - min(values)) / median if median > 0 else float("inf")
+        """`spread` of an entry's repeats: large when the machine was disturbed while it was measured."""
+        return spread(self.raw_seconds.get(name, []))
 
     def noisy_entries(self, threshold: float, names: Optional[Iterable[str]] = None) -> Dict[str, float]:
         """{entry: spread} of the entries (all, or `names`) whose repeats spread more than `threshold`."""
@@ -294,10 +298,10 @@ def count_entry_macs(unet: torch.nn.Module, height: int, width: int, batch: int,
             for step in range(len(entries) + 2):
                 state.step_started(step)
                 state.model_call(True)
-                counter = FlopCounterMode(display=False)
-                with counter, sdpa_kernel(SDPBackend.MATH):
+                counter = FlopCounterMode(display=False) if step >= 2 else None  # the 2 full steps: not counted
+                with counter or nullcontext(), sdpa_kernel(SDPBackend.MATH):
                     unet(x, t, context=context)
-                if step >= 2:
+                if counter is not None:
                     macs[entry_name(*entries[step - 2])] = counter.get_total_flops() // 2
     finally:
         remove_patch(unet)
