@@ -76,8 +76,9 @@ def main(argv=None) -> int:
     times = time_calls(shell, opt.ratios, opt.repeats, opt.precision, inputs, on_pass=show)
     dtype = precision_name(opt.precision, device)
     where = hardware_name(device) if device.type == "cuda" else f"{threads} threads"
-    header = (f"UNet of {Path(opt.config).name} (random weights), latent {h}x{w}, batch {2 * opt.batch} (CFG), {dtype}, {where}, "
-              f"median of {opt.repeats} interleaved passes after one untimed warm-up call of each kind")
+    header = (f"UNet of {Path(opt.config).name} (random weights), latent {h}x{w}, batch {2 * opt.batch} (CFG), "
+              f"{dtype}, {where}, median of {opt.repeats} interleaved passes after one untimed warm-up call of "
+              f"each kind")
     print("\n" + report(times, opt.ratios, header))
     Path(opt.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(opt.out, json.dumps({"raw": times, "median": medians(times), "torch": torch.__version__,
