@@ -1,4 +1,5 @@
-"""The per-step cost table: predictions add up the entries, MAC counts agree with independent counts."""
+"""The per-step cost table: predictions add up the entries of the call plan, MAC counts agree with independent
+counts, stored tables merge by key, and a noisy entry is flagged by its spread."""
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -13,6 +14,8 @@ from datosd.costs import (
     measure_table,
     plain_unet_macs,
     table_entries,
+    time_entries,
+    unet_inputs,
 )
 from helpers import golden_model
 
@@ -31,6 +34,29 @@ def test_predict_sums_entries_with_the_plms_extra_call():
     assert table.predict(strategy, "ddim") == pytest.approx(10.0 + 9.0 + 0.01 + 1.5 + 9.5)
     with pytest.raises(KeyError, match="d1_r0.50"):
         table.predict(Strategy([12, 1], [0.7, 0.5]))
+    assert table.plan_seconds([(12, 0.3), (0, 0.9)]) == pytest.approx(9.01)
+
+
+def test_spread_flags_a_disturbed_entry():
+    table = CostTable(key={}, raw_seconds={"d12_r0.00": [10.0, 10.2, 9.9], "d12_r0.50": [9.0, 30.0, 9.1],
+                                           "d1_r0.00": [1.0]})
+    assert table.spread("d12_r0.00") == pytest.approx(0.3 / 10.0)
+    assert table.spread("d12_r0.50") == pytest.approx(21.0 / 9.1)
+    assert table.spread("d1_r0.00") == 0.0  # one repeat: no spread to see
+    assert table.noisy_entries(0.2) == {"d12_r0.50": pytest.approx(21.0 / 9.1)}
+    assert table.noisy_entries(0.2, names=["d12_r0.00"]) == {}
+
+
+def test_save_merges_entries_into_the_stored_table(tmp_path):
+    path = tmp_path / "costs.json"
+    key = {"config": "abc", "latent": [8, 8]}
+    CostTable(key=key, seconds={"d0": 0.1, "d12_r0.00": 2.0}, raw_seconds={"d0": [0.1], "d12_r0.00": [2.0]}).save(path)
+    CostTable(key=dict(key, latent=[16, 16]), seconds={"d0": 5.0}).save(path)
+    CostTable(key=key, seconds={"d12_r0.00": 3.0, "d1_r0.00": 0.5}).save(path)
+    merged = find_table(path, key)
+    assert merged.seconds == {"d0": 0.1, "d12_r0.00": 3.0, "d1_r0.00": 0.5}
+    assert merged.raw_seconds == {"d0": [0.1], "d12_r0.00": [2.0]}
+    assert find_table(path, dict(key, latent=[16, 16])).seconds == {"d0": 5.0}
 
 
 def test_entry_names():
@@ -69,7 +95,7 @@ def test_measure_table_on_the_tiny_model(unet, tmp_path):
     table = measure_table(unet, 8, 8, batch=1, entries=entries, repeats=2, progress=False)
     assert set(table.seconds) == {"d12_r0.00", "d12_r0.50", "d1_r0.00", "d0"}
     assert all(len(v) == 2 for v in table.raw_seconds.values())
-    assert table.seconds["d0"] < table.seconds["d12_r0.00"]
+    assert all(table.seconds[k] in v for k, v in table.raw_seconds.items())
     assert table.macs["d0"] == 0
     assert table.key["latent"] == [8, 8] and table.key["batch"] == 1
     path = tmp_path / "costs.json"
@@ -79,3 +105,16 @@ def test_measure_table_on_the_tiny_model(unet, tmp_path):
     assert find_table(path, table.key) == table
     assert find_table(path, dict(table.key, latent=[16, 16])) is None
     assert type(unet).__name__ == "UNetModel"
+
+
+def test_time_entries_times_each_entry_once_after_two_full_steps(unet):
+    calls = []
+    handle = unet.register_forward_pre_hook(lambda module, args: calls.append(module._dato.planned()))
+    try:
+        x, t, cond = unet_inputs(unet, 8, 8, 1, "cpu")
+        seconds = time_entries(unet, [(1, 0.5), (12, 0.3)], x, t, cond, torch.autocast("cpu", enabled=False))
+    finally:
+        handle.remove()
+    assert set(seconds) == {"d1_r0.50", "d12_r0.30"}
+    assert calls == [(12, 0.0), (12, 0.0), (1, 0.5), (12, 0.3)]  # 2 untimed full steps, then the entries in order
+    assert getattr(unet, "_dato", None) is None

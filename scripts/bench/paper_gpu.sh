@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The paper's speed setting on one GPU: SD 1.5 at 512x512, 50 PLMS steps, every method of Table 1 measured
-# end to end in one process (float16 autocast and float32, batch 1 and 8), then the CUDA checks.
+# end to end in one process (float16 autocast and float32, batch 1 and 8), after the CUDA checks
+# (tests/test_cuda.py, pytest marker `cuda`).
 #
 # Usage: scripts/bench/paper_gpu.sh [OUT_DIR] [--ckpt CKPT]   (default: random weights, OUT_DIR outputs/bench)
 # Speed does not depend on weight values; with --ckpt the PSNR / latent-MSE columns become meaningful.
@@ -13,11 +14,12 @@ if [ "${1:-}" = "--ckpt" ]; then
     [ $# -ge 2 ] || { echo "paper_gpu.sh: --ckpt needs a checkpoint path" >&2; exit 2; }
     MODEL=(--ckpt "$2")
 fi
-COMMON=("${MODEL[@]}" --device cuda --steps 50 --outdir "$OUT" --cost-table "$OUT/costs.json")
-python scripts/bench/cuda_check.py --out "$OUT/cuda_check.json"
+COMMON=("${MODEL[@]}" --device cuda --steps 50 --outdir "$OUT")
+mkdir -p "$OUT"
+python -m pytest -m cuda tests/test_cuda.py -q -rA 2>&1 | tee "$OUT/cuda_check.log"
 python scripts/benchmark.py "${COMMON[@]}" --precision autocast --repeats 3 --name gpu-fp16
 python scripts/benchmark.py "${COMMON[@]}" --precision full --repeats 3 --name gpu-fp32
 python scripts/benchmark.py "${COMMON[@]}" --precision autocast --repeats 3 --batch 8 --no-decode \
-    --methods original,tome,deepcache-n3,deepcache-n5,dato-b1 --name gpu-fp16-batch8
+    --methods original,tome-0.5,deepcache-n3,deepcache-n5,dato --name gpu-fp16-batch8
 python scripts/bench/unet_calls.py --device cuda --precision autocast --repeats 10 --profile \
     --out "$OUT/unet_calls_gpu_fp16.json"

@@ -2,16 +2,18 @@
 # The README's "Speed" tables on a CPU: the full-size SD 1.5 architecture with random weights at 512x512.
 #
 #   1. 50-step table predicted from the per-step cost table, float32 and bfloat16 autocast (minutes each);
-#   2. 50-step table measured end to end, float32, one repeat of every method (about 45 minutes on 2 cores);
+#   2. 50-step table measured end to end, float32, one untimed warm-up and one timed run of every method
+#      (about 90 minutes on 2 cores);
 #   3. per-UNet-call timings of DaTo pruning against tomesd and of depth-1 steps (scripts/bench/unet_calls.py).
 #
 # Usage: scripts/bench/readme_cpu.sh [OUT_DIR]   (default outputs/bench; THREADS=N to pin torch threads)
-# The cost tables are stored in OUT_DIR/costs.json and reused by later steps and runs with the same key.
+# The cost tables are stored in OUT_DIR/costs.json and reused by later steps and runs with the same key
+# (add --remeasure to the benchmark lines to time their entries again).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${1:-outputs/bench}
 THREADS=${THREADS:-$(nproc)}
-COMMON=(--random-weights --steps 50 --threads "$THREADS" --outdir "$OUT" --cost-table "$OUT/costs.json")
+COMMON=(--random-weights --steps 50 --threads "$THREADS" --outdir "$OUT")
 python scripts/benchmark.py "${COMMON[@]}" --predict-only --precision full --name cpu-fp32-50steps-predicted
 python scripts/benchmark.py "${COMMON[@]}" --predict-only --precision autocast --name cpu-bf16-50steps-predicted
 python scripts/benchmark.py "${COMMON[@]}" --repeats 1 --precision full --name cpu-fp32-50steps-measured

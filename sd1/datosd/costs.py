@@ -1,18 +1,21 @@
 """Per-step cost model of a strategy: measured seconds and exact MACs per (cache depth, prune ratio).
 
 A UNet call's cost depends only on its cache depth and prune ratio (for a given model, latent size, batch,
-device and dtype), so a strategy's sampling time is the sum of its calls' entries. The table is measured
-once, interleaved over repeats, and stored as JSON keyed by what it depends on.
+device, dtype and thread count), so a run's sampling time is the sum of its calls' entries, the calls being
+`Strategy.call_plan`. The table is measured once, interleaved over repeats, and stored as JSON keyed by what
+it depends on; the search and the benchmark share it. Each entry keeps its raw repeats, so a disturbed
+measurement shows as a large spread ((max - min) / median).
 """
 import hashlib
 import json
 import platform
 import random
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,17 +33,6 @@ def entry_name(depth: int, ratio: float) -> str:
     """Table key of a call: 'd0' (nothing runs, the ratio is moot) or e.g. 'd12_r0.50'."""
     depth = min(int(depth), FULL_DEPTH)
     return "d0" if depth == 0 else f"d{depth}_r{ratio:.2f}"
-
-
-def unet_calls(strategy: Strategy, sampler: str = "plms") -> List[Tuple[int, float]]:
-    """(depth, ratio) of every UNet call a sampling run makes: step 0 is full; PLMS calls it twice."""
-    calls = []
-    for step, (depth, ratio) in enumerate(zip(strategy.cache_depth, strategy.prune_ratio)):
-        depth = FULL_DEPTH if step == 0 else min(int(depth), FULL_DEPTH)
-        calls.append((depth, float(ratio)))
-        if step == 0 and sampler == "plms":
-            calls.append((depth, float(ratio)))
-    return calls
 
 
 def config_hash(unet: torch.nn.Module) -> str:
@@ -61,6 +53,17 @@ def context_width(unet: torch.nn.Module) -> int:
     raise ValueError("the UNet has no cross-attention layer")
 
 
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median of repeated measurements; 0 for fewer than two."""
+    if len(values) < 2:
+        return 0.0
+    median = statistics.median(values)
+    return (max(values) - min(values)) / median if median > 0 else float("inf")
+
+
+CallPlan = Sequence[Tuple[int, float]]  # (cache depth, prune ratio) of every UNet call of a run
+
+
 @dataclass
 class CostTable:
     """Seconds (median over repeats) and MACs of one UNet call per table entry, for one setting `key`."""
@@ -76,16 +79,43 @@ class CostTable:
             raise KeyError(f"the cost table has no entry {name}; measure it (entries: {sorted(self.seconds)})")
         return self.seconds[name]
 
+    def plan_seconds(self, plan: CallPlan) -> float:
+        """Predicted UNet time (seconds) of a run making the calls `plan`: the sum of their entries."""
+        return sum(self.call_seconds(d, r) for d, r in plan)
+
+    def plan_macs(self, plan: CallPlan) -> int:
+        """Exact MACs of a run making the calls `plan`."""
+        missing = [entry_name(d, r) for d, r in plan if entry_name(d, r) not in self.macs]
+        if missing:
+            raise KeyError(f"the cost table has no MAC count for {sorted(set(missing))}")
+        return sum(self.macs[entry_name(d, r)] for d, r in plan)
+
     def predict(self, strategy: Strategy, sampler: str = "plms") -> float:
-        """Predicted UNet time of one sampling run (seconds): the sum of its calls' entries."""
-        return sum(self.call_seconds(d, r) for d, r in unet_calls(strategy, sampler))
+        """Predicted UNet time of one sampling run of `strategy` under `sampler` (seconds)."""
+        return self.plan_seconds(strategy.call_plan(sampler))
 
     def predict_macs(self, strategy: Strategy, sampler: str = "plms") -> int:
         """Exact MACs of one sampling run's UNet calls."""
-        missing = [entry_name(d, r) for d, r in unet_calls(strategy, sampler) if entry_name(d, r) not in self.macs]
-        if missing:
-            raise KeyError(f"the cost table has no MAC count for {sorted(set(missing))}")
-        return sum(self.macs[entry_name(d, r)] for d, r in unet_calls(strategy, sampler))
+        return self.plan_macs(strategy.call_plan(sampler))
+
+    def spread(self, name: str) -> float:
+        """`spread` of an entry's repeats: large when the machine was disturbed while it was measured."""
+        return spread(self.raw_seconds.get(name, []))
+
+    def noisy_entries(self, threshold: float, names: Optional[Iterable[str]] = None) -> Dict[str, float]:
+        """{entry: spread} of the entries (all, or `names`) whose repeats spread more than `threshold`."""
+        names = sorted(self.raw_seconds) if names is None else names
+        return {name: self.spread(name) for name in names if self.spread(name) > threshold}
+
+    def merged_into(self, stored: Optional["CostTable"]) -> "CostTable":
+        """`stored` (same key) with this table's entries added; this table's entries replace stored ones of
+        the same name, the stored table's other entries stay."""
+        if stored is None:
+            return self
+        if stored.key != self.key:
+            raise ValueError("merging cost tables of different keys")
+        return CostTable(key=self.key, seconds={**stored.seconds, **self.seconds},
+                         raw_seconds={**stored.raw_seconds, **self.raw_seconds}, macs={**stored.macs, **self.macs})
 
     def to_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -97,10 +127,12 @@ class CostTable:
                    macs={k: int(v) for k, v in data.get("macs", {}).items()})
 
     def save(self, path: Path) -> None:
-        """Store in a JSON file holding a list of tables; a table with the same key is replaced."""
+        """Store in a JSON file holding a list of tables, merged into a stored table with the same key (this
+        table's entries replace stored entries of the same name; the stored table's other entries stay)."""
         path = Path(path)
-        tables = [t for t in load_tables(path) if t.key != self.key] if path.exists() else []
-        tables.append(self)
+        tables = load_tables(path) if path.exists() else []
+        stored = next((t for t in tables if t.key == self.key), None)
+        tables = [t for t in tables if t.key != self.key] + [self.merged_into(stored)]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps([t.to_dict() for t in tables], indent=1))
@@ -121,14 +153,21 @@ def find_table(path: Path, key: Dict[str, object]) -> Optional[CostTable]:
     return None
 
 
+def hardware_name(device) -> str:
+    """The GPU's name on CUDA, else the CPU's (platform.processor(), or the machine type)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
 def table_key(unet: torch.nn.Module, height: int, width: int, batch: int, device: torch.device,
               dtype: str) -> Dict[str, object]:
-    """What a cost table depends on: architecture, latent size, batch (images, CFG doubles it), hardware."""
+    """What a cost table depends on: architecture, latent size, batch (images, CFG doubles it), hardware,
+    dtype, CPU threads and torch version."""
     device = torch.device(device)
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        platform.processor() or platform.machine())
     return {"config": config_hash(unet), "latent": [height, width], "batch": batch, "device": device.type,
-            "hardware": hardware, "threads": torch.get_num_threads(), "dtype": dtype,
+            "hardware": hardware_name(device), "threads": torch.get_num_threads(), "dtype": dtype,
             "torch": torch.__version__}
 
 
@@ -146,9 +185,9 @@ def vector_width(unet: torch.nn.Module) -> Optional[int]:
     return unet.label_emb[0][0].in_features
 
 
-def _inputs(unet: torch.nn.Module, height: int, width: int, batch: int, device, dtype=torch.float32):
-    """Random CFG-shaped UNet inputs: x (2B, C, h, w), t (2B,), and the conditioning keywords:
-    context (2B, 77, D), plus y (2B, V) for a UNet with vector conditioning (SDXL)."""
+def unet_inputs(unet: torch.nn.Module, height: int, width: int, batch: int, device):
+    """Random CFG-shaped UNet inputs (seeded, drawn on the CPU): x (2B, C, h, w), t (2B,), and the conditioning
+    keywords: context (2B, 77, D), plus y (2B, V) for a UNet with vector conditioning (SDXL)."""
     g = torch.Generator().manual_seed(0)
     channels = unet.in_channels
     x = torch.randn(2 * batch, channels, height, width, generator=g).to(device)
@@ -159,8 +198,19 @@ def _inputs(unet: torch.nn.Module, height: int, width: int, batch: int, device, 
     return x, t, cond
 
 
-def _run_entries(unet, entries, x, t, cond, autocast, on_call=None):
-    """One calibration pass: warm-up steps, then every entry's call; returns {entry: seconds}."""
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_entries(unet: torch.nn.Module, entries: Sequence[Tuple[int, float]], x: torch.Tensor, t: torch.Tensor,
+                 cond: Dict[str, torch.Tensor], autocast, on_call: Optional[Callable[[], None]] = None
+                 ) -> Dict[str, float]:
+    """One calibration pass of the (unpatched) `unet`: two full steps that fill the caches (untimed), then one
+    timed call per (depth, ratio) entry, in the given order. Returns {entry name: seconds}.
+
+    x, t, cond: UNet inputs and conditioning keywords (`unet_inputs`); autocast: the precision context of the calls.
+    """
     state = apply_patch(unet, _calibration_strategy(entries))
     seconds = {}
     try:
@@ -169,12 +219,10 @@ def _run_entries(unet, entries, x, t, cond, autocast, on_call=None):
             for step in range(len(entries) + 2):
                 state.step_started(step)
                 state.model_call(True)
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize()
+                _synchronize(x.device)
                 started = time.perf_counter()
                 unet(x, t, **cond)
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize()
+                _synchronize(x.device)
                 elapsed = time.perf_counter() - started
                 if step >= 2:
                     seconds[entry_name(*entries[step - 2])] = elapsed
@@ -221,7 +269,7 @@ def measure_table(model: torch.nn.Module, height: int, width: int, batch: int = 
     else:
         raise ValueError(f"precision must be 'float32' or 'autocast', got {precision!r}")
     table = CostTable(key=table_key(unet, height, width, batch, device, dtype_name))
-    x, t, cond = _inputs(unet, height, width, batch, device)
+    x, t, cond = unet_inputs(unet, height, width, batch, device)
     order = random.Random(seed)
     bar = None
     if progress:
@@ -233,7 +281,7 @@ def measure_table(model: torch.nn.Module, height: int, width: int, batch: int = 
         order.shuffle(shuffled)
         if bar is not None:
             bar.set_description(f"cost table, pass {repeat + 1}/{repeats}")
-        seconds = _run_entries(unet, shuffled, x, t, cond, autocast,
+        seconds = time_entries(unet, shuffled, x, t, cond, autocast,
                                on_call=bar.update if bar is not None else None)
         for name, value in seconds.items():
             table.raw_seconds.setdefault(name, []).append(value)
@@ -252,7 +300,7 @@ def count_entry_macs(unet: torch.nn.Module, height: int, width: int, batch: int,
     included. Runs on the meta device when the UNet is there (no compute), else for real. Attention runs
     on the math backend while counting: the fused CPU kernel has no FLOP formula and would count nothing."""
     device = next(unet.parameters()).device
-    x, t, cond = _inputs(unet, height, width, batch, device)
+    x, t, cond = unet_inputs(unet, height, width, batch, device)
     state = apply_patch(unet, _calibration_strategy(entries))
     macs = {}
     try:
@@ -261,10 +309,10 @@ def count_entry_macs(unet: torch.nn.Module, height: int, width: int, batch: int,
             for step in range(len(entries) + 2):
                 state.step_started(step)
                 state.model_call(True)
-                counter = FlopCounterMode(display=False)
-                with counter, sdpa_kernel(SDPBackend.MATH):
+                counter = FlopCounterMode(display=False) if step >= 2 else None  # the 2 full steps: not counted
+                with counter or nullcontext(), sdpa_kernel(SDPBackend.MATH):
                     unet(x, t, **cond)
-                if step >= 2:
+                if counter is not None:
                     macs[entry_name(*entries[step - 2])] = counter.get_total_flops() // 2
     finally:
         remove_patch(unet)
@@ -274,7 +322,7 @@ def count_entry_macs(unet: torch.nn.Module, height: int, width: int, batch: int,
 def plain_unet_macs(unet: torch.nn.Module, height: int, width: int, batch: int) -> int:
     """MACs of one call of the unpatched UNet (CFG batch), for reference."""
     device = next(unet.parameters()).device
-    x, t, cond = _inputs(unet, height, width, batch, device)
+    x, t, cond = unet_inputs(unet, height, width, batch, device)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
         unet(x, t, **cond)

@@ -1,0 +1,401 @@
+"""Side-by-side speed of acceleration methods in one process, and what the per-step cost model predicts.
+
+Every method (a registry name, `sdgen.methods`) samples the same prompts from the same start noise on the same
+model through the generation API. Each method first runs once untimed at the benchmark's shape (the first
+run pays one-off costs: allocations, kernel selection, lazy initialisation); then `repeats` timed passes run
+every method, the order rotating between passes so that a disturbed machine disturbs them alike.
+
+For every method the report gives seconds per image (median, min), the speed-up over the original, UNet calls
+by kind, exact MACs and the ideal (MAC) speed-up, the time the cost table (`datosd.costs`, one table per ToMe
+ratio) predicts and its error, peak memory, and fidelity to the original (PSNR of decoded images, MSE of the
+final latents). Cost tables are stored by key (model, latent size, batch, device, dtype, threads, ToMe ratio);
+a stored entry is reused and replaced only on request (`remeasure`), and entries whose repeats spread more
+than NOISY_SPREAD are flagged.
+"""
+import math
+import os
+import statistics
+import textwrap
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from datosd.costs import CostTable, count_entry_macs, entry_name, find_table, measure_table, spread, table_key
+from tqdm import tqdm
+
+from . import generate as gen
+from .methods import Method, MethodError, parse_method
+from .runtime import precision_name
+
+DEFAULT_PROMPTS = ["a photograph of an astronaut riding a horse", "a golden retriever on a beach at sunset",
+                   "a bowl of fruit on a wooden table, still life", "a red sports car in the rain"]
+DEFAULT_METHODS = ("original", "ddim10", "tome-0.5", "deepcache-n3", "deepcache-n5", "deepcache-n3+tome-0.5",
+                   "dato")
+BASE_SAMPLER = "plms"  # the paper's sampler; ddim<N> brings its own
+NOISY_SPREAD = 0.2  # (max - min) / median of an entry's repeats above which it is flagged
+RENAMED = {"tome": "tome-0.5", "deepcache-tome": "deepcache-n3+tome-0.5", "dato-b1": "dato"}
+
+CallType = Tuple[int, float]  # (cache depth, prune ratio) of one UNet call
+
+
+@dataclass
+class BenchEntry:
+    """One row of the benchmark: a registry method, the sampler and step count its runs use, and what the
+    timed runs measured (seconds per image of each repeat, calls by kind, peak memory, first latents)."""
+
+    method: Method
+    sampler: str
+    steps: int
+    requested_steps: int
+    seconds: List[float] = field(default_factory=list)
+    calls: Optional[Dict[str, int]] = None
+    peak_memory_mb: float = 0.0
+    latents: Optional[torch.Tensor] = None
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    def call_plan(self) -> List[CallType]:
+        """(cache depth, prune ratio) of every UNet call of one run (`Method.call_plan`)."""
+        return self.method.call_plan(self.steps, self.sampler)
+
+    def planned_calls(self) -> Dict[str, int]:
+        return self.method.call_counts(self.steps, self.sampler)
+
+    def note(self) -> str:
+        """What a reader of the table must know about this row's step count or strategy ('' if nothing)."""
+        parts = []
+        if self.method.steps is not None and self.method.steps != self.requested_steps:
+            parts.append(f"runs {self.method.steps} steps: its name fixes the step count (--steps "
+                         f"{self.requested_steps} applies to the methods whose name has none)")
+        elif self.steps != self.method.run_steps(self.requested_steps):
+            parts.append(f"the {self.sampler} schedule runs {self.steps} steps for {self.requested_steps}")
+        strategy = self.method.strategy
+        if strategy is not None and "derivation" in strategy.meta:
+            parts.append(f"strategy {strategy.name}: {strategy.meta.get('derived_from')}'s "
+                         f"{strategy.meta['derivation']}, a {strategy.steps}-step stand-in")
+        return "; ".join(parts)
+
+
+def bench_entries(names: Sequence[str], steps: int) -> List[BenchEntry]:
+    """The benchmark's rows, original first (added when missing): every name through the registry; `steps`
+    applies to every method whose name has no step count (ddim10 runs 10). Raises MethodError /
+    StrategyError (a DaTo strategy of another length) before any model is built."""
+    methods: List[Method] = []
+    for name in names:
+        if name in RENAMED:
+            raise MethodError(f"method {name!r} is now called {RENAMED[name]!r} (registry names, sdgen.methods)")
+        method = parse_method(name)
+        if any(m.name == method.name for m in methods):
+            raise MethodError(f"method {method.name!r} is listed twice")
+        methods.append(method)
+    methods.sort(key=lambda m: not m.is_original)
+    if not methods or not methods[0].is_original:
+        methods.insert(0, parse_method("original"))
+    entries = []
+    for method in methods:
+        sampler = method.run_sampler(BASE_SAMPLER)
+        run_steps = gen.sampler_steps(sampler, method.run_steps(steps))
+        method.check_steps(run_steps)
+        entries.append(BenchEntry(method, sampler, run_steps, steps))
+    return entries
+
+
+# --- measuring --------------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory while a block runs: CUDA allocator peak, or the process RSS sampled every 20 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._stop = threading.Event()
+        self.peak_bytes = self._rss()
+
+        def watch():
+            while not self._stop.wait(0.02):
+                self.peak_bytes = max(self.peak_bytes, self._rss())
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, self._rss())
+
+
+def run_method(model, entry: BenchEntry, cond: gen.Conditioning, x_T: torch.Tensor, *, scale: float,
+               precision: str, seed: int) -> Tuple[gen.SampleResult, int]:
+    """One sampling run of `entry`, its method applied for this run only; returns (result, peak bytes)."""
+    with entry.method.apply(model, entry.steps, seed=seed) as applied, \
+            PeakMemory(gen.model_device(model)) as memory:
+        result = gen.sample_latents(model, cond, x_T, sampler=entry.sampler, steps=entry.steps, scale=scale,
+                                    seed=seed, method=applied, precision=precision)
+    return result, memory.peak_bytes
+
+
+def time_methods(model, entries: Sequence[BenchEntry], cond: gen.Conditioning, x_T: torch.Tensor, *,
+                 scale: float, precision: str, seed: int, repeats: int, progress: bool = True) -> None:
+    """One untimed warm-up run per entry, then `repeats` passes over all entries, each pass starting one entry
+    later (rotating order). Fills each entry's seconds (per image), calls, peak memory and first latents."""
+    batch = x_T.shape[0]
+    bar = tqdm(total=(repeats + 1) * len(entries), desc="benchmark", disable=not progress)
+    for entry in entries:
+        bar.set_description(f"benchmark: {entry.name}, untimed warm-up")
+        run_method(model, entry, cond, x_T, scale=scale, precision=precision, seed=seed)
+        bar.update()
+    for repeat in range(repeats):
+        shift = repeat % len(entries)
+        for entry in list(entries[shift:]) + list(entries[:shift]):
+            bar.set_description(f"benchmark: {entry.name}, repeat {repeat + 1}/{repeats}")
+            result, peak = run_method(model, entry, cond, x_T, scale=scale, precision=precision, seed=seed)
+            entry.seconds.append(result.seconds / batch)
+            entry.calls = result.calls or entry.planned_calls()
+            entry.peak_memory_mb = max(entry.peak_memory_mb, peak / 2 ** 20)
+            if entry.latents is None:
+                entry.latents = result.latents.float().cpu()
+            bar.update()
+    bar.close()
+
+
+def call_types(entries: Sequence[BenchEntry]) -> Dict[Optional[float], Dict[str, CallType]]:
+    """{ToMe ratio (None: no ToMe): {entry name: (depth, ratio)}} of every UNet call the entries make."""
+    groups: Dict[Optional[float], Dict[str, CallType]] = {}
+    for entry in entries:
+        group = groups.setdefault(entry.method.tome_ratio, {})
+        for depth, ratio in entry.call_plan():
+            group.setdefault(entry_name(depth, ratio), (depth, ratio))
+    return groups
+
+
+def tome_applied(model: torch.nn.Module, ratio: Optional[float]):
+    """ToMeSD at `ratio` (the registry's tome-<r>) patched into `model` while the block runs; None: nothing."""
+    if ratio is None:
+        return nullcontext()
+    return parse_method(f"tome-{ratio:g}").apply(model, steps=1)  # ToMe alone has no step plan
+
+
+def cost_table_key(model, height: int, width: int, batch: int, precision: str,
+                   tome_ratio: Optional[float]) -> Dict[str, object]:
+    """What a stored table is found by: `costs.table_key` (model, latent size, batch, device, dtype, threads,
+    torch) and the ToMe ratio patched while it was measured."""
+    device = gen.model_device(model)
+    unet = model.model.diffusion_model
+    return dict(table_key(unet, height, width, batch, device, precision_name(precision, device)),
+                tome_ratio=tome_ratio)
+
+
+def cost_tables(model, entries: Sequence[BenchEntry], height: int, width: int, batch: int, precision: str,
+                repeats: int, path: Path, remeasure: bool = False,
+                progress: bool = True) -> Dict[Optional[float], CostTable]:
+    """The cost table of every ToMe ratio the entries use: seconds and exact MACs of every call type they make.
+
+    A table stored in `path` under the same key is reused: only the entries it lacks are timed (every needed
+    entry with `remeasure`, replacing the stored ones), and only missing MAC counts are counted. What is
+    measured is stored back. height, width: latent size; precision: 'full' or 'autocast'.
+    """
+    unet = model.model.diffusion_model
+    tables = {}
+    for tome, needed in call_types(entries).items():
+        key = cost_table_key(model, height, width, batch, precision, tome)
+        stored = find_table(path, key)
+        to_time = sorted(call for name, call in needed.items()
+                         if remeasure or stored is None or name not in stored.seconds)
+        to_count = sorted(call for name, call in needed.items() if stored is None or name not in stored.macs)
+        if to_time or to_count:
+            fresh = CostTable(key=key)
+            with tome_applied(model, tome):
+                if to_time:
+                    fresh = measure_table(model, height, width, batch, to_time, repeats=repeats,
+                                          precision="float32" if precision == "full" else "autocast",
+                                          progress=progress, count_macs=False)
+                    fresh.key = key
+                if to_count:
+                    fresh.macs = count_entry_macs(unet, height, width, batch, to_count)
+            fresh.save(path)
+            stored = fresh.merged_into(stored)
+        tables[tome] = stored
+    return tables
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What every run of a benchmark shares. height, width: image size; cost_table: the JSON store of cost
+    tables; remeasure: time every needed cost-table entry again; predict_only: no end-to-end runs."""
+
+    height: int
+    width: int
+    batch: int = 1
+    scale: float = 7.5
+    precision: str = "full"
+    seed: int = 42
+    repeats: int = 3
+    table_repeats: int = 3
+    cost_table: Path = Path("costs.json")
+    remeasure: bool = False
+    decode: bool = True
+    predict_only: bool = False
+
+
+def run_benchmark(model, config, entries: Sequence[BenchEntry], settings: BenchSettings,
+                  progress: bool = True) -> Tuple[List[Dict[str, object]], Dict[Optional[float], CostTable]]:
+    """Get the cost tables (seconds and MACs per call type), time every entry end to end (unless predict_only)
+    and decode the first latents of each. Returns (result rows, cost tables by ToMe ratio). config: the
+    model's config."""
+    _, h, w = shape = gen.latent_shape(gen.model_geometry(config), settings.height, settings.width)
+    batch = settings.batch
+    tables = cost_tables(model, entries, h, w, batch, settings.precision, settings.table_repeats,
+                         settings.cost_table, remeasure=settings.remeasure, progress=progress)
+    decoded = None
+    if not settings.predict_only:
+        prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(batch)]
+        cond = gen.encode_prompts(model, prompts, settings.scale, settings.precision)
+        x_T = gen.start_noise([settings.seed + i for i in range(batch)], shape)
+        time_methods(model, entries, cond, x_T, scale=settings.scale, precision=settings.precision,
+                     seed=settings.seed, repeats=settings.repeats, progress=progress)
+        if settings.decode:
+            decoded = {e.name: gen.decode(model, e.latents, settings.precision) for e in entries}
+    return result_rows(entries, tables, batch, decoded), tables
+
+
+# --- reporting --------------------------------------------------------------------------------------------
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (clamped), peak-to-peak 2."""
+    mse = torch.mean((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def result_rows(entries: Sequence[BenchEntry], tables: Dict[Optional[float], CostTable], batch: int,
+                decoded: Optional[Dict[str, torch.Tensor]] = None) -> List[Dict[str, object]]:
+    """One dict per entry (the .json rows and the table's cells); the first entry is the original."""
+    original = entries[0]
+    macs = {e.name: tables[e.method.tome_ratio].plan_macs(e.call_plan()) for e in entries}
+    base = statistics.median(original.seconds) if original.seconds else None
+    base_predicted = tables[None].plan_seconds(original.call_plan()) / batch
+    rows = []
+    for entry in entries:
+        predicted = tables[entry.method.tome_ratio].plan_seconds(entry.call_plan()) / batch
+        measured = statistics.median(entry.seconds) if entry.seconds else None
+        ideal = macs[original.name] / macs[entry.name] if macs[entry.name] else None
+        speedup = base / measured if measured else None
+        strategy = entry.method.patch_strategy(entry.steps)
+        rows.append({
+            "method": entry.name, "label": entry.method.label, "sampler": entry.sampler, "steps": entry.steps,
+            "note": entry.note(), "strategy": strategy.to_dict() if strategy else None,
+            "tome_ratio": entry.method.tome_ratio, "seconds": entry.seconds, "median_s": measured,
+            "min_s": min(entry.seconds) if entry.seconds else None,
+            "spread": spread(entry.seconds) if len(entry.seconds) > 1 else None,
+            "speedup": speedup, "calls": entry.calls or entry.planned_calls(),
+            "gmacs_per_image": macs[entry.name] / batch / 1e9, "ideal_speedup": ideal,
+            "efficiency": speedup / ideal if speedup and ideal else None,
+            "predicted_s": predicted, "predicted_speedup": base_predicted / predicted if predicted else None,
+            "predicted_efficiency": (base_predicted / predicted) / ideal if predicted and ideal else None,
+            "prediction_error": (predicted - measured) / measured if measured else None,
+            "peak_memory_mb": entry.peak_memory_mb if entry.seconds else None,
+            "psnr": psnr(decoded[entry.name], decoded[original.name]) if decoded else None,
+            "latent_mse": (torch.mean((entry.latents - original.latents) ** 2).item()
+                           if entry.latents is not None else None),
+        })
+    return rows
+
+
+def spread_report(tables: Dict[Optional[float], CostTable], entries: Sequence[BenchEntry],
+                  threshold: float = NOISY_SPREAD) -> Tuple[List[str], List[str]]:
+    """(lines giving the spread, (max - min) / median, of the repeats of every cost-table entry the entries use
+    and of every method's timed runs; the measurements spreading more than `threshold`, e.g.
+    'cost table entry d12_r0.50 45%')."""
+    lines, flagged = [], []
+    for tome, needed in call_types(entries).items():
+        table = tables[tome]
+        where = "cost table" + (f" (ToMe {tome:g})" if tome is not None else "")
+        cells = []
+        for name in sorted(needed):
+            repeats = len(table.raw_seconds.get(name, []))
+            cells.append(f"{name} {table.spread(name):.0%} of {repeats}" if repeats > 1 else f"{name} (1 repeat)")
+        lines.append(f"{where}, spread of each entry's repeats: " + ", ".join(cells))
+        flagged += [f"{where} entry {name} {value:.0%}"
+                    for name, value in table.noisy_entries(threshold, sorted(needed)).items()]
+    timed = [(e.name, spread(e.seconds)) for e in entries if len(e.seconds) > 1]
+    if timed:
+        lines.append("timed runs, spread of each method's repeats: "
+                     + ", ".join(f"{name} {value:.0%}" for name, value in timed))
+        flagged += [f"timed runs of {name} {value:.0%}" for name, value in timed if value > threshold]
+    return lines, flagged
+
+
+def render_markdown(rows: Sequence[Dict[str, object]], header_note: str) -> str:
+    columns = ["method", "sampler", "s/img median", "s/img min", "speed-up", "UNet calls full/partial/reused",
+               "GMACs/img", "ideal speed-up", "efficiency", "predicted s/img", "predicted speed-up",
+               "prediction error", "peak memory MB", "PSNR vs original dB", "latent MSE"]
+    lines = [header_note, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    for r in rows:
+        calls = r["calls"]
+        lines.append("| " + " | ".join([
+            r["method"], f"{r['sampler']} {r['steps']}", fmt(r["median_s"], ".2f"), fmt(r["min_s"], ".2f"),
+            fmt(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else ""),
+            f"{calls['full']}/{calls['partial']}/{calls['reused']}",
+            fmt(r["gmacs_per_image"], ".1f"), fmt(r["ideal_speedup"], ".2f"), fmt(r["efficiency"], ".2f"),
+            fmt(r["predicted_s"], ".2f"),
+            fmt(r["predicted_speedup"], ".2f") + ("x" if r["predicted_speedup"] is not None else ""),
+            fmt(r["prediction_error"], "+.1%"), fmt(r["peak_memory_mb"], ".0f"),
+            fmt(r["psnr"], ".2f"), fmt(r["latent_mse"], ".4g")]) + " |")
+    lines += [f"\n{r['method']}: {r['note']}." for r in rows if r["note"]]
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Dict[str, object]], path: Path, title: str) -> None:
+    """Bar chart of measured (or predicted) and ideal speed-ups, and measured against ideal, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    xs = range(len(rows))
+    measured = [r["speedup"] if r["speedup"] is not None else r["predicted_speedup"] or 0 for r in rows]
+    axes[0].bar([x - 0.2 for x in xs], measured, width=0.4, label="measured" if rows[0]["speedup"] else "predicted")
+    axes[0].bar([x + 0.2 for x in xs], [r["ideal_speedup"] or 0 for r in rows], width=0.4, label="ideal (MACs)")
+    axes[0].set_xticks(list(xs))
+    axes[0].set_xticklabels(names, rotation=30, ha="right")
+    axes[0].set_ylabel("speed-up over original")
+    axes[0].legend()
+    axes[0].set_title("speed-up per method")
+    ideal = [r["ideal_speedup"] or 0 for r in rows]
+    axes[1].scatter(ideal, measured)
+    for name, xi, yi in zip(names, ideal, measured):
+        axes[1].annotate(name, (xi, yi), fontsize=8)
+    top = max(ideal + measured + [1]) * 1.1
+    axes[1].plot([0, top], [0, top], "k--", linewidth=0.8, label="measured = ideal")
+    axes[1].set_xlabel("ideal speed-up (MACs)")
+    axes[1].set_ylabel("speed-up")
+    axes[1].legend()
+    axes[1].set_title("measured vs ideal")
+    fig.suptitle(textwrap.fill(title.replace("**", ""), 160), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

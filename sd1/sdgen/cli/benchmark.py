@@ -1,0 +1,191 @@
+"""Side-by-side speed of DaTo and the paper's baselines, in ONE process, interleaved over repeats.
+
+Every method samples the same prompts from the same starting noise on the same model; each runs once untimed
+(warm-up), then the order of the methods rotates between timed repeats so that a noisy machine disturbs them
+alike. For every method the table gives seconds per image (median, min), speed-up over Original, UNet calls
+(full / partial / reused), MACs and the ideal (MAC) speed-up, efficiency (measured / ideal), the time the
+per-step cost table predicts and its error, peak memory, and fidelity to Original (PSNR of decoded images,
+MSE of final latents).
+
+Methods are registry names (sdgen.methods): original, ddim<N>, tome-<r>, deepcache-n<N>, their '+'
+combinations, dato[:<strategy>][@<derivation>]. --steps applies to every method whose name has no step
+count: ddim10 always runs 10 steps (the table says so). DaTo's b1 has 50 steps; at fewer steps name a
+stand-in, e.g. dato@every5 (b1's every 5th step) for --steps 10.
+
+The cost tables are stored in OUTDIR/costs.json (or --cost-table), keyed by model, latent size, batch,
+device, dtype, threads and ToMe ratio; a stored entry is reused, and measured again only with --remeasure.
+The spread of each entry's repeats is printed, and entries spreading more than 20% are flagged.
+
+    # full-size SD 1.5 architecture with random weights (speed does not depend on weight values)
+    python scripts/benchmark.py --random-weights --steps 10 --repeats 2 \\
+        --methods original,ddim10,tome-0.5,deepcache-n3,dato@every5
+    # 50-step figures from the cost table only (no end-to-end sampling)
+    python scripts/benchmark.py --random-weights --predict-only
+    # a real checkpoint
+    python scripts/benchmark.py --config configs/stable-diffusion/v1-inference.yaml --ckpt model.ckpt
+"""
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from datosd.costs import hardware_name
+from datosd.strategy import StrategyError
+from ldm.checkpoint import CheckpointError
+
+from .. import generate as gen
+from ..benchmark import (
+    DEFAULT_METHODS,
+    NOISY_SPREAD,
+    BenchSettings,
+    bench_entries,
+    plot,
+    render_markdown,
+    run_benchmark,
+    spread_report,
+)
+from ..images import atomic_write_text, check_output_dir, check_output_file
+from ..methods import MethodError
+from ..runtime import UsageError, pick_device, precision_name, set_threads
+from . import run
+from .flags import DEFAULT_CONFIG
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--ckpt", default=None, help="checkpoint; omit with --random-weights")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build --config with random weights (speed does not depend on weight values)")
+    parser.add_argument("--demo", action="store_true", help="the tiny demo model (for a quick check)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated registry names (original is always the first row)")
+    parser.add_argument("--strategy", action="append", default=[],
+                        help="a DaTo strategy file, benchmarked as dato:FILE (repeatable)")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="sampling steps of every method whose name has no step count (ddim10 runs 10)")
+    parser.add_argument("--H", type=int, default=512)
+    parser.add_argument("--W", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1, help="images per run")
+    parser.add_argument("--scale", type=float, default=7.5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of every method (after one untimed)")
+    parser.add_argument("--table-repeats", type=int, default=3, help="interleaved passes of the cost table")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="full", choices=["full", "autocast"],
+                        help="full = float32; autocast = bfloat16 on CPU, float16 on CUDA")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--no-decode", action="store_true", help="skip VAE decoding (no PSNR column)")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="no end-to-end runs: report cost-table predictions and MACs")
+    parser.add_argument("--cost-table", default=None,
+                        help="JSON store of cost tables, reused when the key matches (default OUTDIR/costs.json)")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="measure every cost-table entry this run needs again, replacing the stored ones")
+    parser.add_argument("--outdir", default="outputs/bench", help="where the .md, .json, .png and costs.json go")
+    parser.add_argument("--name", default=None, help="file stem of the outputs (default from the settings)")
+    return parser
+
+
+def method_names(opt) -> list:
+    """--methods, then dato:FILE for every --strategy."""
+    names = [m.strip() for m in opt.methods.split(",") if m.strip()]
+    for path in opt.strategy:
+        if any(c in path for c in ",@+"):
+            raise UsageError(f"--strategy {path}: the path may not contain ',', '@' or '+'; rename it")
+        names.append(f"dato:{path}")
+    return names
+
+
+def check_options(opt):
+    """Reject bad input before any model is built. Returns (entries, device, model config, cost-table path)."""
+    if not (opt.demo or opt.random_weights or opt.ckpt):
+        raise UsageError("give --ckpt, --random-weights or --demo")
+    for flag in ("steps", "batch", "table_repeats"):
+        if getattr(opt, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(opt, flag)}")
+    if opt.repeats < 1 and not opt.predict_only:
+        raise UsageError(f"--repeats must be at least 1, got {opt.repeats}")
+    if opt.steps > 1000:
+        raise UsageError("--steps must be at most 1000 (the number of training timesteps)")
+    config = gen.read_config(gen.DEMO_CONFIG if opt.demo else opt.config)
+    gen.latent_shape(gen.model_geometry(config), opt.H, opt.W)
+    entries = bench_entries(method_names(opt), opt.steps)
+    if opt.ckpt and not (opt.demo or opt.random_weights):
+        gen.check_model_files(opt.config, opt.ckpt)
+    check_output_dir(opt.outdir)
+    cost_table = Path(opt.cost_table) if opt.cost_table else Path(opt.outdir) / "costs.json"
+    check_output_file(cost_table, "--cost-table")
+    return entries, pick_device(opt.device), config, cost_table
+
+
+def load(opt, config, device):
+    """(model, label for the table) of --demo, --random-weights or --ckpt."""
+    if opt.demo:
+        return gen.build_demo_model(device), "tiny demo model, random weights"
+    if opt.random_weights:
+        return gen.build_random_model(opt.config, device), f"{Path(opt.config).name}, random weights"
+    return gen.load_model(opt.config, opt.ckpt, device), Path(opt.ckpt).name
+
+
+def main(argv=None) -> int:
+    opt = build_parser().parse_args(argv)
+    try:
+        entries, device, config, cost_table = check_options(opt)
+        threads = set_threads(opt.threads)
+        model, model_label = load(opt, config, device)
+    except (UsageError, MethodError, StrategyError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    settings = BenchSettings(height=opt.H, width=opt.W, batch=opt.batch, scale=opt.scale, precision=opt.precision,
+                             seed=opt.seed, repeats=opt.repeats, table_repeats=opt.table_repeats,
+                             cost_table=cost_table, remeasure=opt.remeasure, decode=not opt.no_decode,
+                             predict_only=opt.predict_only)
+    rows, tables = run_benchmark(model, config, entries, settings)
+
+    lines, flagged = spread_report(tables, entries)
+    print("\n" + "\n".join(lines))
+    flag_note = (f"spread (max - min) / median above {NOISY_SPREAD:.0%}, the machine was likely disturbed: "
+                 + ", ".join(flagged) + "; rerun (--remeasure measures the cost-table entries again)")
+    if flagged:
+        print(f"warning: {flag_note}", file=sys.stderr)
+    dtype = precision_name(opt.precision, device)
+    fidelity_note = (" Fidelity columns compare with Original at the same seed; with random weights they are"
+                     " NOT meaningful (printed only to show the pipeline)." if (opt.random_weights or opt.demo) else "")
+    mode = "cost-table prediction only (no end-to-end sampling)" if opt.predict_only else (
+        f"measured end to end, median of {opt.repeats} interleaved repeats after one untimed warm-up run each")
+    note = (f"**{model_label}**, {opt.H}x{opt.W}, batch {opt.batch} (CFG scale {opt.scale}), {dtype}, "
+            f"{device.type} ({hardware_name(device)}, {threads} threads), torch {torch.__version__}; {mode}. "
+            f"Seconds are sampling time per image (UNet loop, no text encoding or VAE).{fidelity_note}")
+    markdown = render_markdown(rows, note)
+    if flagged:
+        markdown += f"\n\nFlagged: {flag_note}."
+    print("\n" + markdown)
+    stem = opt.name or (f"bench-{'demo' if opt.demo else 'sd'}-{opt.H}x{opt.W}-{opt.steps}steps-{dtype}"
+                        + ("-predicted" if opt.predict_only else ""))
+    outdir = Path(opt.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(outdir / f"{stem}.md", markdown + "\n")
+    environment = {"hardware": hardware_name(device), "device": device.type, "threads": threads,
+                   "torch": torch.__version__, "python": platform.python_version(),
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "model": model_label, "precision": dtype, "H": opt.H, "W": opt.W, "batch": opt.batch,
+                   "scale": opt.scale, "steps": opt.steps, "repeats": opt.repeats, "warmup_runs": 1,
+                   "predict_only": opt.predict_only, "cost_table": str(cost_table)}
+    tables_json = {str(k): v.to_dict() for k, v in tables.items()}
+    atomic_write_text(outdir / f"{stem}.json", json.dumps({"environment": environment, "rows": rows,
+                                                           "spread": lines, "cost_tables": tables_json}, indent=1))
+    plot(rows, outdir / f"{stem}.png", note.split(";")[0])
+    print(f"\nwrote {outdir / stem}.md, .json and .png; cost tables in {cost_table}")
+    return 0
+
+
+def cli() -> int:
+    return run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
