@@ -256,6 +256,8 @@ def _caching_forward(unet, x, timesteps, context, y):
     depth, ratio = state.planned()
     key = (tuple(x.shape), x.dtype, x.device)
     n_blocks = len(unet.output_blocks)
+    if run.cache_key is not None and key != run.cache_key:
+        run.score_maps = []  # spec 3 compares feature maps of equally shaped calls (T-GATE halves the batch)
     if depth >= n_blocks or key != run.cache_key or run.final_cache is None:
         depth = FULL_DEPTH
     elif 0 < depth < FULL_DEPTH and run.output_cache[n_blocks - 1 - depth] is None:

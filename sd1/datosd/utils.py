@@ -18,3 +18,8 @@ def find_unet(model: torch.nn.Module) -> torch.nn.Module:
             f"datosd patches the CompVis UNet (model.model.diffusion_model)."
         )
     return inner
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> list:
+    """The `attn2` (cross-attention) of every BasicTransformerBlock, in module order (input, middle, output)."""
+    return [module.attn2 for module in unet.modules() if is_class(module, "BasicTransformerBlock")]
