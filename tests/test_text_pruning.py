@@ -161,7 +161,7 @@ def test_dynamic_mode_rechooses_among_the_kept_tokens():
 
 def test_bad_options_are_rejected():
     for kwargs in (dict(), dict(threshold=0.1, keep=5), dict(keep=1), dict(threshold=-0.1),
-                   dict(keep=5, warmup=0.0), dict(keep=5, mode="sometimes")):
+                   dict(keep=5, warmup=0.0), dict(keep=5, mode="sometimes"), dict(keep=5, mode="dynamic")):
         with pytest.raises(ValueError):
             TextPruneOptions(**kwargs)
     assert TextPruneOptions(keep=5, warmup=0.1).warmup_steps(30) == 3

@@ -59,7 +59,7 @@ def kept_first(batch, keep, device, length=77):
 @contextmanager
 def text_pruned(unet, keep, mode, batch, device):
     """The UNet text-pruned, at a step after the warm-up (keep None: at a warm-up step)."""
-    state = apply_text_pruning(unet, keep=keep or 2, mode=mode)
+    state = apply_text_pruning(unet, threshold=0.0, mode=mode)  # the run below fixes what is kept
     try:
         state.sampling_started(STEPS)
         step = 0 if keep is None else state.warmup_steps
@@ -101,7 +101,7 @@ def variants(keeps, timing=False):
         out.append((f"textprune keep {keep}", lambda u, b, x, t, c, k=keep: text_pruned(u, k, "static", b,
                                                                                         x.device)))
         if not timing:
-            out.append((f"textprune keep {keep} dynamic", lambda u, b, x, t, c, k=keep: text_pruned(
+            out.append((f"textprune {keep} kept dynamic", lambda u, b, x, t, c, k=keep: text_pruned(
                 u, k, "dynamic", b, x.device)))
     out.append(("tgate gated cfg_mean", lambda u, b, x, t, c: gated(u, "cfg_mean", x, t, c)))
     out.append(("tgate gated per_half", lambda u, b, x, t, c: gated(u, "per_half", x, t, c)))

@@ -9,7 +9,8 @@ every batch row separately, so the two CFG halves keep their own token sets.
 - After it each row attends to its kept tokens only (K and V are projected for those rows alone). `static`:
   the set is chosen once, from the newest warm-up step's importance, and frozen. `dynamic`: re-chosen after
   every computed step from that step's importance, over the tokens still kept (probabilities renormalised
-  over them); a pruned token is not scored again, since scoring it would need its keys.
+  over them); a pruned token is not scored again, since scoring it would need its keys. Dynamic needs a
+  threshold (with `keep` it would keep the same tokens).
 - Selection: `threshold` keeps the tokens whose mean probability is >= threshold; `keep` keeps the `keep`
   most important tokens (BOS and EOS counted among them).
 - Never pruned: BOS and the first EOS of each prompt. SD 1.x pads the prompt with EOS to 77 tokens; those
@@ -65,6 +66,9 @@ class TextPruneOptions:
             raise ValueError(f"keep must be an integer >= 2 (BOS and EOS are always kept), got {self.keep!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "dynamic" and self.keep is not None:
+            raise ValueError("mode 'dynamic' re-chooses among the kept tokens, so with keep=k it would keep the "
+                             "same k tokens at extra cost: use mode 'static' with keep, or a threshold")
 
     def warmup_steps(self, num_steps: int) -> int:
         """ceil(warmup * num_steps), robust to float rounding (0.1 * 30 is 3, not 4)."""
