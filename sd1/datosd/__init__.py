@@ -2,6 +2,8 @@
 from .dato import TokenSelection, diff_score, pool_score, select_tokens
 from .patch import RELEASED_CODE_PARITY, DatoOptions, DatoState, apply_patch, remove_patch
 from .strategy import Strategy, StrategyError, StrategySummary
+from .text_pruning import TextPruneOptions, TextPruneState, apply_text_pruning, remove_text_pruning
+from .tgate import TGateOptions, TGateState, apply_tgate, remove_tgate
 
 __all__ = [
     "apply_patch",
@@ -16,4 +18,12 @@ __all__ = [
     "Strategy",
     "StrategyError",
     "StrategySummary",
+    "apply_text_pruning",
+    "remove_text_pruning",
+    "TextPruneOptions",
+    "TextPruneState",
+    "apply_tgate",
+    "remove_tgate",
+    "TGateOptions",
+    "TGateState",
 ]

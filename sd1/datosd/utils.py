@@ -55,3 +55,8 @@ def attention_depth(model: torch.nn.Module) -> int:
     if not ids:
         raise ValueError("the UNet has no SpatialTransformer in its input or output blocks")
     return min(ids) + 1
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> list:
+    """The `attn2` (cross-attention) of every BasicTransformerBlock, in module order (input, middle, output)."""
+    return [module.attn2 for module in unet.modules() if is_class(module, "BasicTransformerBlock")]
