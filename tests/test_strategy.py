@@ -8,9 +8,9 @@ from datosd import Strategy, StrategyError
 REPO = Path(__file__).resolve().parents[1]
 B1 = REPO / "configs" / "dato" / "b1.yaml"
 
-# Spec section 1, copied by hand: Table 6 "Ours-b1" in step order i = 0..49.
-SPEC_B1_DEPTH = [1,1,1,1,1,1,1,1,12,1, 1,1,1,1,1,1,1,0,0,12, 1,1,1,1,1, 0,1,12,0,1, 1,12,0,0,1, 1,1,1,1,1, 1,1,1,12,1, 1,1,1,1,0]  # noqa: E231,E501
-SPEC_B1_RATIO = [0.7,0.5,0.4,0.4,0.3,0.5,0.6,0.5,0.6,0.5, 0.5,0.3,0.6,0.5,0.5,0.4,0.7,0.3,0.6,0.5, 0.5,0.3,0.4,0.3,0.4, 0.3,0.6,0.5,0.6,0.3, 0.6,0.6,0.3,0.3,0.5, 0.6,0.4,0.4,0.3,0.4, 0.4,0.5,0.3,0.5,0.6, 0.7,0.6,0.5,0.6,0.5]  # noqa: E231,E501
+# Spec section 1, copied by hand: Table 6 "Ours-b1" read right to left = step order i = 0..49.
+SPEC_B1_DEPTH = [0,1,1,1,1,1,12,1,1,1, 1,1,1,1,1,1,0,0,12,1, 1,0,12,1,0,1,1,1,1,1, 12,0,0,1,1,1,1,1,1,1, 1,12,1,1,1,1,1,1,1,1]  # noqa: E231,E501
+SPEC_B1_RATIO = [0.5,0.6,0.5,0.6,0.7,0.6,0.5,0.3,0.5,0.4, 0.4,0.3,0.4,0.4,0.6,0.5,0.3,0.3,0.6,0.6, 0.3,0.6,0.5,0.6,0.3,0.4,0.3,0.4,0.3,0.5, 0.5,0.6,0.3,0.7,0.4,0.5,0.5,0.6,0.3,0.5, 0.5,0.6,0.5,0.6,0.5,0.3,0.4,0.4,0.5,0.7]  # noqa: E231,E501
 
 
 def test_b1_matches_spec():
@@ -36,7 +36,7 @@ def test_b1_summary_counts():
             partial += 1
     summary = s.summary()
     assert (summary.steps, summary.full, summary.partial, summary.reused) == (50, full, partial, reused)
-    assert (full, partial, reused) == (6, 37, 7)
+    assert (full, partial, reused) == (6, 38, 6)
     assert summary.mean_ratio == pytest.approx(sum(SPEC_B1_RATIO) / 50)
     line = s.describe()
     assert "\n" not in line
@@ -141,3 +141,12 @@ def test_bad_yaml_files(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(StrategyError, match="not a mapping"):
         Strategy.load(path)
+
+
+def test_b1_table_order_is_b1_reversed():
+    """The shipped left-to-right reading of Table 6 is b1 reversed, step for step."""
+    table_order = Strategy.load(REPO / "configs" / "dato" / "b1-table-order.yaml")
+    b1 = Strategy.load(B1)
+    assert table_order.cache_depth == b1.cache_depth[::-1]
+    assert table_order.prune_ratio == b1.prune_ratio[::-1]
+    assert table_order.cache_depth[:10] == [1, 1, 1, 1, 1, 1, 1, 1, 12, 1]
