@@ -1,5 +1,4 @@
 """Prompt sets: the shipped files, read_prompts, the COCO builder and its CLI, image <-> prompt pairing."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,13 +12,6 @@ from sdeval.prompts import build_coco_prompts, normalize_caption, prompts_for_im
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- shipped prompt sets (numbers from data/README.md) ---
@@ -153,7 +145,8 @@ def test_make_coco_prompts_cli_refuses_to_overwrite(tmp_path):
     assert "already exists" in second.stderr and "--force" in second.stderr
     assert out.read_text() == "keep me\n"
 
-    script = _load_script("make_coco_prompts")
+    from sdeval import make_coco_prompts as script
+
     script.main(["--captions", str(f), "--n", "5", "--seed", "0", "--out", str(out), "--force"])
     assert read_prompts(out) == build_coco_prompts(f, n=5, seed=0)
     with pytest.raises(SystemExit, match="exceeds"):
