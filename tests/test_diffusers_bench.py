@@ -1,4 +1,4 @@
-"""datosd.diffusers_bench: the methods it compares run on a diffusers pipeline, and the table is built right."""
+"""sdgen.diffusers_bench: the methods it compares run on a diffusers pipeline, and the table is built right."""
 import sys
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from datosd import Strategy  # noqa: E402
-from datosd.diffusers_bench import B1, compare, every_nth_step, format_table  # noqa: E402
+from sdgen.diffusers_bench import B1, compare, every_nth_step, format_table  # noqa: E402
 from diffusers_pipelines import GOLDEN_IMAGE_SIZE, golden_pipeline  # noqa: E402
 
 

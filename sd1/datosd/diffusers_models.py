@@ -16,8 +16,6 @@ import torch
 from ldm.modules.encoders.modules import CLIP_VIT_L_TEXT_CONFIG
 from ldm.util import seeded_random_weights
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SD_V1_CONFIG = REPO_ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 
 
 def require_diffusers():
@@ -125,13 +123,13 @@ def pipeline_from_ldm(ldm_config: Any, state_dict: Mapping[str, torch.Tensor], i
     return pipe
 
 
-def sd15_pipeline(seed: int = 0, image_size: int = 512):
-    """A StableDiffusionPipeline with the full SD 1.5 architecture (configs/stable-diffusion/v1-inference.yaml,
+def sd15_pipeline(config_path, seed: int = 0, image_size: int = 512):
+    """A StableDiffusionPipeline with the architecture of a CompVis SD 1.x config (e.g. v1-inference.yaml,
     converted by diffusers) and random weights drawn by `ldm.util.seeded_random_weights` (no download)."""
     diffusers = require_diffusers()
     from omegaconf import OmegaConf
 
-    config = _plain(OmegaConf.load(str(SD_V1_CONFIG)))
+    config = _plain(OmegaConf.load(str(config_path)))
     configs = diffusers_configs(config, image_size)
     unet = seeded_random_weights(diffusers.UNet2DConditionModel(**configs["unet"]), seed=seed)
     vae = seeded_random_weights(diffusers.AutoencoderKL(**configs["vae"]), seed=seed + 1)

@@ -2,10 +2,11 @@
 (original), with DeepCache's `DeepCacheSDHelper`, with `tomesd.apply_patch` and with `datosd.apply_patch`, the
 methods interleaved in every repeat, and returns each method's mean seconds and speed-up over the original.
 
-    from datosd.diffusers_bench import compare, format_table
+    from sdgen.diffusers_bench import compare, format_table
     print(format_table(compare(steps=10, size=512, repeats=2)))
 
-The default pipeline is the full SD 1.5 architecture with random weights (`diffusers_models.sd15_pipeline`). A
+The default pipeline is the full SD 1.5 architecture with random weights (`datosd.diffusers_models.sd15_pipeline`
+of the shipped v1-inference.yaml). A
 run is prompt encoding plus the denoising loop (`output_type="latent"`: no VAE decode, the same for every method).
 """
 from __future__ import annotations
@@ -17,10 +18,13 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .diffusers_models import REPO_ROOT, sd15_pipeline
-from .strategy import Strategy
+from datosd.diffusers_models import sd15_pipeline
+from datosd.strategy import Strategy
 
-B1 = REPO_ROOT / "configs" / "dato" / "b1.yaml"
+from .resources import DEFAULT_STRATEGY, packaged
+
+B1 = DEFAULT_STRATEGY
+SD15_CONFIG = packaged("configs", "stable-diffusion", "v1-inference.yaml")
 METHODS = ("original", "deepcache", "tomesd", "dato")
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -45,8 +49,7 @@ def every_nth_step(strategy: Strategy, steps: int) -> Strategy:
     if steps < 1 or strategy.steps % steps:
         raise ValueError(f"cannot take {steps} evenly spaced steps of the {strategy.steps}-step strategy "
                          f"{strategy.name!r}; use a divisor of {strategy.steps}")
-    n = strategy.steps // steps
-    return Strategy(strategy.cache_depth[::n], strategy.prune_ratio[::n], name=f"{strategy.name}/every-{n}")
+    return strategy.every(strategy.steps // steps)
 
 
 def _methods(pipe, strategy: Strategy, deepcache: Tuple[int, int], tome_ratio: float, seed: int,
@@ -91,10 +94,11 @@ def _methods(pipe, strategy: Strategy, deepcache: Tuple[int, int], tome_ratio: f
 def compare(pipe: Any = None, *, steps: int = 50, size: int = 512, strategy: Union[Strategy, str, Path] = B1,
             deepcache: Tuple[int, int] = (3, 0), tome_ratio: float = 0.5, repeats: int = 3, warmup: int = 1,
             guidance_scale: float = 7.5, prompt: str = PROMPT, seed: int = 0,
-            methods: Sequence[str] = METHODS) -> List[BenchRow]:
+            methods: Sequence[str] = METHODS, config_path=SD15_CONFIG) -> List[BenchRow]:
     """Time `methods` on one pipeline, interleaved: every repeat runs each method once, in order.
 
-    pipe: a StableDiffusionPipeline (default: SD 1.5 architecture, random weights). strategy: DaTo's strategy;
+    pipe: a StableDiffusionPipeline (default: the architecture of `config_path`, SD 1.5, with random weights).
+    strategy: DaTo's strategy;
     a longer one is cut to `steps` evenly spaced steps (`every_nth_step`: b1's 50 steps -> every 5th for 10).
     deepcache: (cache_interval, cache_branch_id). The first `warmup` repeats are not counted. A baseline whose
     package cannot be imported is reported as skipped, not timed.
@@ -105,7 +109,7 @@ def compare(pipe: Any = None, *, steps: int = 50, size: int = 512, strategy: Uni
         strategy = Strategy.load(strategy)
     if strategy.steps != steps:
         strategy = every_nth_step(strategy, steps)
-    pipe = sd15_pipeline(image_size=size) if pipe is None else pipe
+    pipe = sd15_pipeline(config_path, image_size=size) if pipe is None else pipe
     device = pipe.unet.device
     plan = _methods(pipe, strategy, deepcache, tome_ratio, seed, methods)
 
