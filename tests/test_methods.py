@@ -120,3 +120,62 @@ def test_eta_noise_comes_from_the_seed(model, cond):
     c = gen.sample_latents(model, cond, x_T, sampler="ddim", steps=4, eta=0.5, seed=8)
     assert torch.equal(a.latents, b.latents)
     assert not torch.equal(a.latents, c.latents)
+
+
+@pytest.mark.parametrize("name,canonical", [
+    ("textprune-0.2-k20", "textprune-0.2-k20"),
+    ("textprune-0.25-t0.010-dynamic", "textprune-0.25-t0.01-dynamic"),
+    ("tgate-20", "tgate-20"),
+    ("tgate-10-perhalf+dato", "dato+tgate-10-perhalf"),
+    ("textprune-0.2-k10+deepcache-n3", "deepcache-n3+textprune-0.2-k10"),
+])
+def test_cross_attention_methods_parse(name, canonical):
+    assert parse_method(name).name == canonical
+
+
+@pytest.mark.parametrize("name,message", [
+    ("textprune-0.2-k20+tgate-10", "use one"),
+    ("textprune-0.2-k1", "keep must be an integer >= 2"),
+    ("textprune-0-k20", "warmup must be in (0, 1]"),
+])
+def test_bad_cross_attention_methods_are_refused(name, message):
+    with pytest.raises(MethodError, match=re.escape(message)):
+        parse_method(name)
+
+
+def test_tgate_through_the_registry_gates_after_its_step(model, cond):
+    """From the gate step on no cross-attention projection runs (hook count); before it the run is the
+    unpatched one, so a gate at the last step changes only the last step."""
+    layers = [m.attn2.to_k for m in model.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    calls = []
+    handles = [layer.register_forward_hook(lambda *a: calls.append(1)) for layer in layers]
+    x_T = gen.start_noise([0, 1], (4, 16, 16))
+    try:
+        plain = gen.sample_latents(model, cond, x_T, sampler="ddim", steps=4, seed=0)
+        plain_calls = len(calls)
+        calls.clear()
+        with parse_method("tgate-2").apply(model, 4, seed=0) as applied:
+            gated = gen.sample_latents(model, cond, x_T, sampler="ddim", steps=4, seed=0, method=applied)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert plain_calls == 4 * len(layers) and len(calls) == 2 * len(layers)  # steps 0, 1 only
+    assert not torch.equal(gated.latents, plain.latents)
+    with pytest.raises(MethodError, match="gate step 4"):
+        parse_method("tgate-4").apply(model, 4)
+
+
+def test_cross_attention_flags_map_to_names():
+    from sdgen.cli import txt2img
+    from sdgen.cli.flags import method_name_from_args
+
+    parser = txt2img.build_parser()
+    name = lambda *args: method_name_from_args(parser.parse_args(list(args)))  # noqa: E731
+    assert name("--prune_text", "--text_keep", "20") == "textprune-0.2-k20"
+    assert name("--prune_text", "--text_threshold", "0.01", "--text_mode", "dynamic", "--text_warmup", "0.3") == \
+        "textprune-0.3-t0.01-dynamic"
+    assert name("--dato", "--tgate_step", "20") == "dato+tgate-20"
+    with pytest.raises(ValueError, match="needs --text_threshold T or --text_keep K"):
+        name("--prune_text")
+    with pytest.raises(ValueError, match="add --prune_text"):
+        name("--text_keep", "5")

@@ -21,7 +21,7 @@ import torch
 
 from datosd.strategy import Strategy
 from sdgen import generate as gen
-from sdgen.methods import Method
+from sdgen.methods import dato_method
 from sdgen.resources import find_config
 from sdgen.runtime import set_threads
 
@@ -132,11 +132,6 @@ class EvalResult:
     extras: Dict[str, float] = field(default_factory=dict)
     eval_seconds: float = 0.0
     worker: str = "main"
-
-
-def dato_method(strategy: Strategy) -> Method:
-    """The registry's DaTo method for a searched strategy (default DaTo options)."""
-    return Method(name=f"dato:{strategy.name}", strategy=strategy)
 
 
 class CandidateSampler:

@@ -95,11 +95,11 @@ def check_model_files(config_path, ckpt, demo: bool = False) -> None:
             f"file, or run with --demo to try the pipeline on the built-in tiny model with random weights.")
 
 
-def build_demo_model(device="cpu", config_path=DEMO_CONFIG) -> torch.nn.Module:
-    """A tiny demo model with seeded random weights (no checkpoint needed): the SD 1.x one by default,
+def build_demo_model(device="cpu", config_path=DEMO_CONFIG, seed: int = DEMO_SEED) -> torch.nn.Module:
+    """A tiny demo model with weights drawn from `seed` (no checkpoint needed): the SD 1.x one by default,
     or the model of another (tiny) config, e.g. DEMO_SDXL_CONFIG."""
     model = instantiate_from_config(read_config(config_path).model)
-    return seeded_random_weights(model, DEMO_SEED).to(device).eval()
+    return seeded_random_weights(model, seed).to(device).eval()
 
 
 def build_random_model(config_path, device="cpu") -> torch.nn.Module:

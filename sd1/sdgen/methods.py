@@ -7,6 +7,12 @@ Names (components joined with '+'):
     ddim<N>                          DDIM with N steps (the paper's few-step baseline), e.g. ddim10
     tome-<r>                         ToMeSD at merge ratio r, through the real `tomesd` package
     deepcache-n<N>[-d<d>]            uniform DeepCache: every N-th step full, the others at cache depth d (1)
+    textprune-<w>-k<k> | textprune-<w>-t<t>[-dynamic]
+                                     prompt-token pruning by cross-attention importance after a warm-up of
+                                     the first ceil(w S) steps: keep k tokens, or those with mean attention
+                                     probability >= t (frozen after the warm-up, or re-chosen: -dynamic)
+    tgate-<m>[-perhalf]              T-GATE: cross-attention cached after gate step m (the CFG mean; -perhalf:
+                                     each half its own) and reused
     dato[:<strategy>][@<derive>...][,<option>...]
                                      DaTo with a per-step strategy: a shipped name (b1, b1-table-order) or a
                                      YAML path (default b1); derivations last<N> (the last N steps, for
@@ -16,7 +22,7 @@ Names (components joined with '+'):
                                      prune_mlp, score_noise=<w_diff>/<w_noise>
 
 e.g. `deepcache-n3+tome-0.5` (the paper's naive combination), `dato:b1`, `dato:b1@last37`,
-`dato:b1@r0.5,align_cfg=0`. A `Method` is a value: `apply(model, steps, seed)` patches a model and returns
+`dato:b1@r0.5,align_cfg=0`, `dato+tgate-20`. A `Method` is a value: `apply(model, steps, seed)` patches a model and returns
 an `AppliedMethod` (a context manager) that `remove()`s the patches again.
 """
 from __future__ import annotations
@@ -29,6 +35,8 @@ import torch
 
 from datosd.patch import RELEASED_CODE_PARITY, DatoOptions, DatoState, apply_patch, remove_patch
 from datosd.strategy import MAX_DEPTH, Strategy, StrategyError, call_kind
+from datosd.text_pruning import TextPruneOptions, apply_text_pruning, remove_text_pruning
+from datosd.tgate import TGateOptions, apply_tgate, remove_tgate
 from datosd.utils import attention_downsample
 from ldm.models.diffusion.hooks import SamplingHook
 
@@ -62,6 +70,8 @@ class Method:
     strategy: Optional[Strategy] = None
     dato_options: Dict[str, Any] = field(default_factory=dict)
     tome_ratio: Optional[float] = None
+    text_prune: Optional[TextPruneOptions] = None
+    tgate: Optional[TGateOptions] = None
 
     @property
     def label(self) -> str:
@@ -76,6 +86,12 @@ class Method:
             parts.append(f"DaTo [{self.strategy.describe()}]" + (f" ({options})" if options else ""))
         if self.tome_ratio is not None:
             parts.append(f"ToMeSD r={self.tome_ratio:g}")
+        if self.text_prune is not None:
+            t = self.text_prune
+            rule = f"keep {t.keep}" if t.keep is not None else f"threshold {t.threshold:g}, {t.mode}"
+            parts.append(f"prompt-token pruning (warm-up {t.warmup:g}, {rule})")
+        if self.tgate is not None:
+            parts.append(f"T-GATE (gate step {self.tgate.gate_step}, {self.tgate.cache.replace('_', ' ')})")
         return " + ".join(parts) if parts else "original (no acceleration)"
 
     @property
@@ -110,6 +126,12 @@ class Method:
             f"'dato:{self.strategy.name}@last{steps}' (its last {steps} steps, what img2img visits), "
             f"'@every<K>' for every K-th step, or search one (scripts/search_ratio.py, search_depth.py).")
 
+    def tgate_check(self, steps: int) -> None:
+        """Raise MethodError when T-GATE's gate step does not fall inside a run of `steps` steps."""
+        if self.tgate is not None and self.tgate.gate_step >= steps:
+            raise MethodError(f"{self.name}: the gate step {self.tgate.gate_step} is not before the run's last "
+                              f"step ({steps} steps); T-GATE would change nothing")
+
     def call_plan(self, steps: int, sampler: str) -> List[Tuple[int, float]]:
         """(cache depth, prune ratio) of every UNet call of one run of `steps` steps (PLMS: step 0 twice)."""
         steps, sampler = self.run_steps(steps), self.run_sampler(sampler)
@@ -139,6 +161,8 @@ class AppliedMethod(SamplingHook):
         self.seed = seed
         self.dato_state: Optional[DatoState] = None
         self._tome_unet: Optional[torch.nn.Module] = None
+        if method.tgate is not None:
+            method.tgate_check(steps)
         strategy = method.patch_strategy(steps)
         if strategy is not None:
             self.dato_state = apply_patch(model, strategy, seed=seed, **method.dato_options)
@@ -147,6 +171,10 @@ class AppliedMethod(SamplingHook):
             # tomesd merges in blocks down to max_downsample: reach the first level with attention (SDXL: 2).
             tomesd.apply_patch(model, ratio=method.tome_ratio, max_downsample=attention_downsample(model))
             self._tome_unet = model.model.diffusion_model
+        if method.text_prune is not None:
+            apply_text_pruning(model, method.text_prune)
+        if method.tgate is not None:
+            apply_tgate(model, method.tgate)
         model.sampling_hooks.add(self)
 
     def reseed(self, seed: int) -> None:
@@ -169,6 +197,10 @@ class AppliedMethod(SamplingHook):
 
     def remove(self) -> None:
         self.model.sampling_hooks.remove(self)
+        if self.method.tgate is not None:
+            remove_tgate(self.model)
+        if self.method.text_prune is not None:
+            remove_text_pruning(self.model)
         if self._tome_unet is not None:
             import_tomesd().remove_patch(self.model)
             self._tome_unet = None
@@ -197,6 +229,8 @@ _DDIM = re.compile(r"ddim(\d+)")
 _TOME = re.compile(r"tome-(\d*\.?\d+)")
 _DEEPCACHE = re.compile(r"deepcache-n(\d+)(?:-d(\d+))?")
 _DERIVE = re.compile(r"(last|every|r)(\d*\.?\d+)")
+_TEXTPRUNE = re.compile(r"textprune-(\d*\.?\d+)-(?:k(\d+)|t(\d*\.?\d+(?:e-?\d+)?))(-dynamic)?")
+_TGATE = re.compile(r"tgate-(\d+)(-perhalf)?")
 
 
 def _fmt(value: float) -> str:
@@ -299,10 +333,27 @@ def _parse_component(token: str) -> Method:
         if interval < 1 or not 0 <= depth <= MAX_DEPTH:
             raise MethodError(f"{token}: DeepCache needs an interval >= 1 and a depth in 0..{MAX_DEPTH}")
         return Method(f"deepcache-n{interval}" + (f"-d{depth}" if depth != 1 else ""), deepcache=(interval, depth))
+    if match := _TEXTPRUNE.fullmatch(token):
+        warmup, keep, threshold, dynamic = match.groups()
+        try:
+            options = TextPruneOptions(warmup=float(warmup), keep=int(keep) if keep else None,
+                                       threshold=float(threshold) if threshold else None,
+                                       mode="dynamic" if dynamic else "static")
+        except ValueError as err:
+            raise MethodError(f"{token}: {err}") from None
+        rule = f"k{options.keep}" if options.keep is not None else f"t{options.threshold:g}"
+        return Method(f"textprune-{options.warmup:g}-{rule}" + ("-dynamic" if dynamic else ""), text_prune=options)
+    if match := _TGATE.fullmatch(token):
+        try:
+            options = TGateOptions(gate_step=int(match.group(1)), cache="per_half" if match.group(2) else "cfg_mean")
+        except ValueError as err:
+            raise MethodError(f"{token}: {err}") from None
+        return Method(token, tgate=options)
     if token == "dato" or token.startswith(("dato:", "dato@", "dato,")):
         return _parse_dato(token)
     raise MethodError(f"unknown method {token!r}; known: original, ddim<N>, tome-<r>, deepcache-n<N>[-d<d>], "
-                      f"dato[:<strategy>] and combinations with '+' (e.g. deepcache-n3+tome-0.5)")
+                      f"dato[:<strategy>], textprune-<w>-k<k>|-t<t>, tgate-<m> and combinations with '+' "
+                      f"(e.g. deepcache-n3+tome-0.5)")
 
 
 def parse_method(name: str) -> Method:
@@ -321,20 +372,28 @@ def parse_method(name: str) -> Method:
         raise MethodError(f"{name}: DaTo and DeepCache both patch the UNet forward; use one of them")
     if sum(p.tome_ratio is not None for p in parts) > 1:
         raise MethodError(f"{name}: at most one tome-<r>")
+    if sum(p.text_prune is not None or p.tgate is not None for p in parts) > 1:
+        raise MethodError(f"{name}: prompt-token pruning and T-GATE both replace the cross-attention; use one")
     merged: Dict[str, Any] = {}
     for part in parts:
-        for key in ("sampler", "steps", "deepcache", "strategy", "tome_ratio"):
+        for key in ("sampler", "steps", "deepcache", "strategy", "tome_ratio", "text_prune", "tgate"):
             if getattr(part, key) is not None:
                 merged[key] = getattr(part, key)
         merged["dato_options"] = {**merged.get("dato_options", {}), **part.dato_options}
-    order = sorted(parts, key=lambda p: (p.steps is None, p.tome_ratio is not None))
+    order = sorted(parts, key=lambda p: (p.steps is None, p.tome_ratio is not None,
+                                         p.text_prune is not None or p.tgate is not None))
     return Method(name="+".join(p.name for p in order), **merged)
 
 
-def default_dato_method(steps: int) -> Method:
-    """DaTo with the shipped b1 when the run has its 50 steps; otherwise b1's last `steps` steps."""
-    method = parse_method("dato")
-    if method.strategy.steps == steps:
-        return method
-    return parse_method(f"dato@last{steps}")
+def dato_method(strategy: Strategy, **dato_options) -> Method:
+    """A DaTo method for a strategy held in memory (e.g. a search candidate); its name says 'dato:<name>' and
+    records the options, but only a strategy file or a shipped name can be parsed back."""
+    try:
+        DatoOptions(**dato_options)
+    except (TypeError, ValueError) as err:
+        raise MethodError(f"DaTo options: {err}") from None
+    name = _dato_name(strategy.name or "strategy", [], dict(dato_options))
+    if not name.startswith("dato:"):  # a strategy named b1: spell it out, it need not be the shipped one
+        name = "dato:b1" + name[len("dato"):]
+    return Method(name=name, strategy=strategy, dato_options=dict(dato_options))
 

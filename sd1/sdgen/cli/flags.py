@@ -71,6 +71,21 @@ def add_acceleration_args(parser: argparse.ArgumentParser) -> None:
                        help="DeepCache: blocks computed at the cached steps (1 = shallowest branch, 0..12)")
     group.add_argument("--tome", action="store_true", help="ToMeSD token merging (tomesd package)")
     group.add_argument("--tome_ratio", type=float, default=0.5, help="ToMeSD merge ratio in [0, 1)")
+    text = parser.add_argument_group("cross-attention (prompt-token pruning, T-GATE; combine with the above)")
+    text.add_argument("--prune_text", action="store_true",
+                      help="prune prompt tokens by their cross-attention importance after a warm-up")
+    text.add_argument("--text_warmup", type=float, default=0.2,
+                      help="share of the steps that see every prompt token (default 0.2)")
+    rule = text.add_mutually_exclusive_group()
+    rule.add_argument("--text_threshold", type=float, default=None,
+                      help="keep tokens whose mean cross-attention probability is at least this")
+    rule.add_argument("--text_keep", type=int, default=None, help="keep this many tokens (BOS and EOS included)")
+    text.add_argument("--text_mode", choices=["static", "dynamic"], default="static",
+                      help="kept set frozen after the warm-up (static) or re-chosen each step (dynamic, threshold)")
+    text.add_argument("--tgate_step", type=int, default=None,
+                      help="T-GATE: from this step on, reuse the cached cross-attention output")
+    text.add_argument("--tgate_cache", choices=["cfg_mean", "per_half"], default="cfg_mean",
+                      help="T-GATE cache: the CFG halves' mean (the paper's) or each half its own")
 
 
 def _dato_option_tokens(opt: argparse.Namespace) -> list:
@@ -91,7 +106,8 @@ def method_name_from_args(opt: argparse.Namespace) -> str:
     """The registry name the acceleration flags describe (UsageError on contradictions)."""
     dato_flags = [f"--{name}" for name in DATO_FLAGS if getattr(opt, name) not in (None, False)]
     if opt.method is not None:
-        given = dato_flags + [f"--{name}" for name in ("dato", "deepcache", "tome") if getattr(opt, name)]
+        given = dato_flags + [f"--{name}" for name in ("dato", "deepcache", "tome", "prune_text") if getattr(opt, name)]
+        given += ["--tgate_step"] if opt.tgate_step is not None else []
         if given:
             raise UsageError(f"--method {opt.method} names the whole method; drop {', '.join(given)}")
         return opt.method
@@ -116,7 +132,27 @@ def method_name_from_args(opt: argparse.Namespace) -> str:
         if not (math.isfinite(opt.tome_ratio) and 0.0 <= opt.tome_ratio < 1.0):
             raise UsageError(f"--tome_ratio must be in [0, 1), got {opt.tome_ratio}")
         parts.append(f"tome-{opt.tome_ratio:g}")
+    parts += _cross_attention_parts(opt)
     return "+".join(parts) or "original"
+
+
+def _cross_attention_parts(opt: argparse.Namespace) -> list:
+    """textprune-... / tgate-... from the cross-attention flags."""
+    rule_given = opt.text_threshold is not None or opt.text_keep is not None
+    if not opt.prune_text and (rule_given or opt.text_mode != "static"):
+        raise UsageError("--text_threshold, --text_keep and --text_mode set prompt-token pruning: add --prune_text")
+    if opt.prune_text and opt.tgate_step is not None:
+        raise UsageError("--prune_text and --tgate_step both replace the cross-attention; use one of them")
+    if opt.prune_text:
+        if not rule_given:
+            raise UsageError("--prune_text needs --text_threshold T or --text_keep K")
+        rule = f"k{opt.text_keep}" if opt.text_keep is not None else f"t{opt.text_threshold:g}"
+        return [f"textprune-{opt.text_warmup:g}-{rule}" + ("-dynamic" if opt.text_mode == "dynamic" else "")]
+    if opt.tgate_step is not None:
+        return [f"tgate-{opt.tgate_step}" + ("-perhalf" if opt.tgate_cache == "per_half" else "")]
+    if opt.tgate_cache != "cfg_mean":
+        raise UsageError("--tgate_cache sets T-GATE: add --tgate_step M")
+    return []
 
 
 def method_from_args(opt: argparse.Namespace) -> Method:
