@@ -34,7 +34,7 @@ DEFAULT_PROMPTS = ["a photograph of an astronaut riding a horse", "a golden retr
                    "a bowl of fruit on a wooden table, still life", "a red sports car in the rain"]
 DEFAULT_METHODS = ("original", "ddim10", "tome-0.5", "deepcache-n3", "deepcache-n5", "deepcache-n3+tome-0.5",
                    "dato")
-BASE_SAMPLER = "plms"  # the paper's sampler; ddim<N> brings its own
+BASE_SAMPLERS = {"ldm": "plms", "sgm": "euler"}  # the paper's samplers (SD: PLMS, SDXL: EulerEDM); ddim<N> brings its own
 NOISY_SPREAD = 0.2  # (max - min) / median of an entry's repeats above which it is flagged
 RENAMED = {"tome": "tome-0.5", "deepcache-tome": "deepcache-n3+tome-0.5", "dato-b1": "dato"}
 
@@ -81,10 +81,11 @@ class BenchEntry:
         return "; ".join(parts)
 
 
-def bench_entries(names: Sequence[str], steps: int) -> List[BenchEntry]:
+def bench_entries(names: Sequence[str], steps: int, kind: str = "ldm") -> List[BenchEntry]:
     """The benchmark's rows, original first (added when missing): every name through the registry; `steps`
-    applies to every method whose name has no step count (ddim10 runs 10). Raises MethodError /
-    StrategyError (a DaTo strategy of another length) before any model is built."""
+    applies to every method whose name has no step count (ddim10 runs 10); `kind` is the model's ('ldm' samples
+    with PLMS, 'sgm' with EulerEDM). Raises MethodError / StrategyError (a DaTo strategy of another length)
+    before any model is built."""
     methods: List[Method] = []
     for name in names:
         if name in RENAMED:
@@ -98,7 +99,8 @@ def bench_entries(names: Sequence[str], steps: int) -> List[BenchEntry]:
         methods.insert(0, parse_method("original"))
     entries = []
     for method in methods:
-        sampler = method.run_sampler(BASE_SAMPLER)
+        sampler = method.run_sampler(BASE_SAMPLERS[kind])
+        gen.check_sampler(gen.ModelGeometry(4, 8, kind=kind), sampler)
         run_steps = gen.sampler_steps(sampler, method.run_steps(steps))
         method.check_steps(run_steps)
         entries.append(BenchEntry(method, sampler, run_steps, steps))
@@ -268,7 +270,8 @@ def run_benchmark(model, config, entries: Sequence[BenchEntry], settings: BenchS
     decoded = None
     if not settings.predict_only:
         prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(batch)]
-        cond = gen.encode_prompts(model, prompts, settings.scale, settings.precision)
+        cond = gen.encode_prompts(model, prompts, settings.scale, settings.precision,
+                                  size=gen.SizeConditioning(settings.height, settings.width))
         x_T = gen.start_noise([settings.seed + i for i in range(batch)], shape)
         time_methods(model, entries, cond, x_T, scale=settings.scale, precision=settings.precision,
                      seed=settings.seed, repeats=settings.repeats, progress=progress)
@@ -294,9 +297,10 @@ def result_rows(entries: Sequence[BenchEntry], tables: Dict[Optional[float], Cos
     base_predicted = tables[None].plan_seconds(original.call_plan()) / batch
     rows = []
     for entry in entries:
-        predicted = tables[entry.method.tome_ratio].plan_seconds(entry.call_plan()) / batch
+        modelled = entry.method.text_prune is None and entry.method.tgate is None  # the table times plain calls
+        predicted = tables[entry.method.tome_ratio].plan_seconds(entry.call_plan()) / batch if modelled else None
         measured = statistics.median(entry.seconds) if entry.seconds else None
-        ideal = macs[original.name] / macs[entry.name] if macs[entry.name] else None
+        ideal = macs[original.name] / macs[entry.name] if macs[entry.name] and modelled else None
         speedup = base / measured if measured else None
         strategy = entry.method.patch_strategy(entry.steps)
         rows.append({
@@ -306,11 +310,11 @@ def result_rows(entries: Sequence[BenchEntry], tables: Dict[Optional[float], Cos
             "min_s": min(entry.seconds) if entry.seconds else None,
             "spread": spread(entry.seconds) if len(entry.seconds) > 1 else None,
             "speedup": speedup, "calls": entry.calls or entry.planned_calls(),
-            "gmacs_per_image": macs[entry.name] / batch / 1e9, "ideal_speedup": ideal,
+            "gmacs_per_image": macs[entry.name] / batch / 1e9 if modelled else None, "ideal_speedup": ideal,
             "efficiency": speedup / ideal if speedup and ideal else None,
             "predicted_s": predicted, "predicted_speedup": base_predicted / predicted if predicted else None,
             "predicted_efficiency": (base_predicted / predicted) / ideal if predicted and ideal else None,
-            "prediction_error": (predicted - measured) / measured if measured else None,
+            "prediction_error": (predicted - measured) / measured if measured and predicted else None,
             "peak_memory_mb": entry.peak_memory_mb if entry.seconds else None,
             "psnr": psnr(decoded[entry.name], decoded[original.name]) if decoded else None,
             "latent_mse": (torch.mean((entry.latents - original.latents) ** 2).item()

@@ -26,6 +26,7 @@ The spread of each entry's repeats is printed, and entries spreading more than 2
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import platform
 import sys
@@ -37,6 +38,7 @@ from datosd.strategy import StrategyError
 from ldm.checkpoint import CheckpointError
 
 from .. import generate as gen
+from ..resources import DEFAULT_STRATEGY, find_config
 from ..benchmark import (
     DEFAULT_METHODS,
     NOISY_SPREAD,
@@ -87,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure every cost-table entry this run needs again, replacing the stored ones")
     parser.add_argument("--outdir", default="outputs/bench", help="where the .md, .json, .png and costs.json go")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default from the settings)")
+    parser.add_argument("--diffusers", action="store_true",
+                        help="also time the same SD 1.x architecture through a diffusers pipeline (random weights): "
+                             "its original, DeepCache's DeepCacheSDHelper, tomesd and DaTo, next to this path's "
+                             "original and DaTo rows (needs the diffusers extra)")
     return parser
 
 
@@ -112,8 +118,15 @@ def check_options(opt):
     if opt.steps > 1000:
         raise UsageError("--steps must be at most 1000 (the number of training timesteps)")
     config = gen.read_config(gen.DEMO_CONFIG if opt.demo else opt.config)
-    gen.latent_shape(gen.model_geometry(config), opt.H, opt.W)
-    entries = bench_entries(method_names(opt), opt.steps)
+    geometry = gen.model_geometry(config)
+    gen.latent_shape(geometry, opt.H, opt.W)
+    entries = bench_entries(method_names(opt), opt.steps, kind=geometry.kind)
+    if opt.diffusers:
+        if geometry.kind != "ldm" or not (opt.random_weights or opt.demo) or opt.predict_only or opt.H != opt.W:
+            raise UsageError("--diffusers times an SD 1.x architecture with random weights end to end at a square "
+                             "size: use it with --random-weights (or --demo), without --predict-only, --H = --W")
+        if importlib.util.find_spec("diffusers") is None:
+            raise UsageError('--diffusers needs the diffusers extra: pip install -e ".[diffusers]"')
     if opt.ckpt and not (opt.demo or opt.random_weights):
         gen.check_model_files(opt.config, opt.ckpt)
     check_output_dir(opt.outdir)
@@ -163,6 +176,8 @@ def main(argv=None) -> int:
     markdown = render_markdown(rows, note)
     if flagged:
         markdown += f"\n\nFlagged: {flag_note}."
+    if opt.diffusers:
+        markdown += "\n\n" + diffusers_rows(opt, config if opt.demo else gen.read_config(opt.config), entries, rows)
     print("\n" + markdown)
     stem = opt.name or (f"bench-{'demo' if opt.demo else 'sd'}-{opt.H}x{opt.W}-{opt.steps}steps-{dtype}"
                         + ("-predicted" if opt.predict_only else ""))
@@ -181,6 +196,27 @@ def main(argv=None) -> int:
     plot(rows, outdir / f"{stem}.png", note.split(";")[0])
     print(f"\nwrote {outdir / stem}.md, .json and .png; cost tables in {cost_table}")
     return 0
+
+
+def diffusers_rows(opt, config, entries, rows) -> str:
+    """The diffusers pipeline of the same architecture, timed here after the ldm rows: its original, DeepCache
+    helper, tomesd and DaTo (this run's DaTo strategy, or b1), interleaved; a table with this path's original
+    and DaTo rows beside them."""
+    from ..diffusers_bench import compare, format_table
+
+    dato = next((e for e in entries if e.method.strategy is not None and e.method.tome_ratio is None), None)
+    strategy = dato.method.patch_strategy(dato.steps) if dato is not None else DEFAULT_STRATEGY
+    results = compare(steps=opt.steps, size=opt.H, strategy=strategy, repeats=opt.repeats, warmup=1,
+                      guidance_scale=opt.scale, seed=opt.seed,
+                      config_path=gen.DEMO_CONFIG if opt.demo else find_config(opt.config))
+    lines = ["diffusers StableDiffusionPipeline, same architecture and random weights, "
+             f"{opt.steps} DDIM steps (diffusers' scheduler of that config), prompt encoding included:", "",
+             format_table(results), "", "This path (ldm, from the table above):", "",
+             "| method | s/img | speed-up |", "| --- | --- | --- |"]
+    for row in rows:
+        if row["method"] == "original" or (dato is not None and row["method"] == dato.name):
+            lines.append(f"| {row['method']} | {row['median_s']:.2f} | {row['speedup']:.2f}x |")
+    return "\n".join(lines)
 
 
 def cli() -> int:
