@@ -13,6 +13,7 @@ output_blocks[8]) runs no attention at all (`utils.attention_depth` gives the fi
 N_max is the token count of the highest-resolution level that has transformer blocks (64 x 64 at 1024 x 1024:
 input_blocks 4-5 and output_blocks 3-5 prune).
 """
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from os import PathLike
@@ -333,7 +334,11 @@ def remove_patch(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@functools.lru_cache(maxsize=None)
 def _caching_unet_class(unet_class: type) -> type:
+    """The caching subclass of unet_class, made once per class: compiled graphs guard on classes, so they
+    survive removing and re-applying the patch."""
+
     class DatoUNetModel(unet_class):
         """UNetModel whose forward follows the step's cache depth (spec 2)."""
 
@@ -385,7 +390,10 @@ def compute_blocks(unet, x, timesteps, context, y, depth: int, cached: Optional[
     return unet.out(h), outputs
 
 
+@functools.lru_cache(maxsize=None)
 def _pruning_block_class(block_class: type) -> type:
+    """The pruning subclass of block_class, made once per class (see _caching_unet_class)."""
+
     class DatoBlock(block_class):
         """BasicTransformerBlock that runs attention on the kept tokens only (spec 6)."""
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import generate as gen
 from .images import atomic_save_png, atomic_write_text, check_output_dir, load_init_image, to_uint8_images
+from .compiled import EAGER, Execution
 from .methods import Method
 from .prompt_set import MANIFEST, Timing, device_name, file_sha256, read_manifest
 from .runtime import UsageError
@@ -48,6 +49,7 @@ class Img2ImgJob:
     scale: float = 7.5
     eta: float = 0.0
     precision: str = "autocast"
+    execution: Execution = EAGER  # how UNet calls run (not part of the images' settings)
     warmup_images: int = 1
     geometry: gen.ModelGeometry = gen.ModelGeometry(channels=4, factor=8)
 
@@ -108,7 +110,7 @@ def transform_images(model, job: Img2ImgJob, todo: Sequence[int], progress: bool
     base_text = {"strength": job.strength, "steps": job.ddim_steps, "scale": job.scale, "eta": job.eta,
                  "method": job.method.name, "model": gen.DEMO_LABEL if job.model_args[3] else job.model_args[1]}
     timing = Timing()
-    with job.method.apply(model, job.encode_steps, seed=job.seed) as applied:
+    with job.method.apply(model, job.encode_steps, seed=job.seed, execution=job.execution) as applied:
         for n, k in enumerate(tqdm(todo, desc=f"img2img ({job.method.name})", unit="img", disable=not progress)):
             image, seconds = transform_image(model, job, applied, k)
             timing.seconds += seconds

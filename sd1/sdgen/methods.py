@@ -40,6 +40,7 @@ from datosd.tgate import TGateOptions, apply_tgate, remove_tgate
 from datosd.utils import attention_downsample
 from ldm.models.diffusion.hooks import SamplingHook
 
+from .compiled import EAGER, CompiledUNet, Execution
 from .resources import builtin_strategies, find_strategy
 
 SAMPLERS = ("plms", "ddim")
@@ -143,9 +144,11 @@ class Method:
         kinds = [call_kind(depth) for depth, _ in self.call_plan(steps, sampler)]
         return {kind: kinds.count(kind) for kind in ("full", "partial", "reused")}
 
-    def apply(self, model: torch.nn.Module, steps: int, seed: int = 0) -> "AppliedMethod":
-        """Patch `model` for runs of `steps` sampler steps; every random draw of a run comes from `seed`."""
-        return AppliedMethod(self, model, steps, seed)
+    def apply(self, model: torch.nn.Module, steps: int, seed: int = 0,
+              execution: Execution = EAGER) -> "AppliedMethod":
+        """Patch `model` for runs of `steps` sampler steps; every random draw of a run comes from `seed`.
+        `execution`: eager, or compiled (and / or channels-last) UNet calls (sdgen.compiled)."""
+        return AppliedMethod(self, model, steps, seed, execution)
 
 
 class AppliedMethod(SamplingHook):
@@ -155,7 +158,8 @@ class AppliedMethod(SamplingHook):
     score noise, tomesd's random partition), so one seed gives the same images run after run.
     """
 
-    def __init__(self, method: Method, model: torch.nn.Module, steps: int, seed: int = 0):
+    def __init__(self, method: Method, model: torch.nn.Module, steps: int, seed: int = 0,
+                 execution: Execution = EAGER):
         self.method = method
         self.model = model
         self.seed = seed
@@ -175,6 +179,9 @@ class AppliedMethod(SamplingHook):
             apply_text_pruning(model, method.text_prune)
         if method.tgate is not None:
             apply_tgate(model, method.tgate)
+        only_dato = method.tome_ratio is None and method.text_prune is None and method.tgate is None
+        self.compiled = CompiledUNet(model, execution, self.dato_state,
+                                     fullgraph=self.dato_state is not None and only_dato)
         model.sampling_hooks.add(self)
 
     def reseed(self, seed: int) -> None:
@@ -197,6 +204,7 @@ class AppliedMethod(SamplingHook):
 
     def remove(self) -> None:
         self.model.sampling_hooks.remove(self)
+        self.compiled.remove()
         if self.method.tgate is not None:
             remove_tgate(self.model)
         if self.method.text_prune is not None:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import generate as gen
 from .images import atomic_save_png, atomic_write_text, check_output_dir, to_uint8_images
+from .compiled import EAGER, Execution
 from .methods import Method
 from .runtime import UsageError
 from .sharding import DistInfo, png_path, run_sharded
@@ -65,6 +66,7 @@ class PromptSetJob:
     batch_size: int = 1
     warmup_batches: int = 1
     geometry: gen.ModelGeometry = gen.ModelGeometry(channels=4, factor=8)
+    execution: Execution = EAGER  # how UNet calls run (not part of the images' settings)
 
     @property
     def total(self) -> int:
@@ -129,7 +131,7 @@ def generate_images(model, job: PromptSetJob, todo: Sequence[int], progress: boo
     timing = Timing()
     size = gen.SizeConditioning(job.height, job.width)
     bar = tqdm(total=len(todo), desc=f"sampling ({job.method.name})", unit="img", disable=not progress)
-    with job.method.apply(model, job.steps, seed=job.seed) as applied:
+    with job.method.apply(model, job.steps, seed=job.seed, execution=job.execution) as applied:
         for b, ks in enumerate(gen.batches(list(todo), job.batch_size)):
             prompts = [job.prompts[k % n] for k in ks]
             cond = gen.encode_prompts(model, prompts, job.scale, job.precision, size=size)

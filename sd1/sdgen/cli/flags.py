@@ -4,6 +4,7 @@ import math
 
 from datosd.strategy import MAX_DEPTH
 
+from ..compiled import COMPILE_MODES, Execution
 from ..methods import Method, MethodError, parse_method
 from ..resources import DEMO_CONFIG
 from ..runtime import UsageError
@@ -71,6 +72,12 @@ def add_acceleration_args(parser: argparse.ArgumentParser) -> None:
                        help="DeepCache: blocks computed at the cached steps (1 = shallowest branch, 0..12)")
     group.add_argument("--tome", action="store_true", help="ToMeSD token merging (tomesd package)")
     group.add_argument("--tome_ratio", type=float, default=0.5, help="ToMeSD merge ratio in [0, 1)")
+    execution = parser.add_argument_group("execution (any method)")
+    execution.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                           help="torch.compile the UNet calls: each DaTo/DeepCache (depth, ratio) variant is compiled "
+                                "once per process; 'reduce-overhead' replays CUDA graphs on a GPU")
+    execution.add_argument("--channels_last", action="store_true",
+                           help="keep the UNet in channels-last memory (faster convolutions on recent GPUs)")
     text = parser.add_argument_group("cross-attention (prompt-token pruning, T-GATE; combine with the above)")
     text.add_argument("--prune_text", action="store_true",
                       help="prune prompt tokens by their cross-attention importance after a warm-up")
@@ -153,6 +160,11 @@ def _cross_attention_parts(opt: argparse.Namespace) -> list:
     if opt.tgate_cache != "cfg_mean":
         raise UsageError("--tgate_cache sets T-GATE: add --tgate_step M")
     return []
+
+
+def execution_from_args(opt: argparse.Namespace) -> Execution:
+    """How the UNet calls run (--compile, --channels_last)."""
+    return Execution(compile=opt.compile, channels_last=opt.channels_last)
 
 
 def method_from_args(opt: argparse.Namespace) -> Method:

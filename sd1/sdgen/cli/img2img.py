@@ -23,7 +23,7 @@ from ..images import SampleWriter, check_output_dir, load_init_image, to_uint8_i
 from ..methods import MethodError, parse_method
 from ..runtime import UsageError, pick_device, seed_everything
 from . import run
-from .flags import (add_acceleration_args, add_model_args, method_from_args, method_name_from_args,
+from .flags import (add_acceleration_args, add_model_args, execution_from_args, method_from_args, method_name_from_args,
                     resolve_model_args)
 
 
@@ -129,7 +129,7 @@ def main(argv=None, model=None) -> int:
     latent_shape = tuple(init_latent.shape[1:])
     fixed_noise = torch.randn((opt.n_samples, *latent_shape), generator=noise_generator)
     run_index = 0
-    with method.apply(model, t_enc, seed=opt.seed) as applied:
+    with method.apply(model, t_enc, seed=opt.seed, execution=execution_from_args(opt)) as applied:
         for _ in trange(opt.n_iter, desc="Sampling"):
             for prompts in tqdm(batches, desc="data"):
                 batch = len(prompts)

@@ -41,7 +41,7 @@ from ..prompt_set import PromptSetJob, check_job, run_prompt_set
 from ..runtime import UsageError, pick_device, seed_everything
 from ..sharding import dist_info_from_env
 from . import run
-from .flags import add_acceleration_args, add_model_args, method_from_args, resolve_model_args
+from .flags import add_acceleration_args, add_model_args, execution_from_args, method_from_args, resolve_model_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +105,7 @@ def job_from_args(opt) -> PromptSetJob:
                         seed=opt.seed, sampler=sampler, ddim_steps=ddim_steps,
                         steps=gen.sampler_steps(sampler, ddim_steps), scale=opt.scale, height=opt.H, width=opt.W,
                         precision=opt.precision, batch_size=opt.batch_size, warmup_batches=opt.warmup_batches,
-                        geometry=geometry)
+                        geometry=geometry, execution=execution_from_args(opt))
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ from ..images import SampleWriter, check_output_dir, to_uint8_images
 from ..methods import MethodError
 from ..runtime import UsageError, pick_device, seed_everything
 from . import run
-from .flags import add_acceleration_args, add_model_args, method_from_args, resolve_model_args
+from .flags import add_acceleration_args, add_model_args, execution_from_args, method_from_args, resolve_model_args
 
 DEMO_SIZE = 128
 
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     noise = torch.Generator().manual_seed(opt.seed)  # x_T of every batch, drawn in order on the CPU
     fixed_code = torch.randn((opt.n_samples, *shape), generator=noise) if opt.fixed_code else None
     run_index = 0
-    with method.apply(model, steps, seed=opt.seed) as applied:
+    with method.apply(model, steps, seed=opt.seed, execution=execution_from_args(opt)) as applied:
         for _ in trange(opt.n_iter, desc="Sampling"):
             for prompts in tqdm(batches, desc="data"):
                 batch = len(prompts)
