@@ -7,6 +7,8 @@
    float32. Methods with ToMeSD skip the CPU comparison: the registry seeds tomesd's random partition with a
    generator on the UNet's device, and CPU and CUDA generators draw different numbers from one seed.
 3. A v-parameterized model (SD 2.x 768-v style) samples finite latents with both samplers under autocast.
+4. Compiled execution with CUDA graphs ('reduce-overhead'): DaTo, DeepCache and the original under PLMS (which
+   keeps earlier predictions, so a graph replay overwriting them would show) match eager CUDA float32.
 """
 import pytest
 import torch
@@ -15,6 +17,7 @@ from conftest import GOLDEN_CONFIG
 from helpers import golden_model
 from ldm.util import instantiate_from_config, seeded_random_weights
 from sdgen import generate as gen
+from sdgen.compiled import Execution
 from sdgen.methods import parse_method
 
 pytestmark = [pytest.mark.cuda,
@@ -54,11 +57,11 @@ def golden_cond(golden_io, device) -> gen.Conditioning:
     return gen.Conditioning(golden_io["sample.c"].to(device), golden_io["sample.uc"].to(device))
 
 
-def sample(model, method_name, sampler, golden_io, x_T, precision="full"):
+def sample(model, method_name, sampler, golden_io, x_T, precision="full", execution=Execution()):
     """Final latents (B, 4, h, w), float32 on the CPU, of one guided run of a registry method."""
     method = parse_method(method_name)
     sampler, steps = method.run_sampler(sampler), method.run_steps(STEPS)
-    with method.apply(model, steps, seed=0) as applied:
+    with method.apply(model, steps, seed=0, execution=execution) as applied:
         result = gen.sample_latents(model, golden_cond(golden_io, gen.model_device(model)), x_T, sampler=sampler,
                                     steps=steps, scale=7.5, seed=0, method=applied, precision=precision)
     return result.latents.float().cpu()
@@ -104,3 +107,16 @@ def test_v_parameterized_model_under_autocast(golden_io, cuda, sampler):
     model = seeded_random_weights(instantiate_from_config(config.model).eval(), seed=0).to(cuda)
     latents = sample(model, "original", sampler, golden_io, gen.start_noise([7, 8], (4, 16, 16)), precision="autocast")
     assert torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize("method_name", ["original", "deepcache-n3", "dato@every5"])
+def test_cuda_graphs_match_eager(cuda_model, golden_io, method_name):
+    x_T = gen.start_noise([7, 8], (4, 16, 16))
+    eager = sample(cuda_model, method_name, "plms", golden_io, x_T)
+    compiled = Execution("reduce-overhead")
+    assert compiled.cuda_graphs
+    first = sample(cuda_model, method_name, "plms", golden_io, x_T, execution=compiled)
+    second = sample(cuda_model, method_name, "plms", golden_io, x_T, execution=compiled)  # replays the graphs
+    scale = eager.abs().max().item()
+    assert max_err(first, eager) / scale < 1e-3
+    assert max_err(second, eager) / scale < 1e-3
