@@ -204,14 +204,17 @@ def _synchronize(device: torch.device) -> None:
 
 
 def time_entries(unet: torch.nn.Module, entries: Sequence[Tuple[int, float]], x: torch.Tensor, t: torch.Tensor,
-                 cond: Dict[str, torch.Tensor], autocast, on_call: Optional[Callable[[], None]] = None
-                 ) -> Dict[str, float]:
+                 cond: Dict[str, torch.Tensor], autocast, on_call: Optional[Callable[[], None]] = None,
+                 compute: Optional[Callable] = None) -> Dict[str, float]:
     """One calibration pass of the (unpatched) `unet`: two full steps that fill the caches (untimed), then one
     timed call per (depth, ratio) entry, in the given order. Returns {entry name: seconds}.
 
     x, t, cond: UNet inputs and conditioning keywords (`unet_inputs`); autocast: the precision context of the calls.
+    compute: what runs the blocks of a call instead of `patch.compute_blocks` (e.g. a compiled version of it).
     """
     state = apply_patch(unet, _calibration_strategy(entries))
+    if compute is not None:
+        state.compute = compute
     seconds = {}
     try:
         state.sampling_started(len(entries) + 2)

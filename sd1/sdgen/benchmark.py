@@ -27,6 +27,7 @@ from datosd.costs import CostTable, count_entry_macs, entry_name, find_table, me
 from tqdm import tqdm
 
 from . import generate as gen
+from .compiled import EAGER, Execution
 from .methods import Method, MethodError, parse_method
 from .runtime import precision_name
 
@@ -43,13 +44,16 @@ CallType = Tuple[int, float]  # (cache depth, prune ratio) of one UNet call
 
 @dataclass
 class BenchEntry:
-    """One row of the benchmark: a registry method, the sampler and step count its runs use, and what the
-    timed runs measured (seconds per image of each repeat, calls by kind, peak memory, first latents)."""
+    """One row of the benchmark: a registry method, how its UNet calls run (eager or compiled), the sampler and
+    step count its runs use, and what the runs measured (the untimed first run's seconds, seconds per image of
+    each timed repeat, calls by kind, peak memory, first latents)."""
 
     method: Method
     sampler: str
     steps: int
     requested_steps: int
+    execution: Execution = EAGER
+    first_run_seconds: Optional[float] = None
     seconds: List[float] = field(default_factory=list)
     calls: Optional[Dict[str, int]] = None
     peak_memory_mb: float = 0.0
@@ -57,7 +61,13 @@ class BenchEntry:
 
     @property
     def name(self) -> str:
-        return self.method.name
+        return self.method.name if not self.execution.compiles else f"{self.method.name} [{self.execution.compile}]"
+
+    def compile_seconds(self, batch: int) -> Optional[float]:
+        """What compiling cost: the first run's time beyond a timed run's (None when eager or not timed)."""
+        if not self.execution.compiles or self.first_run_seconds is None or not self.seconds:
+            return None
+        return max(0.0, self.first_run_seconds - statistics.median(self.seconds) * batch)
 
     def call_plan(self) -> List[CallType]:
         """(cache depth, prune ratio) of every UNet call of one run (`Method.call_plan`)."""
@@ -81,10 +91,12 @@ class BenchEntry:
         return "; ".join(parts)
 
 
-def bench_entries(names: Sequence[str], steps: int, kind: str = "ldm") -> List[BenchEntry]:
+def bench_entries(names: Sequence[str], steps: int, kind: str = "ldm", compile_mode: str = "none",
+                  channels_last: bool = False) -> List[BenchEntry]:
     """The benchmark's rows, original first (added when missing): every name through the registry; `steps`
     applies to every method whose name has no step count (ddim10 runs 10); `kind` is the model's ('ldm' samples
-    with PLMS, 'sgm' with EulerEDM). Raises MethodError / StrategyError (a DaTo strategy of another length)
+    with PLMS, 'sgm' with EulerEDM). With a `compile_mode` other than 'none' every method has a second row,
+    compiled (all eager rows first). Raises MethodError / StrategyError (a DaTo strategy of another length)
     before any model is built."""
     methods: List[Method] = []
     for name in names:
@@ -103,7 +115,10 @@ def bench_entries(names: Sequence[str], steps: int, kind: str = "ldm") -> List[B
         gen.check_sampler(gen.ModelGeometry(4, 8, kind=kind), sampler)
         run_steps = gen.sampler_steps(sampler, method.run_steps(steps))
         method.check_steps(run_steps)
-        entries.append(BenchEntry(method, sampler, run_steps, steps))
+        entries.append(BenchEntry(method, sampler, run_steps, steps, Execution(channels_last=channels_last)))
+    if compile_mode != "none":
+        compiled = Execution(compile_mode, channels_last=channels_last)
+        entries += [BenchEntry(e.method, e.sampler, e.steps, steps, compiled) for e in list(entries)]
     return entries
 
 
@@ -148,7 +163,7 @@ class PeakMemory:
 def run_method(model, entry: BenchEntry, cond: gen.Conditioning, x_T: torch.Tensor, *, scale: float,
                precision: str, seed: int) -> Tuple[gen.SampleResult, int]:
     """One sampling run of `entry`, its method applied for this run only; returns (result, peak bytes)."""
-    with entry.method.apply(model, entry.steps, seed=seed) as applied, \
+    with entry.method.apply(model, entry.steps, seed=seed, execution=entry.execution) as applied, \
             PeakMemory(gen.model_device(model)) as memory:
         result = gen.sample_latents(model, cond, x_T, sampler=entry.sampler, steps=entry.steps, scale=scale,
                                     seed=seed, method=applied, precision=precision)
@@ -157,13 +172,15 @@ def run_method(model, entry: BenchEntry, cond: gen.Conditioning, x_T: torch.Tens
 
 def time_methods(model, entries: Sequence[BenchEntry], cond: gen.Conditioning, x_T: torch.Tensor, *,
                  scale: float, precision: str, seed: int, repeats: int, progress: bool = True) -> None:
-    """One untimed warm-up run per entry, then `repeats` passes over all entries, each pass starting one entry
-    later (rotating order). Fills each entry's seconds (per image), calls, peak memory and first latents."""
+    """One untimed warm-up run per entry (a compiled entry compiles in it), then `repeats` passes over all
+    entries, each pass starting one entry later (rotating order). Fills each entry's first-run seconds, seconds
+    (per image), calls, peak memory and first latents."""
     batch = x_T.shape[0]
     bar = tqdm(total=(repeats + 1) * len(entries), desc="benchmark", disable=not progress)
     for entry in entries:
         bar.set_description(f"benchmark: {entry.name}, untimed warm-up")
-        run_method(model, entry, cond, x_T, scale=scale, precision=precision, seed=seed)
+        result, _ = run_method(model, entry, cond, x_T, scale=scale, precision=precision, seed=seed)
+        entry.first_run_seconds = result.seconds
         bar.update()
     for repeat in range(repeats):
         shift = repeat % len(entries)
@@ -290,18 +307,24 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def result_rows(entries: Sequence[BenchEntry], tables: Dict[Optional[float], CostTable], batch: int,
                 decoded: Optional[Dict[str, torch.Tensor]] = None) -> List[Dict[str, object]]:
-    """One dict per entry (the .json rows and the table's cells); the first entry is the original."""
+    """One dict per entry (the .json rows and the table's cells); the first entry is the (eager) original.
+    Speed-ups are over the eager original; `speedup_same_mode` is over the original run the same way."""
     original = entries[0]
+    originals = {e.execution: e for e in entries if e.method.is_original}
     macs = {e.name: tables[e.method.tome_ratio].plan_macs(e.call_plan()) for e in entries}
     base = statistics.median(original.seconds) if original.seconds else None
     base_predicted = tables[None].plan_seconds(original.call_plan()) / batch
     rows = []
     for entry in entries:
-        modelled = entry.method.text_prune is None and entry.method.tgate is None  # the table times plain calls
-        predicted = tables[entry.method.tome_ratio].plan_seconds(entry.call_plan()) / batch if modelled else None
+        # The cost table times plain eager calls: no prediction for cross-attention methods or compiled runs.
+        modelled = entry.method.text_prune is None and entry.method.tgate is None
+        predicted = (tables[entry.method.tome_ratio].plan_seconds(entry.call_plan()) / batch
+                     if modelled and not entry.execution.compiles else None)
         measured = statistics.median(entry.seconds) if entry.seconds else None
         ideal = macs[original.name] / macs[entry.name] if macs[entry.name] and modelled else None
         speedup = base / measured if measured else None
+        same_mode = originals.get(entry.execution)
+        same_mode_base = statistics.median(same_mode.seconds) if same_mode is not None and same_mode.seconds else None
         strategy = entry.method.patch_strategy(entry.steps)
         rows.append({
             "method": entry.name, "label": entry.method.label, "sampler": entry.sampler, "steps": entry.steps,
@@ -309,7 +332,9 @@ def result_rows(entries: Sequence[BenchEntry], tables: Dict[Optional[float], Cos
             "tome_ratio": entry.method.tome_ratio, "seconds": entry.seconds, "median_s": measured,
             "min_s": min(entry.seconds) if entry.seconds else None,
             "spread": spread(entry.seconds) if len(entry.seconds) > 1 else None,
-            "speedup": speedup, "calls": entry.calls or entry.planned_calls(),
+            "execution": entry.execution.label, "compile_s": entry.compile_seconds(batch),
+            "speedup": speedup, "speedup_same_mode": same_mode_base / measured if measured and same_mode_base else None,
+            "calls": entry.calls or entry.planned_calls(),
             "gmacs_per_image": macs[entry.name] / batch / 1e9 if modelled else None, "ideal_speedup": ideal,
             "efficiency": speedup / ideal if speedup and ideal else None,
             "predicted_s": predicted, "predicted_speedup": base_predicted / predicted if predicted else None,
@@ -348,7 +373,8 @@ def spread_report(tables: Dict[Optional[float], CostTable], entries: Sequence[Be
 
 
 def render_markdown(rows: Sequence[Dict[str, object]], header_note: str) -> str:
-    columns = ["method", "sampler", "s/img median", "s/img min", "speed-up", "UNet calls full/partial/reused",
+    columns = ["method", "sampler", "s/img median", "s/img min", "speed-up", "speed-up vs original, same mode",
+               "compile s", "UNet calls full/partial/reused",
                "GMACs/img", "ideal speed-up", "efficiency", "predicted s/img", "predicted speed-up",
                "prediction error", "peak memory MB", "PSNR vs original dB", "latent MSE"]
     lines = [header_note, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -361,6 +387,8 @@ def render_markdown(rows: Sequence[Dict[str, object]], header_note: str) -> str:
         lines.append("| " + " | ".join([
             r["method"], f"{r['sampler']} {r['steps']}", fmt(r["median_s"], ".2f"), fmt(r["min_s"], ".2f"),
             fmt(r["speedup"], ".2f") + ("x" if r["speedup"] is not None else ""),
+            fmt(r["speedup_same_mode"], ".2f") + ("x" if r["speedup_same_mode"] is not None else ""),
+            fmt(r["compile_s"], ".1f"),
             f"{calls['full']}/{calls['partial']}/{calls['reused']}",
             fmt(r["gmacs_per_image"], ".1f"), fmt(r["ideal_speedup"], ".2f"), fmt(r["efficiency"], ".2f"),
             fmt(r["predicted_s"], ".2f"),

@@ -10,8 +10,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from datosd.costs import entry_name, time_entries
+from datosd.patch import compute_blocks
 from ldm.models.diffusion.hooks import SamplingHooks
 
+from .compiled import CompiledCall, Execution
 from .methods import parse_method
 from .runtime import precision_scope, timed
 
@@ -48,12 +50,19 @@ def time_tome_call(shell: UnetShell, ratio: float, inputs, precision: str) -> fl
 
 
 def time_calls(shell: UnetShell, ratios: Sequence[float], repeats: int, precision: str, inputs,
-               on_pass: Optional[Callable[[int, Dict[str, List[float]]], None]] = None) -> Dict[str, List[float]]:
-    """{'dato_<entry>' | 'tome_d12_r<r>': seconds of each repeat}: after one untimed warm-up call of every
-    kind, `repeats` passes, the order reversed every other pass. on_pass(repeat, times) after each pass."""
+               on_pass: Optional[Callable[[int, Dict[str, List[float]]], None]] = None,
+               compile_mode: str = "none") -> Dict[str, List[float]]:
+    """{'dato_<entry>' | 'tome_d12_r<r>' | 'compiled_dato_<entry>': seconds of each repeat}: after one untimed
+    warm-up call of every kind (where the compiled calls compile), `repeats` passes, the order reversed every
+    other pass. compile_mode: also time the DaTo calls torch.compile-d in this mode ('none': not).
+    on_pass(repeat, times) after each pass."""
     x, t, cond = inputs
     entries = dato_entries(ratios)
     scope = precision_scope(precision, x.device)
+    compiled = None
+    if compile_mode != "none":
+        compiled = CompiledCall(compute_blocks, Execution(compile_mode), fullgraph=True)
+        time_entries(shell.unet, entries, x, t, cond, scope, compute=compiled)
     time_entries(shell.unet, entries, x, t, cond, scope)
     for ratio in ratios:
         time_tome_call(shell, ratio, inputs, precision)
@@ -65,6 +74,10 @@ def time_calls(shell: UnetShell, ratios: Sequence[float], repeats: int, precisio
             times.setdefault(f"dato_{name}", []).append(value)
         for ratio in (ratios if forward else ratios[::-1]):
             times.setdefault(f"tome_d12_r{ratio:.2f}", []).append(time_tome_call(shell, ratio, inputs, precision))
+        if compiled is not None:
+            for name, value in time_entries(shell.unet, entries if forward else entries[::-1], x, t, cond,
+                                            scope, compute=compiled).items():
+                times.setdefault(f"compiled_dato_{name}", []).append(value)
         if on_pass is not None:
             on_pass(repeat, times)
     return times
@@ -86,6 +99,16 @@ def report(times: Dict[str, List[float]], ratios: Sequence[float], header: str) 
     for ratio in ratios:
         dato, tome = median[f"dato_d12_r{ratio:.2f}"], median[f"tome_d12_r{ratio:.2f}"]
         lines.append(f"ratio {ratio:g}: DaTo / ToMeSD time = {dato / tome:.3f}")
+    compiled = sorted(name for name in median if name.startswith("compiled_"))
+    if compiled:
+        lines.append("")
+        lines.append("compiled / eager time of each call: " + ", ".join(
+            f"{name[len('compiled_dato_'):]} {median[name] / median[name[len('compiled_'):]]:.3f}"
+            for name in compiled))
+        full = median.get("compiled_" + UNPRUNED_FULL)
+        if full:
+            lines.append("compiled full step at r / compiled full step at r=0: " + ", ".join(
+                f"r={ratio:g} {median[f'compiled_dato_d12_r{ratio:.2f}'] / full:.3f}" for ratio in ratios))
     return "\n".join(lines)
 
 

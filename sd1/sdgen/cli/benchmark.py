@@ -49,6 +49,7 @@ from ..benchmark import (
     run_benchmark,
     spread_report,
 )
+from ..compiled import COMPILE_MODES
 from ..images import atomic_write_text, check_output_dir, check_output_file
 from ..methods import MethodError
 from ..runtime import UsageError, pick_device, precision_name, set_threads
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure every cost-table entry this run needs again, replacing the stored ones")
     parser.add_argument("--outdir", default="outputs/bench", help="where the .md, .json, .png and costs.json go")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default from the settings)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                        help="also time every method with torch.compile in this mode (rows '<method> [<mode>]'): "
+                             "the untimed first run compiles, and its extra time is the 'compile s' column")
+    parser.add_argument("--channels_last", action="store_true", help="run every method in channels-last memory")
     parser.add_argument("--diffusers", action="store_true",
                         help="also time the same SD 1.x architecture through a diffusers pipeline (random weights): "
                              "its original, DeepCache's DeepCacheSDHelper, tomesd and DaTo, next to this path's "
@@ -120,7 +125,8 @@ def check_options(opt):
     config = gen.read_config(gen.DEMO_CONFIG if opt.demo else opt.config)
     geometry = gen.model_geometry(config)
     gen.latent_shape(geometry, opt.H, opt.W)
-    entries = bench_entries(method_names(opt), opt.steps, kind=geometry.kind)
+    entries = bench_entries(method_names(opt), opt.steps, kind=geometry.kind, compile_mode=opt.compile,
+                            channels_last=opt.channels_last)
     if opt.diffusers:
         if geometry.kind != "ldm" or not (opt.random_weights or opt.demo) or opt.predict_only or opt.H != opt.W:
             raise UsageError("--diffusers times an SD 1.x architecture with random weights end to end at a square "
@@ -171,7 +177,9 @@ def main(argv=None) -> int:
     mode = "cost-table prediction only (no end-to-end sampling)" if opt.predict_only else (
         f"measured end to end, median of {opt.repeats} interleaved repeats after one untimed warm-up run each")
     note = (f"**{model_label}**, {opt.H}x{opt.W}, batch {opt.batch} (CFG scale {opt.scale}), {dtype}, "
-            f"{device.type} ({hardware_name(device)}, {threads} threads), torch {torch.__version__}; {mode}. "
+            f"{device.type} ({hardware_name(device)}, {threads} threads), torch {torch.__version__}"
+            f"{', channels-last' if opt.channels_last else ''}; {mode}"
+            f"{f'; rows [{opt.compile}] torch.compile-d (compile s: their first run beyond a timed one)' if opt.compile != 'none' else ''}. "
             f"Seconds are sampling time per image (UNet loop, no text encoding or VAE).{fidelity_note}")
     markdown = render_markdown(rows, note)
     if flagged:
@@ -189,7 +197,8 @@ def main(argv=None) -> int:
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    "model": model_label, "precision": dtype, "H": opt.H, "W": opt.W, "batch": opt.batch,
                    "scale": opt.scale, "steps": opt.steps, "repeats": opt.repeats, "warmup_runs": 1,
-                   "predict_only": opt.predict_only, "cost_table": str(cost_table)}
+                   "predict_only": opt.predict_only, "cost_table": str(cost_table), "compile": opt.compile,
+                   "channels_last": opt.channels_last}
     tables_json = {str(k): v.to_dict() for k, v in tables.items()}
     atomic_write_text(outdir / f"{stem}.json", json.dumps({"environment": environment, "rows": rows,
                                                            "spread": lines, "cost_tables": tables_json}, indent=1))

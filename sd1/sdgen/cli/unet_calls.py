@@ -20,6 +20,7 @@ from datosd.costs import hardware_name, unet_inputs
 from ldm.util import instantiate_from_config
 
 from .. import generate as gen
+from ..compiled import COMPILE_MODES
 from ..images import atomic_write_text, check_output_file
 from ..runtime import UsageError, pick_device, precision_name, set_threads
 from ..unet_calls import UnetShell, medians, profile_entries, report, time_calls
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="full = float32; autocast = bfloat16 on CPU, float16 on CUDA")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's top operators for a full step at r=0 and r=0.5")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                        help="also time DaTo's calls torch.compile-d in this mode (each entry compiles once, untimed)")
     parser.add_argument("--out", default="outputs/bench/unet_calls.json", help="JSON file of every number")
     return parser
 
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
         print(f"pass {repeat + 1}/{opt.repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
               flush=True)
 
-    times = time_calls(shell, opt.ratios, opt.repeats, opt.precision, inputs, on_pass=show)
+    times = time_calls(shell, opt.ratios, opt.repeats, opt.precision, inputs, on_pass=show, compile_mode=opt.compile)
     dtype = precision_name(opt.precision, device)
     where = hardware_name(device) if device.type == "cuda" else f"{threads} threads"
     header = (f"UNet of {Path(opt.config).name} (random weights), latent {h}x{w}, batch {2 * opt.batch} (CFG), "
@@ -83,7 +86,8 @@ def main(argv=None) -> int:
     Path(opt.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(opt.out, json.dumps({"raw": times, "median": medians(times), "torch": torch.__version__,
                                            "device": where, "dtype": dtype, "threads": threads,
-                                           "latent": [h, w], "batch": opt.batch}, indent=1))
+                                           "latent": [h, w], "batch": opt.batch, "compile": opt.compile},
+                                          indent=1))
     print(f"wrote {opt.out}")
     if opt.profile:
         print("\n" + profile_entries(shell.unet, inputs, opt.precision, [(12, 0.0), (12, 0.5)]))
