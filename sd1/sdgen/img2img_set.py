@@ -8,10 +8,8 @@ written to OUTDIR/{i:06d}.png through a temp file and a rename; a run skips ever
 OUTDIR/manifest.json records the settings (a rerun with other settings is refused), every run and the
 sampling time per image (the DDIM loop; the first image of each process is a warm-up and not timed).
 """
-import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -19,10 +17,10 @@ import torch
 from tqdm import tqdm
 
 from . import generate as gen
-from .images import atomic_save_png, atomic_write_text, check_output_dir, load_init_image, to_uint8_images
+from .images import atomic_save_png, check_output_dir, load_init_image, to_uint8_images
 from .compiled import EAGER, Execution
 from .methods import Method
-from .prompt_set import MANIFEST, Timing, device_name, file_sha256, read_manifest
+from .prompt_set import MANIFEST, Timing, file_sha256, merge_manifest, read_manifest, run_record
 from .runtime import UsageError
 from .sharding import DistInfo, png_path, run_sharded
 
@@ -126,32 +124,12 @@ def transform_images(model, job: Img2ImgJob, todo: Sequence[int], progress: bool
 def write_manifest(job: Img2ImgJob, previous: Optional[Dict[str, Any]], info: DistInfo, device: torch.device,
                    totals: Sequence[float], generated: int, wall_seconds: float) -> Dict[str, Any]:
     """Rank 0: merge this run into OUTDIR/manifest.json (runs are kept, timing summed over them)."""
-    all_s, timed_s, timed_n = totals
-    present = sum(png_path(job.outdir, k).is_file() for k in range(job.total))
-    runs = list((previous or {}).get("runs", []))
-    runs.append({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "generated": int(generated),
-                 "processes": info.world, "device": device_name(device), "warmup_images": job.warmup_images,
-                 "sampling_seconds": all_s, "timed_seconds": timed_s, "timed_images": int(timed_n),
-                 "wall_seconds": wall_seconds})
-    seconds = sum(r["timed_seconds"] for r in runs)
-    count = sum(r["timed_images"] for r in runs)
-    includes_warmup = count == 0
-    if includes_warmup:  # every image was a warm-up one: report them rather than nothing
-        seconds, count = sum(r["sampling_seconds"] for r in runs), sum(r["generated"] for r in runs)
-    manifest = {
-        "method": job.method.name,
-        "method_label": job.method.label,
-        "settings": job.settings(),
-        "total": job.total, "count": present, "complete": present == job.total,
-        "file_names": "{i:06d}.png: init image i (the folder's i-th image file), prompt line i + 1, seed + i",
-        "seconds_per_image": seconds / count if count else None,
-        "timing": {"what": "img2img's DDIM loop per image (no VAE encode/decode, no text encoder), mean over the "
-                           "timed images of every process and run",
-                   "timed_images": int(count), "seconds": seconds, "includes_warmup": includes_warmup},
-        "runs": runs,
-    }
-    atomic_write_text(Path(job.outdir) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    run = run_record(info, device, totals, generated, wall_seconds, warmup_images=job.warmup_images)
+    return merge_manifest(
+        job.outdir, job.total, job.method, job.settings(), previous, run,
+        file_names="{i:06d}.png: init image i (the folder's i-th image file), prompt line i + 1, seed + i",
+        timing_what="img2img's DDIM loop per image (no VAE encode/decode, no text encoder), mean over the timed "
+                    "images of every process and run")
 
 
 def run_img2img_set(job: Img2ImgJob, info: DistInfo, device: torch.device, progress: bool = True,

@@ -157,36 +157,52 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def merge_manifest(outdir: Path, total: int, method: Method, settings: Dict[str, Any],
+                   previous: Optional[Dict[str, Any]], run: Dict[str, Any], file_names: str,
+                   timing_what: str) -> Dict[str, Any]:
+    """Rank 0: merge this run (`run`: its date, generated, sampling / timed seconds, timed images, ...) into
+    OUTDIR/manifest.json; runs are kept and the timing is summed over them. Returns the manifest."""
+    present = sum(png_path(outdir, k).is_file() for k in range(total))
+    runs = list((previous or {}).get("runs", [])) + [run]
+    timed_s = sum(r["timed_seconds"] for r in runs)
+    timed_n = sum(r["timed_images"] for r in runs)
+    includes_warmup = timed_n == 0
+    if includes_warmup:  # every image was a warm-up one: report them rather than nothing
+        timed_s, timed_n = sum(r["sampling_seconds"] for r in runs), sum(r["generated"] for r in runs)
+    manifest = {
+        "method": method.name,
+        "method_label": method.label,
+        "settings": settings,
+        "total": total, "count": present, "complete": present == total,
+        "file_names": file_names,
+        "seconds_per_image": timed_s / timed_n if timed_n else None,
+        "timing": {"what": timing_what, "timed_images": int(timed_n), "seconds": timed_s,
+                   "includes_warmup": includes_warmup},
+        "runs": runs,
+    }
+    atomic_write_text(Path(outdir) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def run_record(info: DistInfo, device: torch.device, totals: Sequence[float], generated: int,
+               wall_seconds: float, **settings) -> Dict[str, Any]:
+    """One run's entry of the manifest. totals: (sampling seconds, timed seconds, timed images)."""
+    all_s, timed_s, timed_n = totals
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "generated": int(generated),
+            "processes": info.world, "device": device_name(device), **settings, "sampling_seconds": all_s,
+            "timed_seconds": timed_s, "timed_images": int(timed_n), "wall_seconds": wall_seconds}
+
+
 def write_manifest(job: PromptSetJob, previous: Optional[Dict[str, Any]], info: DistInfo, device: torch.device,
                    totals: Sequence[float], generated: int, wall_seconds: float) -> Dict[str, Any]:
     """Rank 0: merge this run into OUTDIR/manifest.json (runs are kept, timing summed over them)."""
-    all_s, timed_s, timed_n = totals
-    present = sum(png_path(job.outdir, k).is_file() for k in range(job.total))
-    runs = list((previous or {}).get("runs", []))
-    runs.append({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "generated": int(generated),
-                 "processes": info.world, "batch_size": job.batch_size, "device": device_name(device),
-                 "warmup_batches": job.warmup_batches, "sampling_seconds": all_s, "timed_seconds": timed_s,
-                 "timed_images": int(timed_n), "wall_seconds": wall_seconds})
-    run_timed_s = sum(r["timed_seconds"] for r in runs)
-    run_timed_n = sum(r["timed_images"] for r in runs)
-    includes_warmup = run_timed_n == 0
-    if includes_warmup:  # every batch was a warm-up one: report them rather than nothing
-        run_timed_s = sum(r["sampling_seconds"] for r in runs)
-        run_timed_n = sum(r["generated"] for r in runs)
-    manifest = {
-        "method": job.method.name,
-        "method_label": job.method.label,
-        "settings": job.settings(),
-        "total": job.total, "count": present, "complete": present == job.total,
-        "file_names": "{k:06d}.png, k = repeat * n_prompts + prompt_index; prompt = line (k mod n_prompts) + 1",
-        "seconds_per_image": run_timed_s / run_timed_n if run_timed_n else None,
-        "timing": {"what": "sampler UNet loop per image (x_T to latents; no text encoder, no VAE decode), "
-                           "mean over the timed batches of every process and run",
-                   "timed_images": int(run_timed_n), "seconds": run_timed_s, "includes_warmup": includes_warmup},
-        "runs": runs,
-    }
-    atomic_write_text(Path(job.outdir) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    run = run_record(info, device, totals, generated, wall_seconds, batch_size=job.batch_size,
+                     warmup_batches=job.warmup_batches)
+    return merge_manifest(
+        job.outdir, job.total, job.method, job.settings(), previous, run,
+        file_names="{k:06d}.png, k = repeat * n_prompts + prompt_index; prompt = line (k mod n_prompts) + 1",
+        timing_what="sampler UNet loop per image (x_T to latents; no text encoder, no VAE decode), mean over the "
+                    "timed batches of every process and run")
 
 
 def run_prompt_set(job: PromptSetJob, info: DistInfo, device: torch.device, progress: bool = True,
