@@ -24,6 +24,7 @@ every batch row separately, so the two CFG halves keep their own token sets.
 composes with DaTo / DeepCache, which patch the UNet forward and the transformer blocks. All state is one
 `TextPruneState` on the UNet, shared by reference with its layers, and a sampling hook of the model.
 """
+import functools
 import math
 import warnings
 from collections import deque
@@ -38,7 +39,7 @@ from ldm.models.diffusion.hooks import SamplingHook, SamplingHooks
 
 from .text_tokens import (KeptTokens, attention_probabilities, kept_tokens, protected_positions,
                           select_text_tokens, token_importance)
-from .utils import cross_attention_layers, find_unet
+from .utils import find_unet, patch_cross_attention, unpatch_cross_attention
 
 MODES = ("static", "dynamic")
 REGISTERED_ROWS = 64  # prompt embeddings remembered for finding BOS/EOS (about 15 MB for SD 1.x)
@@ -234,6 +235,7 @@ class TextPruneState(SamplingHook):
         return protected
 
 
+@functools.lru_cache(maxsize=None)
 def _pruned_cross_attention_class(attention_class: type) -> type:
     class TextPrunedCrossAttention(attention_class):
         """CrossAttention that attends to the kept context tokens only (and measures their importance)."""
@@ -293,21 +295,10 @@ def apply_text_pruning(model: torch.nn.Module, options: Optional[TextPruneOption
         raise TypeError("pass either options or its fields as keywords, not both")
     remove_text_pruning(model)
     unet = find_unet(model)
-    if getattr(unet, "_tgate", None) is not None:
-        raise ValueError("this model has T-GATE applied, which also replaces the cross-attention layers; "
-                         "remove it (datosd.remove_tgate) before applying text pruning")
-    layers = cross_attention_layers(unet)
-    if not layers:
-        raise ValueError("the UNet has no cross-attention (attn2) layers to prune")
     state = TextPruneState(options=options)
-    unet._text_prune = state
-    for layer in layers:
-        layer._text_prune = state
-        layer.__class__ = _pruned_cross_attention_class(layer.__class__)
-    hooks = getattr(model, "sampling_hooks", None)
-    if hooks is not None:
-        hooks.add(state)
-        state.hooks = hooks
+    patch_cross_attention(model, "_text_prune", state, _pruned_cross_attention_class, "prune", {
+        "_tgate": "this model has T-GATE applied, which also replaces the cross-attention layers; "
+                  "remove it (datosd.remove_tgate) before applying text pruning"})
     encoder = getattr(model, "cond_stage_model", None) if model is not unet else None
     if encoder is not None and callable(getattr(encoder, "tokenize", None)):
         state.encoder_hook = encoder.register_forward_hook(_encoder_hook(state))
@@ -316,17 +307,7 @@ def apply_text_pruning(model: torch.nn.Module, options: Optional[TextPruneOption
 
 def remove_text_pruning(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `apply_text_pruning`: original classes, no state, no hooks. Safe on an unpatched model."""
-    unet = find_unet(model)
-    state = getattr(unet, "_text_prune", None)
-    if state is None:
-        return model
-    for module in unet.modules():
-        if module is not unet and getattr(module, "_text_prune", None) is state:
-            module.__class__ = module._parent
-            del module._text_prune
-    del unet._text_prune
-    if state.hooks is not None:
-        state.hooks.remove(state)
-    if state.encoder_hook is not None:
+    state = unpatch_cross_attention(model, "_text_prune")
+    if state is not None and state.encoder_hook is not None:
         state.encoder_hook.remove()
     return model

@@ -16,6 +16,7 @@ last call before the gate (normally step m - 1; with DaTo / DeepCache, the last 
 forward hooks on the UNet for the halved batch, so it composes with DaTo / DeepCache. All state is one
 `TGateState` on the UNet, shared by reference with its layers, and a sampling hook of the model.
 """
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -23,7 +24,7 @@ import torch
 
 from ldm.models.diffusion.hooks import SamplingHook, SamplingHooks
 
-from .utils import cross_attention_layers, find_unet
+from .utils import cross_attention_layers, find_unet, patch_cross_attention, unpatch_cross_attention
 
 CACHE_MODES = ("cfg_mean", "per_half")
 
@@ -117,6 +118,7 @@ class TGateState(SamplingHook):
         raise RuntimeError(f"T-GATE: layer {layer} cached a batch of {cache.shape[0]}, called with {batch}")
 
 
+@functools.lru_cache(maxsize=None)
 def _gated_cross_attention_class(attention_class: type) -> type:
     class GatedCrossAttention(attention_class):
         """CrossAttention that returns its cached output from the gate step on."""
@@ -184,41 +186,25 @@ def apply_tgate(model: torch.nn.Module, options: Optional[TGateOptions] = None, 
     elif kwargs:
         raise TypeError("pass either options or its fields as keywords, not both")
     remove_tgate(model)
-    unet = find_unet(model)
-    if getattr(unet, "_text_prune", None) is not None:
-        raise ValueError("this model has text pruning applied, which also replaces the cross-attention "
-                         "layers; remove it (datosd.remove_text_pruning) before applying T-GATE")
-    layers = cross_attention_layers(unet)
-    if not layers:
-        raise ValueError("the UNet has no cross-attention (attn2) layers to gate")
     state = TGateState(options=options)
-    unet._tgate = state
+    layers = patch_cross_attention(model, "_tgate", state, _gated_cross_attention_class, "gate", {
+        "_text_prune": "this model has text pruning applied, which also replaces the cross-attention "
+                       "layers; remove it (datosd.remove_text_pruning) before applying T-GATE"})
     for index, layer in enumerate(layers):
-        layer._tgate = state
         layer._tgate_layer = index
-        layer.__class__ = _gated_cross_attention_class(layer.__class__)
+    unet = find_unet(model)
     state.handles = [unet.register_forward_pre_hook(_halve_batch, with_kwargs=True),
                      unet.register_forward_hook(_copy_half, with_kwargs=True)]
-    hooks = getattr(model, "sampling_hooks", None)
-    if hooks is not None:
-        hooks.add(state)
-        state.hooks = hooks
     return state
 
 
 def remove_tgate(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `apply_tgate`: original classes, no state, no hooks. Safe on an unpatched model."""
-    unet = find_unet(model)
-    state = getattr(unet, "_tgate", None)
-    if state is None:
-        return model
-    for module in unet.modules():
-        if module is not unet and getattr(module, "_tgate", None) is state:
-            module.__class__ = module._parent
-            del module._tgate, module._tgate_layer
-    del unet._tgate
-    for handle in state.handles:
-        handle.remove()
-    if state.hooks is not None:
-        state.hooks.remove(state)
+    for layer in cross_attention_layers(find_unet(model)):
+        if hasattr(layer, "_tgate_layer"):
+            del layer._tgate_layer
+    state = unpatch_cross_attention(model, "_tgate")
+    if state is not None:
+        for handle in state.handles:
+            handle.remove()
     return model

@@ -60,3 +60,44 @@ def attention_depth(model: torch.nn.Module) -> int:
 def cross_attention_layers(unet: torch.nn.Module) -> list:
     """The `attn2` (cross-attention) of every BasicTransformerBlock, in module order (input, middle, output)."""
     return [module.attn2 for module in unet.modules() if is_class(module, "BasicTransformerBlock")]
+
+
+def patch_cross_attention(model: torch.nn.Module, attribute: str, state, make_class, purpose: str,
+                          conflicts: dict) -> list:
+    """Give every `attn2` of the model's UNet the class make_class(its class) and `state` as `attribute`
+    (the UNet carries it too), and add `state` to the model's sampling hooks. Returns the layers, in module
+    order. purpose: what the layers are patched to do (for the error message); conflicts: {attribute of
+    another cross-attention patch: the error to raise when the UNet has it}."""
+    unet = find_unet(model)
+    for other, message in conflicts.items():
+        if getattr(unet, other, None) is not None:
+            raise ValueError(message)
+    layers = cross_attention_layers(unet)
+    if not layers:
+        raise ValueError(f"the UNet has no cross-attention (attn2) layers to {purpose}")
+    setattr(unet, attribute, state)
+    for layer in layers:
+        setattr(layer, attribute, state)
+        layer.__class__ = make_class(layer.__class__)
+    hooks = getattr(model, "sampling_hooks", None)
+    if hooks is not None:
+        hooks.add(state)
+        state.hooks = hooks
+    return layers
+
+
+def unpatch_cross_attention(model: torch.nn.Module, attribute: str):
+    """Undo `patch_cross_attention`: the layers' original classes, no `attribute`, the state out of the
+    sampling hooks. Returns the state it removed (None when the model had none)."""
+    unet = find_unet(model)
+    state = getattr(unet, attribute, None)
+    if state is None:
+        return None
+    for module in unet.modules():
+        if module is not unet and getattr(module, attribute, None) is state:
+            module.__class__ = module._parent
+            delattr(module, attribute)
+    delattr(unet, attribute)
+    if state.hooks is not None:
+        state.hooks.remove(state)
+    return state
