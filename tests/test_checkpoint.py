@@ -149,28 +149,115 @@ def test_flat_ckpt_and_ema_request_without_ema(tmp_path, golden_sd, capsys):
     assert torch.equal(model.state_dict()[key], golden_sd[key])
 
 
-def test_lightning_checkpoint_with_pickled_objects(tmp_path, golden_sd):
-    """Training checkpoints pickle callback objects; they must load without running foreign code."""
-    import types
+def pickled_as(qualified_name, cls):
+    """Make instances of `cls` pickle under `qualified_name` (a module that need not be installed)."""
+    module_name, _, class_name = qualified_name.rpartition(".")
+    cls.__module__, cls.__qualname__ = module_name, class_name
+    return cls
+
+
+def save_with_fake_modules(obj, path, classes):
+    """torch.save `obj` whose classes pretend to live in other (possibly absent) modules."""
     import sys
+    import types
 
-    module = types.ModuleType("fake_lightning_callbacks")
-
-    class ModelCheckpoint:
-        def __init__(self):
-            self.best = "x"
-
-    ModelCheckpoint.__module__ = "fake_lightning_callbacks"
-    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
-    module.ModelCheckpoint = ModelCheckpoint
-    sys.modules["fake_lightning_callbacks"] = module
+    added = []
+    for cls in classes:
+        parts = cls.__module__.split(".")
+        for i in range(1, len(parts) + 1):
+            name = ".".join(parts[:i])
+            if name not in sys.modules:
+                sys.modules[name] = types.ModuleType(name)
+                added.append(name)
+        setattr(sys.modules[cls.__module__], cls.__qualname__, cls)
     try:
-        path = tmp_path / "train.ckpt"
-        torch.save({"state_dict": golden_sd, "callbacks": {"cb": ModelCheckpoint()}}, str(path))
+        torch.save(obj, str(path))
     finally:
-        del sys.modules["fake_lightning_callbacks"]
+        for name in added:
+            del sys.modules[name]
+
+
+def test_lightning_training_checkpoint_layout_loads(tmp_path, golden_sd):
+    """The layout of released SD .ckpt files: Lightning's ModelCheckpoint (as a dict key and as an instance,
+    as old and new Lightning versions write it), numpy scalars and plain values beside the state dict."""
+    import numpy as np
+
+    ModelCheckpoint = pickled_as("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+                                 type("ModelCheckpoint", (), {}))
+    callback = ModelCheckpoint()
+    callback.best_model_path = "logs/last.ckpt"
+    data = {"epoch": 6, "global_step": 470000, "pytorch-lightning_version": "1.4.2", "state_dict": golden_sd,
+            "callbacks": {ModelCheckpoint: {"monitor": None, "best_model_score": np.float64(0.25),
+                                            "current_score": np.float32(1.5)}, "cb": callback}}
+    path = tmp_path / "train.ckpt"
+    save_with_fake_modules(data, path, [ModelCheckpoint])
     sd = read_checkpoint(path)
     assert set(sd) == set(golden_sd)
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(sd[key], golden_sd[key])
+
+
+class RunsString:
+    """A pickled object that runs Python code when loaded, through numpy's test helper."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        from numpy.testing._private.utils import runstring
+
+        return runstring, (self.code, {})
+
+
+class ExecsSource:
+    """A pickled object that runs Python code when loaded, through torch.fx's source executor."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        from torch.fx.graph_module import _exec_with_source
+
+        return _exec_with_source, (self.code, {}, "payload")
+
+
+def payload_checkpoint(tmp_path, golden_sd, payload_class):
+    marker = tmp_path / "pwned"
+    code = f"open({str(marker)!r}, 'w').write('ran')"
+    path = tmp_path / f"{payload_class.__name__}.ckpt"
+    torch.save({"state_dict": golden_sd, "evil": payload_class(code)}, str(path))
+    return path, marker
+
+
+@pytest.mark.parametrize("payload_class", [RunsString, ExecsSource])
+def test_checkpoint_code_is_never_run(tmp_path, golden_sd, payload_class):
+    path, marker = payload_checkpoint(tmp_path, golden_sd, payload_class)
+    with pytest.raises(CheckpointError, match="refused to load .* could run code") as err:
+        read_checkpoint(path)
+    assert not marker.exists()
+    assert ("runstring" in str(err.value)) == (payload_class is RunsString)
+    assert ("_exec_with_source" in str(err.value)) == (payload_class is ExecsSource)
+
+
+def test_unknown_pickled_class_is_refused_and_named(tmp_path, golden_sd):
+    Unknown = pickled_as("fake_lightning_callbacks.Unknown", type("Unknown", (), {}))
+    path = tmp_path / "train.ckpt"
+    save_with_fake_modules({"state_dict": golden_sd, "callbacks": {"cb": Unknown()}}, path, [Unknown])
+    with pytest.raises(CheckpointError, match="fake_lightning_callbacks.Unknown"):
+        read_checkpoint(path)
+
+
+def test_txt2img_refuses_a_payload_checkpoint(tmp_path, golden_sd, capsys):
+    from sdgen.cli import txt2img
+
+    path, marker = payload_checkpoint(tmp_path, golden_sd, RunsString)
+    outdir = tmp_path / "out"
+    code = txt2img.main(["--config", str(GOLDEN_CONFIG), "--ckpt", str(path), "--outdir", str(outdir),
+                         "--H", "64", "--W", "64", "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1"])
+    err = capsys.readouterr().err
+    assert code != 0 and "refused to load" in err and "Traceback" not in err
+    assert not marker.exists()
+    assert not list(outdir.rglob("*.png"))
 
 
 def test_missing_file(tmp_path):

@@ -4,6 +4,7 @@ Every failure is a `CheckpointError` with one message that says what was wrong a
 """
 import os
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 
@@ -22,8 +23,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model config."""
 
 
-class _Opaque:
-    """Stands in for any non-tensor object pickled into a training checkpoint (callbacks, loggers, ...)."""
+class _InertStandIn:
+    """Takes the place of the few plain objects real SD checkpoints pickle besides tensors (a Lightning
+    `ModelCheckpoint` callback, numpy scalars and dtypes): it accepts any arguments and state and does
+    nothing, so loading them runs no code from the file. The loader keeps only the tensors anyway."""
 
     def __init__(self, *args, **kwargs):
         pass
@@ -32,28 +35,16 @@ class _Opaque:
         pass
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Loads torch tensors and plain containers; every other class becomes an inert `_Opaque`."""
-
-    SAFE_MODULES = ("torch", "collections", "numpy", "builtins", "_codecs")
-
-    def find_class(self, module, name):
-        if module.split(".")[0] in self.SAFE_MODULES:
-            if module == "builtins" and name not in ("set", "frozenset", "dict", "list", "tuple", "slice",
-                                                     "bytearray", "int", "float", "complex", "bool", "str",
-                                                     "bytes", "object"):
-                return _Opaque
-            return super().find_class(module, name)
-        return _Opaque
-
-
-class _RestrictedPickleModule:
-    Unpickler = _RestrictedUnpickler
-    __name__ = "restricted_pickle"
-
-    @staticmethod
-    def load(file, **kwargs):
-        return _RestrictedUnpickler(file, **kwargs).load()
+# The complete allow-list, beyond torch's own weights-only set (tensors, storages, dtypes, OrderedDict):
+# single names that released Stable Diffusion .ckpt files contain, each mapped to the inert stand-in.
+# Never a whole package: `numpy.*` or `torch.*` include functions that execute code.
+CHECKPOINT_STAND_INS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+)
 
 
 def read_checkpoint(path):
@@ -94,17 +85,22 @@ def _read_torch_checkpoint(path):
                 f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle). Give a .ckpt saved by "
                 f"torch.save or a .safetensors file."
             )
+    stand_ins = [(_InertStandIn, name) for name in CHECKPOINT_STAND_INS]
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(stand_ins):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if _is_refused_object(err):
+            raise CheckpointError(_refusal(path, err)) from None
+        raise CheckpointError(
+            f"could not read {path} ({type(err).__name__}: {err}). The file is truncated or corrupt; "
+            f"download it again."
+        ) from None
     except (zipfile.BadZipFile, EOFError, RuntimeError) as err:
-        if "weights_only" not in str(err).lower() and "unsupported global" not in str(err).lower():
-            raise CheckpointError(
-                f"could not read {path} ({type(err).__name__}: {err}). The file is truncated or corrupt; "
-                f"download it again."
-            ) from None
-        data = _read_with_restricted_unpickler(path)
-    except pickle.UnpicklingError:
-        data = _read_with_restricted_unpickler(path)
+        raise CheckpointError(
+            f"could not read {path} ({type(err).__name__}: {err}). The file is truncated or corrupt; "
+            f"download it again."
+        ) from None
     except Exception as err:
         raise CheckpointError(f"could not read {path} ({type(err).__name__}: {err}).") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
@@ -114,15 +110,19 @@ def _read_torch_checkpoint(path):
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
-def _read_with_restricted_unpickler(path):
-    """Training checkpoints pickle Lightning objects: read them without importing or running their code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
-    except Exception as err:
-        raise CheckpointError(
-            f"could not read {path} ({type(err).__name__}: {err}). The file is truncated or corrupt; "
-            f"download it again."
-        ) from None
+def _is_refused_object(err: Exception) -> bool:
+    """True when torch's weights-only unpickler stopped at a global it does not allow (not a broken file)."""
+    text = str(err).lower()
+    return any(word in text for word in ("global", "allowlist", "unrecognized function", "can only"))
+
+
+def _refusal(path, err: Exception) -> str:
+    """The message for a .ckpt that pickles something beyond tensors and the allow-list."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    what = f"the object `{found.group(1)}`" if found else f"an object torch will not load safely ({err})"
+    return (f"refused to load {path}: it pickles {what}, which a Stable Diffusion checkpoint does not need and "
+            f"which could run code when unpickled, so nothing of it was loaded. Use a .safetensors file "
+            f"of the same model, or convert this one only where you trust where it came from.")
 
 
 def select_ema_weights(state_dict):
