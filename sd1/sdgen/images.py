@@ -51,6 +51,19 @@ def save_png(array: np.ndarray, path, text: Optional[Dict[str, object]] = None) 
         Image.fromarray(array).save(f, format="PNG", pnginfo=_png_info(text))
 
 
+def save_numbered_png(array: np.ndarray, folder, name_format: str, number: int,
+                      text: Optional[Dict[str, object]] = None) -> int:
+    """Write a PNG under the first free number >= `number` (`name_format`, e.g. '{:05}.png') and return that
+    number. Each name is claimed by an exclusive create, so runs writing into one folder at once take
+    different numbers instead of failing or replacing each other's files."""
+    while True:
+        try:
+            save_png(array, os.path.join(folder, name_format.format(number)), text)
+            return number
+        except FileExistsError:
+            number += 1
+
+
 def temp_path(final: Path) -> Path:
     """The file a PNG is written to before it is renamed into place (not a .png: image lists skip it)."""
     return final.with_name(f".{final.name}.tmp")
@@ -142,8 +155,8 @@ class SampleWriter:
         """images: list of (H, W, 3) uint8 arrays of one batch; sampling_seconds: its sampler time."""
         if not self.skip_save:
             for image in images:
-                save_png(image, os.path.join(self.sample_path, f"{self.base_count:05}.png"), self.png_text)
-                self.base_count += 1
+                self.base_count = save_numbered_png(image, self.sample_path, "{:05}.png", self.base_count,
+                                                    self.png_text) + 1
         self.images.extend(images)
         self.sampling_seconds += sampling_seconds
 
@@ -151,30 +164,58 @@ class SampleWriter:
         """Write the grid and print the timing summary."""
         if not self.skip_grid and self.images:
             grid = make_grid(self.images, n_rows)
-            save_png(grid, os.path.join(self.outdir, f"grid-{self.grid_count:04}.png"), self.png_text)
+            save_numbered_png(grid, self.outdir, "grid-{:04}.png", self.grid_count, self.png_text)
         count = len(self.images)
         print(f"sampling time: {self.sampling_seconds:.2f} s for {count} images "
               f"({self.sampling_seconds / max(1, count):.2f} s per image)")
         print(f"Your samples are ready and waiting for you here: \n{self.outdir} \nEnjoy.")
 
 
+MAX_INIT_PIXELS = 4096 * 4096  # beyond this an init image is refused before it is decoded
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """A PIL image -> (H, W, 3) float32 in [0, 1]. 16- and 32-bit integer images (PNG 'I;16', 'I') are
+    scaled from their 16-bit range, not clipped to 8 bits as `convert("RGB")` would."""
+    if image.mode.startswith("I"):
+        gray = np.asarray(image, dtype=np.float32) / 65535.0
+        return np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2)
+    if image.mode == "F":
+        gray = np.asarray(image, dtype=np.float32)
+        scale = 1.0 if float(gray.max(initial=0.0)) <= 1.0 else 255.0
+        return np.repeat(np.clip(gray / scale, 0.0, 1.0)[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB")).astype(np.float32) / 255.0
+
+
 def load_init_image(path, multiple: int = 64, flag: str = "init image") -> torch.Tensor:
     """Image file -> (1, 3, H, W) in [-1, 1], sides cut down to multiples of `multiple` (Lanczos resize), as
-    CompVis img2img does. Unreadable or too small files raise UsageError naming `flag`."""
+    CompVis img2img does. Unreadable, too small or too large files raise UsageError naming `flag`."""
     if not path:
         raise UsageError(f"{flag} is required: the path of the image to transform")
     try:
         with Image.open(path) as opened:
+            w, h = opened.size
+            if w * h > MAX_INIT_PIXELS:
+                raise UsageError(f"{flag} {path} is {w}x{h} ({w * h / 1e6:.1f} megapixels), more than this tool "
+                                 f"reads ({MAX_INIT_PIXELS / 1e6:.1f}); resize it first (Stable Diffusion works at "
+                                 f"512-1024 pixels a side)")
             opened.load()
-            image = opened.convert("RGB")
+            if opened.mode.startswith("I") or opened.mode == "F":
+                image, array = None, _rgb_array(opened)
+            else:
+                image, array = opened.convert("RGB"), None
+    except UsageError:
+        raise
     except FileNotFoundError:
         raise UsageError(f"{flag} {path} does not exist; give the path of the image to transform") from None
     except Exception as err:
         raise UsageError(f"{flag} {path} is not a readable image ({err})") from None
-    w, h = image.size
-    w, h = w - w % multiple, h - h % multiple
-    if w == 0 or h == 0:
-        raise UsageError(f"{flag} {path} is {image.size[0]}x{image.size[1]}: both sides must be at least {multiple}")
-    image = image.resize((w, h), resample=Image.LANCZOS)
-    array = np.asarray(image).astype(np.float32) / 255.0
+    tw, th = w - w % multiple, h - h % multiple
+    if tw == 0 or th == 0:
+        raise UsageError(f"{flag} {path} is {w}x{h}: both sides must be at least {multiple}")
+    if image is None:
+        gray = Image.fromarray(array[..., 0]).resize((tw, th), resample=Image.LANCZOS)  # mode "F"
+        array = np.repeat(np.clip(np.asarray(gray, dtype=np.float32), 0.0, 1.0)[..., None], 3, axis=2)
+    else:
+        array = _rgb_array(image.resize((tw, th), resample=Image.LANCZOS))
     return 2.0 * torch.from_numpy(array[None].transpose(0, 3, 1, 2).copy()) - 1.0
