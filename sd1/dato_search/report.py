@@ -96,7 +96,7 @@ def write_outputs(settings: SearchSettings, points: List[Point], front: List[Poi
         "mode": settings.mode,
         "generation": generation,
         "generations": settings.gens,
-        "quality": {"kind": quality.kind, "units": quality.units},
+        "quality": {"kind": quality.kind, "units": quality.units, **quality.sources()},
         "latency": {"source": settings.latency, "units": latency_units, "full_model": full_latency},
         "selection": {"w_M": settings.w_m, "select": settings.select,
                       "score": "quality + w_M * latency_ms" if settings.select == "raw"

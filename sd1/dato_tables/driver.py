@@ -96,8 +96,9 @@ def table_meta(plan: TablePlan) -> Dict[str, Any]:
             "metrics": list(plan.evaluation.metrics), "paper": spec.paper.table if spec.paper else None}
 
 
-def measurement_key(plan: TablePlan, row: RowPlan) -> str:
-    """What a row's numbers depend on: its image files and the evaluation (settings, reference file)."""
+def measurement_key(plan: TablePlan, row: RowPlan, sources: Optional[Dict[str, Any]] = None) -> str:
+    """What a row's numbers depend on: its image files and the evaluation (settings, reference file, and the
+    metric networks' `sources`: `Evaluator.sources()`)."""
     e = plan.evaluation
 
     def stat(path: Path):
@@ -107,6 +108,8 @@ def measurement_key(plan: TablePlan, row: RowPlan) -> str:
     settings = [e.metrics, e.reference, stat(Path(e.reference)) if e.reference else None, e.inception_weights,
                 e.inception_seed, e.clip_arch, e.clip_weights, e.is_splits, e.prompts_cycle,
                 hashlib.sha256("\n".join(e.clip_prompts).encode()).hexdigest()]
+    if sources:
+        settings.append(sources)
     return hashlib.sha256(json.dumps([images, settings]).encode()).hexdigest()
 
 
@@ -118,17 +121,18 @@ def evaluate_rows(plan: TablePlan, device: torch.device, log: Callable[[str], No
                           clip_arch=e.clip_arch, clip_weights=e.clip_weights, is_splits=e.is_splits,
                           device=str(device), batch_size=e.batch_size, num_workers=e.num_workers,
                           progress=not plan.smoke)
-    meta = table_meta(plan)
+    sources = evaluator.sources()
+    meta = dict(table_meta(plan), **sources)
     _, rows = read_table(plan.table_dir)
     recorded = {r["row"]: r for r in rows}
     for row in plan.rows:
-        key = measurement_key(plan, row)
+        key = measurement_key(plan, row, sources)
         previous = recorded.get(row.id, {})
         if previous.get("measured") == key:
             metrics = {m: previous[m] for m in e.metrics}
         else:
             metrics = evaluator.evaluate(row.images, e.reference, e.clip_prompts, e.prompts_cycle)
-        record = dict(row_record(plan, row, read_manifest(row.images) or {}, metrics), measured=key)
+        record = dict(row_record(plan, row, read_manifest(row.images) or {}, metrics), **sources, measured=key)
         rows = record_row(plan.table_dir, meta, record)
         atomic_write_text(plan.table_dir / RESULTS, render_results(meta, rows))
         shown = ", ".join(f"{m} {record[m]:.4g}" for m in e.metrics if record[m] is not None)

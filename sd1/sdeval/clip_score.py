@@ -10,6 +10,7 @@ The DaTo paper does not say which CLIP model it used, so scores are comparable t
 paper's only if that choice matches; the architecture is recorded with every result.
 """
 import logging
+import zipfile
 from pathlib import Path
 
 DEFAULT_ARCH = "ViT-g-14"
@@ -22,6 +23,28 @@ def missing_weights_message(path, arch: str) -> str:
     return (f"CLIP weights not found: {path}\n"
             f"  Expected {hint}. Nothing is downloaded at run time: fetch it once on a machine\n"
             f"  with network access and pass its path with --clip-weights.")
+
+
+def check_weights_file(path) -> None:
+    """Raise ValueError unless `path` reads as a checkpoint the way open_clip loads one: a .safetensors file,
+    or a torch.save file (weights_only; a zip archive is memory-mapped, not read) holding a dict. Cheap: the
+    model is not built, so a checkpoint of another architecture shows only when it is loaded."""
+    import torch
+
+    path = Path(path)
+    not_it = f"CLIP weights {path} are not a checkpoint open_clip can load"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                state = {key: None for key in f.keys()}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # torch.load / safetensors raise many types for a file that is not a checkpoint
+        raise ValueError(f"{not_it} ({type(err).__name__})") from None  # torch's text suggests the unsafe load
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{not_it}: it holds a {type(state).__name__}, not a state dict")
 
 
 def resolve_arch(arch: str) -> str:

