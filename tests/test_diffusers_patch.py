@@ -7,7 +7,7 @@ pytest.importorskip("diffusers")
 import diffusers  # noqa: E402
 
 import datosd  # noqa: E402
-import datosd.patch as patch_module  # noqa: E402
+import datosd.caching as caching_module  # noqa: E402
 from datosd import Strategy, StrategyError  # noqa: E402
 from diffusers_pipelines import SDXL_LATENT, golden_pipeline, tiny_sdxl_pipeline  # noqa: E402
 from helpers import golden_model  # noqa: E402
@@ -98,14 +98,14 @@ class StepRecorder(SamplingHook):
 def spy_selections(monkeypatch):
     """Record (base_index, pruned_index) of every select_tokens call made by either patch."""
     records = []
-    select = patch_module.select_tokens
+    select = caching_module.select_tokens
 
     def recording(*args, **kwargs):
         selection = select(*args, **kwargs)
         records.append((selection.base_index, selection.pruned_index))
         return selection
 
-    monkeypatch.setattr(patch_module, "select_tokens", recording)
+    monkeypatch.setattr(caching_module, "select_tokens", recording)
     return records
 
 

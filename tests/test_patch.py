@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import datosd.patch as patch_module
+import datosd.caching as caching_module
 from datosd import Strategy, StrategyError
 from datosd.patch import apply_patch, remove_patch
 from helpers import build, golden_model, tiny_unet_config
@@ -178,14 +178,14 @@ def test_self_attention_sees_kept_tokens_only(model, conditioning, max_downsampl
 def recording_selections(monkeypatch):
     """Spy on the selections the patch makes: list of (x, selection) per pruned block call."""
     made = []
-    original = patch_module.select_tokens
+    original = caching_module.select_tokens
 
     def spy(x, *args, **kwargs):
         selection = original(x, *args, **kwargs)
         made.append((x, args, kwargs, selection))
         return selection
 
-    monkeypatch.setattr(patch_module, "select_tokens", spy)
+    monkeypatch.setattr(caching_module, "select_tokens", spy)
     return made
 
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO_ROOT
 from datosd import Strategy, apply_patch, remove_patch
-from datosd.costs import count_entry_macs, plain_unet_macs
+from sdgen.costs import count_entry_macs, plain_unet_macs
 from datosd.utils import attention_depth, attention_downsample
 from helpers import golden_sdxl_model
 from sgm.inference.helpers import decode_latents, get_conditioning, latent_shape, sample_latents
