@@ -130,8 +130,8 @@ def test_inductor_depth1_call_matches_eager(model, cond):
     outputs = {}
     try:
         for name, partial_compute in (("eager", eager_compute), ("inductor", inductor)):
-            state.compute = lambda unet_, x_, t_, c_, y_, depth, cached: (
-                eager_compute if depth >= 12 else partial_compute)(unet_, x_, t_, c_, y_, depth, cached)
+            state.use_compute(lambda blocks, x_, cond, depth, cached: (
+                eager_compute if depth >= 12 else partial_compute)(blocks, x_, cond, depth, cached))
             state.sampling_started(3)
             results = []
             with torch.no_grad():
@@ -148,7 +148,7 @@ def test_inductor_depth1_call_matches_eager(model, cond):
 
 def test_channels_last_matches_and_is_undone(model, cond):
     method = parse_method("dato:b1@every7")
-    assert method.strategy.steps == STEPS
+    assert method.component("dato").plan.steps == STEPS
     eager, _ = sample(model, cond, method)
     unet = model.model.diffusion_model
     with method.apply(model, STEPS, seed=3, execution=Execution(channels_last=True)) as applied:

@@ -39,21 +39,13 @@ class ModelCache:
 
 def row_job(plan: TablePlan, row: RowPlan) -> Job:
     """The generation job of one row: a prompt set, or an img2img set."""
-    v = plan.values
-    geometry = gen.model_geometry(gen.read_config(plan.model.config))
-    if plan.source.is_img2img:
-        return Img2ImgJob(outdir=row.images, init_dir=plan.source.init_dir,
-                          init_images=plan.source.init_images[:plan.total], prompts=plan.source.prompts,
-                          prompt_file=plan.source.prompt_file, method=row.method, model_args=plan.model.args,
-                          strength=v["strength"], encode_steps=plan.encode_steps, ddim_steps=plan.steps,
-                          seed=v["seed"], scale=v["scale"], precision=v["precision"], geometry=geometry)
-    sampler = row.method.run_sampler(plan.sampler)
-    ddim_steps = row.method.run_steps(plan.steps)
-    return PromptSetJob(outdir=row.images, prompts=plan.source.prompts, prompt_file=plan.source.prompt_file,
-                        method=row.method, model_args=plan.model.args, repeats=plan.source.repeats,
-                        limit=v["limit"], seed=v["seed"], sampler=sampler, ddim_steps=ddim_steps,
-                        steps=gen.sampler_steps(sampler, ddim_steps), scale=v["scale"], height=v["height"],
-                        width=v["width"], precision=v["precision"], batch_size=v["batch_size"], geometry=geometry)
+    source = plan.source
+    if source.is_img2img:
+        return Img2ImgJob(outdir=row.images, init_dir=source.init_dir, init_images=source.init_images[:plan.total],
+                          prompts=source.prompts, prompt_file=source.prompt_file, method=row.method,
+                          model=plan.model.ref, run=row.run)
+    return PromptSetJob(outdir=row.images, prompts=source.prompts, prompt_file=source.prompt_file, method=row.method,
+                        model=plan.model.ref, run=row.run, repeats=source.repeats, limit=plan.values["limit"])
 
 
 def check_jobs(jobs: Dict[str, Job]) -> None:

@@ -25,6 +25,7 @@ from .images import atomic_save_png, atomic_write_text, check_output_dir, to_uin
 from .compiled import EAGER, Execution
 from .methods import Method
 from .runtime import UsageError
+from .settings import RunSettings
 from .sharding import DistInfo, png_path, run_sharded
 
 MANIFEST = "manifest.json"
@@ -42,30 +43,18 @@ def file_sha256(path) -> str:
 
 @dataclass(frozen=True)
 class PromptSetJob:
-    """Everything that decides the images of a prompt set, and where they go.
-
-    model_args: (config, ckpt, use_ema, demo) for `generate.load_model`.
-    sampler, steps: the sampler and the steps it really runs; ddim_steps: the step count asked for.
-    """
+    """Everything that decides the images of a prompt set, and where they go. run: the run settings, resolved
+    for the method (`RunSettings.resolve`; run.seed is the base seed, run.batch images per sampler call)."""
 
     outdir: Path
     prompts: Tuple[str, ...]
     prompt_file: str
     method: Method
-    model_args: Tuple[str, str, bool, bool]
+    model: gen.ModelRef
+    run: RunSettings
     repeats: int = 1
     limit: Optional[int] = None
-    seed: int = 0
-    sampler: str = "plms"
-    ddim_steps: int = 50
-    steps: int = 50
-    scale: float = 7.5
-    height: int = 512
-    width: int = 512
-    precision: str = "autocast"
-    batch_size: int = 1
     warmup_batches: int = 1
-    geometry: gen.ModelGeometry = gen.ModelGeometry(channels=4, factor=8)
     execution: Execution = EAGER  # how UNet calls run (not part of the images' settings)
 
     @property
@@ -75,15 +64,14 @@ class PromptSetJob:
 
     def settings(self) -> Dict[str, Any]:
         """What decides the images (compared with a previous run's manifest)."""
-        config, ckpt, ema, demo = self.model_args
-        strategy = self.method.patch_strategy(self.steps)
+        run = self.run
+        strategy = self.method.patch_strategy(run.sampler_steps)
         return {
-            "model": gen.DEMO_LABEL if demo else {"ckpt": os.path.abspath(ckpt), "config": os.path.abspath(config),
-                                                  "ema": ema},
+            "model": self.model.settings(),
             "prompt_file": os.path.abspath(self.prompt_file), "prompt_sha256": file_sha256(self.prompt_file),
-            "n_prompts": len(self.prompts), "repeats": self.repeats, "seed": self.seed, "sampler": self.sampler,
-            "ddim_steps": self.ddim_steps, "sampler_steps": self.steps, "scale": self.scale, "H": self.height,
-            "W": self.width, "precision": self.precision, "method": self.method.name,
+            "n_prompts": len(self.prompts), "repeats": self.repeats, "seed": run.seed, "sampler": run.sampler,
+            "ddim_steps": run.steps, "sampler_steps": run.sampler_steps, "scale": run.scale, "H": run.height,
+            "W": run.width, "precision": run.precision, "method": self.method.name,
             "strategy": strategy.to_dict() if strategy is not None else None,
         }
 
@@ -102,7 +90,6 @@ def check_job(job: PromptSetJob) -> Optional[Dict[str, Any]]:
     """Raise UsageError when the output folder cannot be used or holds images of other settings; returns the
     previous manifest (None for a new folder). Writes nothing."""
     check_output_dir(job.outdir)
-    job.method.check_steps(job.steps)
     previous = read_manifest(job.outdir)
     old, new = (previous or {}).get("settings") or {}, job.settings()
     differing = sorted(k for k in set(old) | set(new) if k not in LOCATION_KEYS and old.get(k) != new.get(k))
@@ -123,29 +110,27 @@ class Timing:
 
 def generate_images(model, job: PromptSetJob, todo: Sequence[int], progress: bool = True) -> Timing:
     """Make the images `todo` (global indices) into job.outdir; returns their sampling time."""
-    n = len(job.prompts)
-    shape = gen.latent_shape(job.geometry, job.height, job.width)
-    base_text = {"seed_rule": "seed = base + index", "steps": job.ddim_steps, "sampler": job.sampler,
-                 "scale": job.scale, "method": job.method.name,
-                 "model": gen.DEMO_LABEL if job.model_args[3] else job.model_args[1]}
+    n, run = len(job.prompts), job.run
+    shape = run.latent_shape
+    base_text = {"seed_rule": "seed = base + index", "steps": run.steps, "sampler": run.sampler,
+                 "scale": run.scale, "method": job.method.name, "model": job.model.label}
     timing = Timing()
-    size = gen.SizeConditioning(job.height, job.width)
     bar = tqdm(total=len(todo), desc=f"sampling ({job.method.name})", unit="img", disable=not progress)
-    with job.method.apply(model, job.steps, seed=job.seed, execution=job.execution) as applied:
-        for b, ks in enumerate(gen.batches(list(todo), job.batch_size)):
+    with job.method.apply(model, run.sampler_steps, seed=run.seed, execution=job.execution) as applied:
+        for b, ks in enumerate(gen.batches(list(todo), run.batch)):
             prompts = [job.prompts[k % n] for k in ks]
-            cond = gen.encode_prompts(model, prompts, job.scale, job.precision, size=size)
-            x_T = gen.start_noise([job.seed + k for k in ks], shape)
-            result = gen.sample_latents(model, cond, x_T, sampler=job.sampler, steps=job.steps, scale=job.scale,
-                                        seed=job.seed + ks[0], method=applied, precision=job.precision)
+            cond = gen.encode_prompts(model, prompts, run.scale, run.precision, size=run.size)
+            x_T = gen.start_noise([run.seed + k for k in ks], shape)
+            result = gen.sample_latents(model, cond, x_T, sampler=run.sampler, steps=run.steps, scale=run.scale,
+                                        seed=run.seed + ks[0], method=applied, precision=run.precision)
             timing.seconds += result.seconds
             if b >= job.warmup_batches:
                 timing.timed_seconds += result.seconds
                 timing.timed_images += len(ks)
-            images = to_uint8_images(gen.decode(model, result.latents, job.precision))
+            images = to_uint8_images(gen.decode(model, result.latents, run.precision))
             for k, prompt, image in zip(ks, prompts, images):
                 atomic_save_png(image, png_path(job.outdir, k), dict(base_text, prompt=prompt, index=k,
-                                                                      seed=job.seed + k))
+                                                                      seed=run.seed + k))
             bar.update(len(ks))
     bar.close()
     return timing
@@ -196,7 +181,7 @@ def run_record(info: DistInfo, device: torch.device, totals: Sequence[float], ge
 def write_manifest(job: PromptSetJob, previous: Optional[Dict[str, Any]], info: DistInfo, device: torch.device,
                    totals: Sequence[float], generated: int, wall_seconds: float) -> Dict[str, Any]:
     """Rank 0: merge this run into OUTDIR/manifest.json (runs are kept, timing summed over them)."""
-    run = run_record(info, device, totals, generated, wall_seconds, batch_size=job.batch_size,
+    run = run_record(info, device, totals, generated, wall_seconds, batch_size=job.run.batch,
                      warmup_batches=job.warmup_batches)
     return merge_manifest(
         job.outdir, job.total, job.method, job.settings(), previous, run,
@@ -209,21 +194,31 @@ def run_prompt_set(job: PromptSetJob, info: DistInfo, device: torch.device, prog
                    load_model: Optional[Callable[..., torch.nn.Module]] = None,
                    log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Make every missing image of `job` on this rank (of `info.world`), then rank 0 writes the manifest.
-    The model is loaded (by `load_model`, default `generate.load_model`) only when this rank has something
-    to make. Returns the manifest (rank 0) or {}."""
-    previous = check_job(job)
+    Returns the manifest (rank 0) or {}."""
+    return run_image_job(job, check_job(job), generate_images, write_manifest, info, device, progress, load_model,
+                         log)
 
-    def make_images(device: torch.device, todo: Sequence[int]) -> Tuple[float, float, int]:
-        config, ckpt, ema, demo = job.model_args
-        model = (load_model or gen.load_model)(config, ckpt, device, use_ema=ema, demo=demo, verbose=info.is_main)
-        timing = generate_images(model, job, todo, progress=progress and info.is_main)
+
+def run_image_job(job, previous: Optional[Dict[str, Any]], make_images: Callable[..., Timing],
+                  write: Callable[..., Dict[str, Any]], info: DistInfo, device: torch.device, progress: bool,
+                  load_model: Optional[Callable[..., torch.nn.Module]], log: Callable[[str], None]) -> Dict[str, Any]:
+    """Run an image job (a prompt set, an img2img set) sharded: this rank makes its missing images with
+    make_images(model, job, todo, progress) (the model loaded by `load_model`, default `generate.load_model`,
+    only when there is something to make), then rank 0 writes the manifest with write(job, previous, info, ...)
+    and says the sampling time. Returns the manifest (rank 0) or {}."""
+
+    def make(device: torch.device, todo: Sequence[int]) -> Tuple[float, float, int]:
+        ref = job.model
+        model = (load_model or gen.load_model)(ref.config, ref.ckpt, device, use_ema=ref.use_ema, demo=ref.demo,
+                                               verbose=info.is_main)
+        timing = make_images(model, job, todo, progress=progress and info.is_main)
         return timing.seconds, timing.timed_seconds, timing.timed_images
 
     def manifest(device: torch.device, totals: Sequence[float], generated: int, wall_seconds: float):
-        written = write_manifest(job, previous, info, device, totals, generated, wall_seconds)
+        written = write(job, previous, info, device, totals, generated, wall_seconds)
         if written["seconds_per_image"] is not None:
             log(f"sampling time: {written['seconds_per_image']:.4f} s per image "
                 f"(over {written['timing']['timed_images']} timed images)")
         return written
 
-    return run_sharded(job.outdir, job.total, info, device, make_images, manifest, log)
+    return run_sharded(job.outdir, job.total, info, device, make, manifest, log)

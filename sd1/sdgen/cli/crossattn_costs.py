@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from datosd import apply_text_pruning, apply_tgate, remove_text_pruning, remove_tgate
-from datosd.costs import context_width
+from ..costs import context_width
 from datosd.text_pruning import TextPruneRun
 from datosd.text_tokens import KeptTokens
 from ..runtime import set_threads, timed
