@@ -36,3 +36,21 @@ def sdxl_batch(io, prompts=PROMPTS):
     return {"txt": list(prompts), "original_size_as_tuple": io["batch.original_size_as_tuple"],
             "crop_coords_top_left": io["batch.crop_coords_top_left"],
             "target_size_as_tuple": io["batch.target_size_as_tuple"]}
+
+
+class CountingBackend:
+    """A torch.compile backend that runs the captured graph as it is and counts the graphs it was given."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward
+
+
+def graph_breaks():
+    """Graph breaks Dynamo counted since its counters were last cleared."""
+    import torch
+
+    return sum(torch._dynamo.utils.counters["graph_break"].values())

@@ -366,3 +366,75 @@ def test_unsupported_unet_is_refused_clearly(sdxl):
     finally:
         sdxl.unet.disable_freeu()
         datosd.remove_patch(sdxl)
+
+
+# --- with other tools, the registry, compiled execution ------------------------------------------------------------
+def test_tomesd_first_then_dato_is_refused_like_deepcache_first(pipe):
+    """A UNet another tool patched first is refused when DaTo is applied, before any pipeline call (tomesd's
+    diffusers block takes no added_cond_kwargs and would drop DaTo's pruning)."""
+    import tomesd
+
+    pruning = Strategy([12, 1, 1, 12], [0.5] * SHORT)
+    tomesd.apply_patch(pipe, ratio=0.5)
+    try:
+        with pytest.raises(TypeError, match="patched by tomesd"):
+            datosd.apply_patch(pipe, pruning)
+        assert type(pipe.unet).__name__ == "UNet2DConditionModel" and not hasattr(pipe.unet, "_dato")
+    finally:
+        tomesd.remove_patch(pipe)
+    deepcache = pytest.importorskip("DeepCache")
+    helper = deepcache.DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=2, cache_branch_id=0)
+    helper.enable()
+    try:
+        with pytest.raises(TypeError, match="wrapped by something else"):
+            datosd.apply_patch(pipe, pruning)
+    finally:
+        helper.disable()
+
+
+def test_registry_methods_on_a_pipeline(pipe, conditioning, x_T):
+    """Uniform DeepCache and ToMeSD, the one pair of the pipeline kinds that combines, each show their effect;
+    kinds for ldm models only are refused."""
+    from sdgen.methods import MethodError, parse_method
+
+    tokens = []
+    handles = [m.attn1.register_forward_pre_hook(lambda m, args, kwargs: tokens.append(args[0].shape[1]),
+                                                 with_kwargs=True)
+               for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    plain = pipe_latents(pipe, conditioning, x_T, steps=SHORT)
+    try:
+        tokens.clear()
+        with parse_method("deepcache-n2+tome-0.5").apply(pipe, SHORT, seed=0) as applied:
+            pipe_latents(pipe, conditioning, x_T, steps=SHORT)
+            assert applied.call_counts() == {"full": 2, "partial": 2, "reused": 0}
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert 16 * 16 // 2 in tokens  # ToMeSD merged half of the 256 highest-resolution tokens
+    assert type(pipe.unet) is diffusers.UNet2DConditionModel
+    assert torch.equal(pipe_latents(pipe, conditioning, x_T, steps=SHORT), plain)
+    with pytest.raises(MethodError, match="textprune-0.2-k10 does not apply to diffusers models"):
+        parse_method("textprune-0.2-k10").apply(pipe, SHORT)
+
+
+def test_compiled_dato_covers_the_pipeline(pipe, conditioning, x_T):
+    """--compile reaches the diffusers caching forward: DatoState.compute runs the blocks compiled, each (depth,
+    ratio) variant without a graph break, and gives the eager latents."""
+    from helpers import CountingBackend, graph_breaks
+    from sdgen.compiled import CompiledCall, Execution
+    from sdgen.methods import dato_method
+
+    method = dato_method(Strategy([12, 1, 1, 12], [0.5, 0.3, 0.3, 0.5], name="mixed"))
+    with method.apply(pipe, SHORT, seed=3):
+        eager = pipe_latents(pipe, conditioning, x_T, steps=SHORT)
+    backend = CountingBackend()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with method.apply(pipe, SHORT, seed=3, execution=Execution("default", backend=backend)) as applied:
+        assert isinstance(applied.dato_state.compute, CompiledCall)
+        compiled = pipe_latents(pipe, conditioning, x_T, steps=SHORT)
+        assert [c.kind for c in applied.dato_state.calls] == ["full", "partial", "partial", "full"]
+    assert graph_breaks() == 0 and backend.graphs > 0
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert type(pipe.unet) is diffusers.UNet2DConditionModel

@@ -51,7 +51,7 @@ from ..benchmark import (
 from ..compiled import COMPILE_MODES
 from ..costs import hardware_name
 from ..images import atomic_write_text, check_output_dir, check_output_file
-from ..methods import MethodError
+from ..methods import REGISTRY, MethodError, Registry
 from ..methods.caching import check_source
 from ..resources import find_config
 from ..runtime import UsageError, pick_device, precision_name, set_threads
@@ -116,7 +116,7 @@ def method_names(opt) -> list:
 FLAGS = SettingFlags(steps="--steps", batch="--batch")
 
 
-def check_options(opt):
+def check_options(opt, registry: Registry = REGISTRY):
     """Reject bad input before any model is built. Returns (entries, run settings, device, model config,
     cost-table path)."""
     if not (opt.demo or opt.random_weights or opt.ckpt):
@@ -130,7 +130,8 @@ def check_options(opt):
     settings = RunSettings.resolve(flags=FLAGS, sampler=BASE_SAMPLERS[geometry.kind], steps=opt.steps,
                                    scale=opt.scale, precision=opt.precision, height=opt.H, width=opt.W,
                                    batch=opt.batch, seed=opt.seed, geometry=geometry)
-    entries = bench_entries(method_names(opt), settings, compile_mode=opt.compile, channels_last=opt.channels_last)
+    entries = bench_entries(method_names(opt), settings, compile_mode=opt.compile, channels_last=opt.channels_last,
+                            registry=registry)
     if opt.diffusers:
         if geometry.kind != "ldm" or not (opt.random_weights or opt.demo) or opt.predict_only or opt.H != opt.W:
             raise UsageError("--diffusers times an SD 1.x architecture with random weights end to end at a square "
@@ -154,10 +155,11 @@ def load(opt, config, device):
     return gen.load_model(opt.config, opt.ckpt, device), Path(opt.ckpt).name
 
 
-def main(argv=None) -> int:
+def main(argv=None, registry: Registry = REGISTRY) -> int:
+    """Run the benchmark with flags `argv` over the methods of `registry`."""
     opt = build_parser().parse_args(argv)
     try:
-        entries, run_settings, device, config, cost_table = check_options(opt)
+        entries, run_settings, device, config, cost_table = check_options(opt, registry)
         threads = set_threads(opt.threads)
         model, model_label = load(opt, config, device)
     except (UsageError, MethodError, StrategyError, CheckpointError) as err:
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
     settings = BenchSettings(run=run_settings, repeats=opt.repeats, table_repeats=opt.table_repeats,
                              cost_table=cost_table, remeasure=opt.remeasure, decode=not opt.no_decode,
                              predict_only=opt.predict_only)
-    rows, tables = run_benchmark(model, entries, settings)
+    rows, tables = run_benchmark(model, entries, settings, registry=registry)
 
     lines, flagged = spread_report(tables, entries)
     print("\n" + "\n".join(lines))

@@ -18,7 +18,7 @@ from ldm.checkpoint import CheckpointError
 
 from .. import generate as gen
 from ..images import SampleWriter, check_output_dir, load_init_image
-from ..methods import MethodError
+from ..methods import REGISTRY, MethodError, Registry
 from ..runtime import UsageError, pick_device, seed_everything
 from ..settings import RunSettings, SettingFlags
 from . import run
@@ -26,7 +26,8 @@ from .flags import add_acceleration_args, add_model_args, execution_from_args, m
 from .sampling import read_prompt_batches, sample_passes
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
+    """The flags; the method flags are those of `registry`'s kinds."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
                         help="the prompt to render")
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file")
     parser.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     add_model_args(parser)
-    add_acceleration_args(parser)
+    add_acceleration_args(parser, registry)
     return parser
 
 
@@ -90,10 +91,10 @@ def check_options(opt):
     return init_image, batches, method, settings
 
 
-def main(argv=None, model=None) -> int:
+def main(argv=None, model=None, registry: Registry = REGISTRY) -> int:
     """Run img2img with command-line flags `argv`; `model`, when given, is used instead of loading one
     (a driver transforming many images loads it once)."""
-    opt = resolve_model_args(build_parser().parse_args(argv))
+    opt = resolve_model_args(build_parser(registry).parse_args(argv))
     try:
         init_image, batches, method, settings = check_options(opt)
         device = pick_device(opt.device)

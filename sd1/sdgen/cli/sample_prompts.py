@@ -35,7 +35,7 @@ from ldm.checkpoint import CheckpointError
 
 from .. import generate as gen
 from ..generate import ModelRef
-from ..methods import MethodError
+from ..methods import REGISTRY, MethodError, Registry
 from ..prompt_set import PromptSetJob, check_job, run_prompt_set
 from ..prompts import read_prompts
 from ..runtime import UsageError, pick_device, seed_everything
@@ -45,7 +45,8 @@ from . import run
 from .flags import add_acceleration_args, add_model_args, execution_from_args, method_from_args, resolve_model_args
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
+    """The flags; the method flags are those of `registry`'s kinds."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from-file", "--from_file", dest="from_file", type=str, required=True,
                    help="prompt file, one prompt per line (e.g. data/imagenet-class-prompts.txt)")
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches per process left out of the timing (GPU warm-up); they are still saved")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     add_model_args(p)
-    add_acceleration_args(p)
+    add_acceleration_args(p, registry)
     return p
 
 
@@ -106,8 +107,8 @@ def job_from_args(opt) -> PromptSetJob:
                         warmup_batches=opt.warmup_batches, execution=execution_from_args(opt))
 
 
-def main(argv=None) -> int:
-    opt = resolve_model_args(build_parser().parse_args(argv))
+def main(argv=None, registry: Registry = REGISTRY) -> int:
+    opt = resolve_model_args(build_parser(registry).parse_args(argv))
     try:
         job = job_from_args(opt)
         info = dist_info_from_env()

@@ -16,7 +16,7 @@ from ldm.checkpoint import CheckpointError
 
 from .. import generate as gen
 from ..images import SampleWriter, check_output_dir
-from ..methods import MethodError
+from ..methods import REGISTRY, MethodError, Registry
 from ..runtime import UsageError, pick_device, seed_everything
 from ..settings import RunSettings, SettingFlags
 from . import run
@@ -26,7 +26,8 @@ from .sampling import read_prompt_batches, sample_passes
 DEMO_SIZE = 128
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
+    """The flags; the method flags are those of `registry`'s kinds."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
                         help="the prompt to render")
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sdxl.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None,
                       help="target_size_as_tuple (default: --H --W)")
     add_model_args(parser)
-    add_acceleration_args(parser)
+    add_acceleration_args(parser, registry)
     return parser
 
 
@@ -111,8 +112,8 @@ def check_options(opt):
     return batches, method, settings
 
 
-def main(argv=None) -> int:
-    opt = resolve_model_args(build_parser().parse_args(argv))
+def main(argv=None, registry: Registry = REGISTRY) -> int:
+    opt = resolve_model_args(build_parser(registry).parse_args(argv))
     try:
         batches, method, settings = check_options(opt)
         device = pick_device(opt.device)

@@ -60,13 +60,15 @@ class Registry:
 
     def combine(self, components: Sequence[MethodKind], name: str) -> Method:
         """The method of `components` (in name order), or MethodError '<name>: <why>' for a pair that does not
-        combine: two of one kind, or a pair a kind's `conflicts` names."""
-        for i, first in enumerate(components):
-            for second in components[i + 1:]:
+        combine: two of one kind, or a pair a kind's `conflicts` names (pairs checked in name order, so the
+        reason does not depend on the order they were given in)."""
+        ordered = sorted(components, key=lambda c: c.order)
+        for i, first in enumerate(ordered):
+            for second in ordered[i + 1:]:
                 reason = conflict(first, second)
                 if reason is not None:
                     raise MethodError(f"{name}: {reason}")
-        return Method(tuple(sorted(components, key=lambda c: c.order)))
+        return Method(tuple(ordered))
 
     def cost_key(self, method: Method) -> Dict[str, Any]:
         """What a cost table of `method`'s calls adds to its key: every kind's `cost_key` fields, at the
@@ -131,8 +133,7 @@ class Registry:
             components.append(kind.from_flags({flag.dest: getattr(opt, flag.dest) for flag in kind.flags}))
         if not components:
             return self.parse("original")
-        ordered = sorted(components, key=lambda c: c.order)
-        return self.combine(components, "+".join(c.name for c in ordered))
+        return self.combine(components, "+".join(c.name for c in sorted(components, key=lambda c: c.order)))
 
 
 def conflict(first: MethodKind, second: MethodKind) -> Optional[str]:
