@@ -21,9 +21,6 @@ from sdgen.costs import CostTable
 from sdgen.methods import REGISTRY, Flag, MethodError, MethodKind, Patch, parse_method
 from sdgen.settings import RunSettings
 
-_SCALE = re.compile(r"unetscale-(\d*\.?\d+)")
-
-
 class HookPatch(Patch):
     def __init__(self, handle):
         self.handle = handle
@@ -45,11 +42,11 @@ class UNetScale(MethodKind):
     title = "UNet output scaling"
     flags = (Flag("--unet_scale", dict(type=float, default=None, help="multiply every UNet output by this")),)
     switch = "unet_scale"
+    pattern = re.compile(r"unetscale-(\d*\.?\d+)")
 
     @classmethod
-    def parse(cls, token):
-        match = _SCALE.fullmatch(token)
-        return None if match is None else cls(float(match.group(1)))
+    def from_match(cls, match, token):
+        return cls(float(match.group(1)))
 
     @classmethod
     def from_flags(cls, values):

@@ -335,7 +335,7 @@ def test_image_objectives_score_the_decoded_pixels(tiny_evaluator):
 
     sampler = tiny_evaluator.sampler
     objective = ImageRewardObjective(QualitySpec(kind="imagereward"), sampler.sampling.prompts, sampler.device)
-    objective._model = MeanPixel()
+    objective._networks = MeanPixel()
     latents, _ = sampler.sample(Strategy.uniform(5, 2, 1))
     quality, extras = objective.score(latents, sampler.decode)
     pixels = to_uint8_images(sampler.decode(latents))

@@ -11,8 +11,9 @@ import torch
 
 from sdgen import generate as gen
 from sdgen.images import atomic_write_text
-from sdgen.img2img_set import Img2ImgJob, check_img2img_job, run_img2img_set
-from sdgen.prompt_set import PromptSetJob, check_job, read_manifest, run_prompt_set
+from sdgen.image_jobs import check_job, read_manifest, run_image_job
+from sdgen.img2img_set import Img2ImgJob
+from sdgen.prompt_set import PromptSetJob
 from sdgen.runtime import pick_device
 from sdgen.sharding import DistInfo
 
@@ -51,10 +52,7 @@ def row_job(plan: TablePlan, row: RowPlan) -> Job:
 def check_jobs(jobs: Dict[str, Job]) -> None:
     """Raise UsageError, before any image is made, when a row's folder holds images of other settings."""
     for job in jobs.values():
-        if isinstance(job, Img2ImgJob):
-            check_img2img_job(job)
-        else:
-            check_job(job)
+        check_job(job)
 
 
 def generate_rows(plan: TablePlan, jobs: Dict[str, Job], info: DistInfo, device: torch.device,
@@ -63,11 +61,7 @@ def generate_rows(plan: TablePlan, jobs: Dict[str, Job], info: DistInfo, device:
     progress = not plan.smoke
     for row in plan.rows:
         log(f"## row {row.id}: {row.label}\nmethod: {row.method.name} = {row.method.label}")
-        job = jobs[row.id]
-        if isinstance(job, Img2ImgJob):
-            run_img2img_set(job, info, device, progress=progress, load_model=models, log=log)
-        else:
-            run_prompt_set(job, info, device, progress=progress, load_model=models, log=log)
+        run_image_job(jobs[row.id], info, device, progress=progress, load_model=models, log=log)
     models.model = None
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -162,7 +162,8 @@ class CallContext:
     random_local: Dict[Tuple[int, int], torch.Tensor] = field(default_factory=dict)  # drawn bases where None
 
 
-# compute(blocks, x, cond, depth, cached) -> (UNet output, outputs of the output blocks it ran): `caching.compute_blocks`
+# compute(blocks, x, cond, depth, cached) -> (UNet output, the outputs of the output blocks it ran), as
+# `caching.compute_blocks`
 Compute = Callable
 
 

@@ -3,10 +3,10 @@ exactly the work of one UNet call, and channels-last memory.
 
 What is compiled:
 - a DaTo or DeepCache patch (`datosd`, on an ldm / sgm UNet or a diffusers pipeline): the blocks of a call
-  (`DatoState.compute`, a pure function of its inputs). The step's cache depth and prune ratio, the DiffScore maps and the random base tokens are
-  decided before it runs (`DatoState.begin_call`), so the compiled region has no graph break and each
-  (depth, ratio, scores known or drawn) variant is compiled once per process, with static shapes (K = floor(r N)
-  is a constant of the variant). A depth-0 call returns the cache without entering it.
+  (`DatoState.compute`, a pure function of its inputs). The step's cache depth and prune ratio, the DiffScore
+  maps and the random base tokens are decided before it runs (`DatoState.begin_call`), so the compiled region
+  has no graph break and each (depth, ratio, scores known or drawn) variant is compiled once per process, with
+  static shapes (K = floor(r N) is a constant of the variant). A depth-0 call returns the cache without entering it.
 - any other method (original, DDIM-N, ToMeSD, T-GATE, prompt-token pruning): the UNet's forward. Patches that
   draw random numbers or keep Python state inside the forward (tomesd's random partition) may split the graph;
   they still run correctly.

@@ -14,16 +14,14 @@ import sys
 
 import torch
 
-from ldm.checkpoint import CheckpointError
-
 from .. import generate as gen
 from ..images import SampleWriter, check_output_dir, load_init_image
-from ..methods import REGISTRY, MethodError, Registry
-from ..runtime import UsageError, pick_device, seed_everything
+from ..methods import REGISTRY, Registry
+from ..runtime import UsageError
 from ..settings import RunSettings, SettingFlags
 from . import run
-from .flags import add_acceleration_args, add_model_args, execution_from_args, method_from_args, resolve_model_args
-from .sampling import read_prompt_batches, sample_passes
+from .flags import add_acceleration_args, add_model_args, method_from_args, resolve_model_args
+from .sampling import checked_start, read_prompt_batches, sample_passes
 
 
 def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
@@ -95,17 +93,10 @@ def main(argv=None, model=None, registry: Registry = REGISTRY) -> int:
     """Run img2img with command-line flags `argv`; `model`, when given, is used instead of loading one
     (a driver transforming many images loads it once)."""
     opt = resolve_model_args(build_parser(registry).parse_args(argv))
-    try:
-        init_image, batches, method, settings = check_options(opt)
-        device = pick_device(opt.device)
-        if model is None:
-            model = gen.load_model(opt.config, opt.ckpt, device, use_ema=opt.ema, demo=opt.demo)
-    except (UsageError, CheckpointError, MethodError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    started = checked_start(opt, check_options, model)
+    if started is None:
         return 2
-    seed_everything(opt.seed)
-    if opt.demo:
-        print(f"*** {gen.DEMO_LABEL}: images are noise-like by design ***")
+    (init_image, batches, method, settings), model = started
     t_enc = settings.sampler_steps
     print(f"img2img runs {t_enc} of {opt.ddim_steps} DDIM steps (strength {opt.strength})")
     print(f"method: {method.name} = {method.label}")
@@ -118,7 +109,7 @@ def main(argv=None, model=None, registry: Registry = REGISTRY) -> int:
     latent_shape = tuple(init_latent.shape[1:])
     fixed_noise = torch.randn((opt.n_samples, *latent_shape), generator=noise_generator)
 
-    def sample_batch(prompts, applied, seed):
+    def transform_batch(prompts, applied, seed):
         batch = len(prompts)
         cond = gen.encode_prompts(model, prompts, opt.scale, opt.precision)
         noise = fixed_noise[:batch] if opt.fixed_code else torch.randn((batch, *latent_shape),
@@ -127,9 +118,7 @@ def main(argv=None, model=None, registry: Registry = REGISTRY) -> int:
                                    encode_steps=t_enc, scale=opt.scale, eta=opt.ddim_eta, seed=seed, method=applied,
                                    precision=opt.precision)
 
-    sample_passes(model, method, settings, execution_from_args(opt), batches, opt.n_iter, writer, sample_batch)
-    writer.finish(opt.n_rows if opt.n_rows > 0 else opt.n_samples)
-    return 0
+    return sample_passes(model, method, settings, opt, batches, writer, transform_batch)
 
 
 def cli() -> int:

@@ -36,7 +36,8 @@ from ldm.checkpoint import CheckpointError
 from .. import generate as gen
 from ..generate import ModelRef
 from ..methods import REGISTRY, MethodError, Registry
-from ..prompt_set import PromptSetJob, check_job, run_prompt_set
+from ..image_jobs import check_job, run_image_job
+from ..prompt_set import PromptSetJob
 from ..prompts import read_prompts
 from ..runtime import UsageError, pick_device, seed_everything
 from ..settings import RunSettings, SettingFlags
@@ -127,7 +128,7 @@ def main(argv=None, registry: Registry = REGISTRY) -> int:
         print(f"{job.total} images ({len(job.prompts)} prompts x {job.repeats} repeats"
               f"{'' if job.limit is None else f', limit {job.limit}'}) in {job.outdir}, {info.world} process(es); "
               f"method: {job.method.name} = {job.method.label}")
-    run_prompt_set(job, info, device, progress=not opt.no_progress)
+    run_image_job(job, info, device, progress=not opt.no_progress)
     return 0
 
 

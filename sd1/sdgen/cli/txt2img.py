@@ -12,16 +12,15 @@ import argparse
 import sys
 
 import torch
-from ldm.checkpoint import CheckpointError
 
 from .. import generate as gen
 from ..images import SampleWriter, check_output_dir
-from ..methods import REGISTRY, MethodError, Registry
-from ..runtime import UsageError, pick_device, seed_everything
+from ..methods import REGISTRY, Registry
+from ..runtime import UsageError
 from ..settings import RunSettings, SettingFlags
 from . import run
-from .flags import add_acceleration_args, add_model_args, execution_from_args, method_from_args, resolve_model_args
-from .sampling import read_prompt_batches, sample_passes
+from .flags import add_acceleration_args, add_model_args, method_from_args, resolve_model_args
+from .sampling import checked_start, read_prompt_batches, sample_passes
 
 DEMO_SIZE = 128
 
@@ -114,16 +113,10 @@ def check_options(opt):
 
 def main(argv=None, registry: Registry = REGISTRY) -> int:
     opt = resolve_model_args(build_parser(registry).parse_args(argv))
-    try:
-        batches, method, settings = check_options(opt)
-        device = pick_device(opt.device)
-        model = gen.load_model(opt.config, opt.ckpt, device, use_ema=opt.ema, demo=opt.demo)
-    except (UsageError, CheckpointError, MethodError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    started = checked_start(opt, check_options)
+    if started is None:
         return 2
-    seed_everything(opt.seed)
-    if opt.demo:
-        print(f"*** {gen.DEMO_LABEL}: images are noise-like by design ***")
+    (batches, method, settings), model = started
     print(f"method: {method.name} = {method.label}")
     png_text = {"prompt_source": opt.from_file or opt.prompt, "seed": opt.seed, "steps": settings.sampler_steps,
                 "sampler": settings.sampler, "scale": opt.scale, "eta": opt.ddim_eta, "method": method.name,
@@ -140,9 +133,7 @@ def main(argv=None, registry: Registry = REGISTRY) -> int:
         return gen.sample_latents(model, cond, x_T, sampler=settings.sampler, steps=settings.steps, scale=opt.scale,
                                   eta=opt.ddim_eta, seed=seed, method=applied, precision=opt.precision)
 
-    sample_passes(model, method, settings, execution_from_args(opt), batches, opt.n_iter, writer, sample_batch)
-    writer.finish(opt.n_rows if opt.n_rows > 0 else opt.n_samples)
-    return 0
+    return sample_passes(model, method, settings, opt, batches, writer, sample_batch)
 
 
 def cli() -> int:

@@ -25,10 +25,11 @@ class Original(MethodKind):
     order = 0
     families = ALL_FAMILIES
     conflicts = {"*": "'original' does not combine with other methods"}
+    pattern = re.compile("original")
 
     @classmethod
-    def parse(cls, token: str) -> Optional["Original"]:
-        return cls() if token == "original" else None
+    def from_match(cls, match: re.Match, token: str) -> "Original":
+        return cls()
 
     @property
     def name(self) -> str:
@@ -37,9 +38,6 @@ class Original(MethodKind):
     @property
     def label(self) -> str:
         return "original (no acceleration)"
-
-
-_DDIM = re.compile(r"ddim(\d+)")
 
 
 @dataclass(frozen=True)
@@ -53,12 +51,10 @@ class Ddim(MethodKind):
     about = "DDIM with N steps (the paper's few-step baseline), e.g. ddim10"
     order = 10
     families = frozenset({"ldm"})
+    pattern = re.compile(r"ddim(\d+)")
 
     @classmethod
-    def parse(cls, token: str) -> Optional["Ddim"]:
-        match = _DDIM.fullmatch(token)
-        if match is None:
-            return None
+    def from_match(cls, match: re.Match, token: str) -> "Ddim":
         steps = int(match.group(1))
         if not 1 <= steps <= 1000:
             raise MethodError(f"{token}: the step count must be 1..1000")
@@ -77,9 +73,6 @@ class Ddim(MethodKind):
 
     def forced_steps(self) -> Optional[int]:
         return self.steps
-
-
-_TOME = re.compile(r"tome-(\d*\.?\d+)")
 
 
 def import_tomesd():
@@ -131,12 +124,10 @@ class Tome(MethodKind):
     changes_call_cost = True
     cost_key = {"tome_ratio": None}
     compile_fullgraph = False  # tomesd draws its partition inside the forward
+    pattern = re.compile(r"tome-(\d*\.?\d+)")
 
     @classmethod
-    def parse(cls, token: str) -> Optional["Tome"]:
-        match = _TOME.fullmatch(token)
-        if match is None:
-            return None
+    def from_match(cls, match: re.Match, token: str) -> "Tome":
         ratio = float(match.group(1))
         if not 0.0 <= ratio < 1.0:
             raise MethodError(f"{token}: the ToMeSD ratio must be in [0, 1)")
@@ -164,9 +155,6 @@ class Tome(MethodKind):
         return TomePatch(model, self.ratio, seed)
 
 
-_HELPER = re.compile(r"deepcache-helper-n(\d+)(?:-b(\d+))?")
-
-
 class HelperPatch(Patch):
     def __init__(self, helper):
         self.helper = helper
@@ -191,12 +179,10 @@ class DeepCacheHelper(MethodKind):
     families = frozenset({"diffusers"})
     conflicts = {"*": "DeepCache's own helper wraps the forwards of the UNet and its blocks; time it alone"}
     predicted = False
+    pattern = re.compile(r"deepcache-helper-n(\d+)(?:-b(\d+))?")
 
     @classmethod
-    def parse(cls, token: str) -> Optional["DeepCacheHelper"]:
-        match = _HELPER.fullmatch(token)
-        if match is None:
-            return None
+    def from_match(cls, match: re.Match, token: str) -> "DeepCacheHelper":
         interval, branch = int(match.group(1)), int(match.group(2) or 0)
         if interval < 1:
             raise MethodError(f"{token}: DeepCache's cache interval must be at least 1")

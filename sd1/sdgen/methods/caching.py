@@ -16,7 +16,6 @@ from datosd.strategy import MAX_DEPTH, Strategy, StrategyError, load_strategy
 from ..runtime import UsageError
 from .kind import ALL_FAMILIES, Flag, MethodError, MethodKind, Patch
 
-_DEEPCACHE = re.compile(r"deepcache-n(\d+)(?:-d(\d+))?")
 _DERIVE = re.compile(r"(last|every|r)(\d*\.?\d+)")
 NAME_CHARACTERS = ",@+"  # what a strategy path in a name may not contain
 
@@ -53,12 +52,10 @@ class DeepCache(MethodKind):
              Flag("--cache_depth", dict(type=int, default=1, help="DeepCache: blocks computed at the cached steps "
                                                                    "(1 = shallowest branch, 0..12)")))
     switch = "deepcache"
+    pattern = re.compile(r"deepcache-n(\d+)(?:-d(\d+))?")
 
     @classmethod
-    def parse(cls, token: str) -> Optional["DeepCache"]:
-        match = _DEEPCACHE.fullmatch(token)
-        if match is None:
-            return None
+    def from_match(cls, match: re.Match, token: str) -> "DeepCache":
         interval = int(match.group(1))
         depth = int(match.group(2)) if match.group(2) is not None else 1
         if interval < 1 or not 0 <= depth <= MAX_DEPTH:

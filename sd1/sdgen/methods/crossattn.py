@@ -15,8 +15,6 @@ from ..runtime import UsageError
 from .kind import Flag, MethodError, MethodKind, Patch
 
 GROUP = "cross-attention (prompt-token pruning, T-GATE; combine with the above)"
-_TEXTPRUNE = re.compile(r"textprune-(\d*\.?\d+)-(?:k(\d+)|t(\d*\.?\d+(?:e-?\d+)?))(-dynamic)?")
-_TGATE = re.compile(r"tgate-(\d+)(-perhalf)?")
 
 
 class RemovingPatch(Patch):
@@ -60,6 +58,7 @@ class TextPrune(MethodKind):
     switch = "prune_text"
     predicted = False  # the cost table times calls with every prompt token
     compile_fullgraph = False
+    pattern = re.compile(r"textprune-(\d*\.?\d+)-(?:k(\d+)|t(\d*\.?\d+(?:e-?\d+)?))(-dynamic)?")
 
     @classmethod
     def make(cls, warmup: float, keep: Optional[int], threshold: Optional[float], dynamic: bool,
@@ -71,10 +70,7 @@ class TextPrune(MethodKind):
             raise MethodError(f"{token}: {err}") from None
 
     @classmethod
-    def parse(cls, token: str) -> Optional["TextPrune"]:
-        match = _TEXTPRUNE.fullmatch(token)
-        if match is None:
-            return None
+    def from_match(cls, match: re.Match, token: str) -> "TextPrune":
         warmup, keep, threshold, dynamic = match.groups()
         return cls.make(float(warmup), int(keep) if keep else None, float(threshold) if threshold else None,
                         bool(dynamic), token)
@@ -126,6 +122,7 @@ class TGate(MethodKind):
     switch = "tgate_step"
     predicted = False  # the cost table times calls that compute their cross-attention
     compile_fullgraph = False
+    pattern = re.compile(r"tgate-(\d+)(-perhalf)?")
 
     @classmethod
     def make(cls, gate_step: int, cache: str, token: str) -> "TGate":
@@ -135,10 +132,7 @@ class TGate(MethodKind):
             raise MethodError(f"{token}: {err}") from None
 
     @classmethod
-    def parse(cls, token: str) -> Optional["TGate"]:
-        match = _TGATE.fullmatch(token)
-        if match is None:
-            return None
+    def from_match(cls, match: re.Match, token: str) -> "TGate":
         return cls.make(int(match.group(1)), "per_half" if match.group(2) else "cfg_mean", token)
 
     @classmethod

@@ -9,6 +9,7 @@ goes through it.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
@@ -99,10 +100,18 @@ class MethodKind:
     compile_fullgraph: ClassVar[bool] = True
 
     # --- the name --------------------------------------------------------------------------------------------
+    pattern: ClassVar[Optional["re.Pattern"]] = None  # its tokens (the grammar as a regular expression)
+
     @classmethod
     def parse(cls, token: str) -> Optional["MethodKind"]:
         """The component a name token describes; None when the token is not of this kind, MethodError when it
-        is but cannot be used."""
+        is but cannot be used. By default: `from_match` of a full match of `pattern`."""
+        match = cls.pattern.fullmatch(token) if cls.pattern is not None else None
+        return None if match is None else cls.from_match(match, token)
+
+    @classmethod
+    def from_match(cls, match: "re.Match", token: str) -> "MethodKind":
+        """The component of a token that matched `pattern` (MethodError when its values cannot be used)."""
         raise NotImplementedError
 
     @property
