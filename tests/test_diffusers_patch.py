@@ -10,9 +10,8 @@ import datosd  # noqa: E402
 import datosd.caching as caching_module  # noqa: E402
 from datosd import Strategy, StrategyError  # noqa: E402
 from diffusers_pipelines import SDXL_LATENT, golden_pipeline, tiny_sdxl_pipeline  # noqa: E402
-from helpers import golden_model  # noqa: E402
+from helpers import EventRecorder, golden_model  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.models.diffusion.hooks import SamplingHook  # noqa: E402
 
 PROMPTS = ["a photograph of an astronaut riding a horse"]
 LATENT = (4, 16, 16)
@@ -73,26 +72,6 @@ def pipe_latents(pipe, conditioning, x_T, steps=STEPS, **kwargs):
     with torch.no_grad():
         return pipe(prompt_embeds=c, negative_prompt_embeds=uc, num_inference_steps=steps, guidance_scale=7.5,
                     latents=x_T.clone(), output_type="latent", **kwargs).images
-
-
-class StepRecorder(SamplingHook):
-    def __init__(self):
-        self.events = []
-
-    def sampling_started(self, num_steps):
-        self.events.append(("started", num_steps))
-
-    def step_started(self, step):
-        self.events.append(("step", step))
-
-    def model_call(self, cfg_halves):
-        self.events.append(("call", cfg_halves))
-
-    def sampling_finished(self):
-        self.events.append(("finished",))
-
-    def steps(self):
-        return [e[1] for e in self.events if e[0] == "step"]
 
 
 def spy_selections(monkeypatch):
@@ -203,7 +182,7 @@ def test_wrong_strategy_length_fails_before_the_first_unet_call(pipe, conditioni
 
 def test_heun_two_unet_calls_per_step(pipe, conditioning, x_T):
     pipe.scheduler = diffusers.HeunDiscreteScheduler.from_config(pipe.scheduler.config)
-    recorder = StepRecorder()
+    recorder = EventRecorder()
     state = datosd.apply_patch(pipe, Strategy.uniform(5, 2, 1, ratio=0.5))
     state.hooks.add(recorder)
     pipe_latents(pipe, conditioning, x_T, steps=5)
@@ -225,7 +204,7 @@ def test_pndm_warm_up_call_belongs_to_step_zero(pipe, conditioning, x_T):
 def test_img2img_strength_runs_the_remaining_steps(pipe, scheduler):
     img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
     img2img.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
-    recorder = StepRecorder()
+    recorder = EventRecorder()
     state = datosd.apply_patch(img2img, Strategy.uniform(6, 3, 1, ratio=0.4))
     state.hooks.add(recorder)
     image = torch.rand((1, 3, 128, 128), generator=torch.Generator().manual_seed(1))
@@ -272,7 +251,7 @@ def test_unbatched_guidance_keeps_one_cache_per_half(pipe, conditioning, x_T):
 
 
 def test_no_guidance_single_image(pipe):
-    recorder = StepRecorder()
+    recorder = EventRecorder()
     state = datosd.apply_patch(pipe, Strategy([12, 1, 12, 1], [0.5] * SHORT))
     state.hooks.add(recorder)
     with torch.no_grad():
@@ -334,7 +313,7 @@ def test_sdxl_full_strategy_bit_identical_and_img2img_steps(sdxl):
     assert torch.equal(latents(sdxl), unpatched)
     datosd.remove_patch(sdxl)
     img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**sdxl.components)
-    recorder = StepRecorder()
+    recorder = EventRecorder()
     state = datosd.apply_patch(img2img, Strategy.uniform(3, 2, 1, ratio=0.5))
     state.hooks.add(recorder)
     try:
