@@ -90,8 +90,7 @@ class Registry:
                 groups[title] = parser.add_argument_group(title)
             return groups[title]
 
-        first = self.kinds[0].flag_group if self.kinds else "acceleration"
-        group(first).add_argument("--method", type=str, default=None,
+        group(MethodKind.flag_group).add_argument("--method", type=str, default=None,
                                   help=f"any method of the registry by name, e.g. 'dato:b1', '{EXAMPLE}', "
                                        f"'dato@last37' (see sdgen.methods); instead of the flags below")
         for kind in self.kinds:
