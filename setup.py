@@ -6,8 +6,10 @@ setup(
     description="DaTo (dynamics-aware token pruning + timestep-aware caching) on a CompVis latent-diffusion codebase",
     package_dir={"": "sd1"},
     packages=find_packages("sd1"),
-    # configs/ and data/ are linked into sdgen (sd1/sdgen/configs, sd1/sdgen/data), so a wheel carries them.
-    package_data={"sdgen": ["configs/stable-diffusion/*.yaml", "configs/dato/*.yaml", "data/*.txt", "data/*.md"],
+    # configs/ and data/ are linked into sdgen (sd1/sdgen/configs, sd1/sdgen/data), so a wheel carries them; the
+    # DaTo strategies are datosd's own (sd1/datosd/strategies, linked as configs/dato for users).
+    package_data={"datosd": ["strategies/*.yaml"],
+                  "sdgen": ["configs/stable-diffusion/*.yaml", "data/*.txt", "data/*.md"],
                   "dato_tables": ["data/*.yaml"]},
     entry_points={"console_scripts": [
         "dato-txt2img = sdgen.cli.txt2img:cli",

@@ -11,7 +11,7 @@ SDXL_LATENT = 16  # the tiny SDXL VAE downsamples 2x: 32 x 32 images
 
 def golden_pipeline():
     """The golden tiny SD 1.x checkpoint as a StableDiffusionPipeline (diffusers' conversion, CompVis DDIM)."""
-    from datosd.diffusers_models import pipeline_from_ldm
+    from sdgen.diffusers_models import pipeline_from_ldm
 
     return pipeline_from_ldm(OmegaConf.load(str(GOLDEN_CONFIG)), load_file(str(GOLDEN_WEIGHTS)),
                              image_size=GOLDEN_IMAGE_SIZE)
@@ -23,7 +23,7 @@ def tiny_sdxl_pipeline(seed=0):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from datosd.diffusers_models import clip_tokenizer
+    from sdgen.diffusers_models import clip_tokenizer
 
     unet = diffusers.UNet2DConditionModel(
         sample_size=SDXL_LATENT, in_channels=4, out_channels=4, layers_per_block=2,

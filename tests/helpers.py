@@ -2,6 +2,7 @@
 from omegaconf import OmegaConf
 
 from conftest import GOLDEN_CONFIG, GOLDEN_WEIGHTS
+from ldm.models.diffusion.hooks import SamplingHook
 from ldm.util import instantiate_from_config, load_model_from_config
 
 PROMPTS = ["a photograph of an astronaut riding a horse", "a painting of a fox sitting in a field at sunrise"]
@@ -36,3 +37,43 @@ def sdxl_batch(io, prompts=PROMPTS):
     return {"txt": list(prompts), "original_size_as_tuple": io["batch.original_size_as_tuple"],
             "crop_coords_top_left": io["batch.crop_coords_top_left"],
             "target_size_as_tuple": io["batch.target_size_as_tuple"]}
+
+
+class CountingBackend:
+    """A torch.compile backend that runs the captured graph as it is and counts the graphs it was given."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward
+
+
+def graph_breaks():
+    """Graph breaks Dynamo counted since its counters were last cleared."""
+    import torch
+
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+class EventRecorder(SamplingHook):
+    """Records every sampling-hook event: ('started', num_steps), ('step', i), ('call', cfg_halves), ('finished',)."""
+
+    def __init__(self):
+        self.events = []
+
+    def sampling_started(self, num_steps):
+        self.events.append(("started", num_steps))
+
+    def step_started(self, step):
+        self.events.append(("step", step))
+
+    def model_call(self, cfg_halves):
+        self.events.append(("call", cfg_halves))
+
+    def sampling_finished(self):
+        self.events.append(("finished",))
+
+    def steps(self):
+        return [e[1] for e in self.events if e[0] == "step"]

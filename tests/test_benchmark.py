@@ -12,6 +12,7 @@ from sdgen.benchmark import bench_entries
 from sdgen.cli import benchmark, unet_calls
 from sdgen.methods import AppliedMethod, MethodError
 from sdgen.runtime import set_threads
+from sdgen.settings import RunSettings
 
 SMALL = ["--demo", "--steps", "5", "--H", "64", "--W", "64", "--table-repeats", "1", "--threads", "1"]
 
@@ -135,13 +136,13 @@ def test_cost_table_reused_and_replaced_only_with_remeasure(tmp_path, recorder):
 
 
 def test_steps_apply_to_methods_without_a_step_count():
-    entries = bench_entries(["ddim10", "dato@every5", "tome-0.5", "original"], steps=10)
+    entries = bench_entries(["ddim10", "dato@every5", "tome-0.5", "original"], RunSettings(sampler="plms", steps=10))
     assert [(e.name, e.sampler, e.steps) for e in entries] == [
         ("original", "plms", 10), ("ddim10", "ddim", 10), ("dato@every5", "plms", 10), ("tome-0.5", "plms", 10)]
     assert [len(e.call_plan()) for e in entries] == [11, 10, 11, 11]
     assert entries[2].note() == "strategy b1-every5: b1's every 5th step, a 10-step stand-in"
     with pytest.raises(MethodError, match="listed twice"):
-        bench_entries(["tome-0.5", "tome-.5"], steps=10)
+        bench_entries(["tome-0.5", "tome-.5"], RunSettings(sampler="plms", steps=10))
 
 
 @pytest.mark.parametrize("methods, message", [

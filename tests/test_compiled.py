@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import GOLDEN_CONFIG
+from helpers import CountingBackend, graph_breaks
 from datosd.patch import apply_patch, remove_patch
 from datosd.strategy import Strategy
 from ldm.util import instantiate_from_config
@@ -23,17 +24,6 @@ STEPS = 8
 # DaTo steps covering a full step and a depth-1 step at r 0.5 and r 0.3, with and without DiffScore maps.
 DEPTHS = [12, 1, 1, 12, 1, 0, 1, 12]
 RATIOS = [0.5, 0.3, 0.3, 0.5, 0.5, 0.3, 0.3, 0.5]
-
-
-class CountingBackend:
-    """A torch.compile backend that runs the captured graph as it is and counts the graphs it was given."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, graph_module, example_inputs):
-        self.graphs += 1
-        return graph_module.forward
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +56,6 @@ def variants(calls):
     scores are not read."""
     computed = [call for call in calls if call.depth > 0]
     return {(call.depth, call.ratio, call.ratio > 0 and index >= 2) for index, call in enumerate(computed)}
-
-
-def graph_breaks():
-    return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
 def test_dato_compiles_each_variant_once_without_graph_breaks(model, cond):
@@ -130,8 +116,8 @@ def test_inductor_depth1_call_matches_eager(model, cond):
     outputs = {}
     try:
         for name, partial_compute in (("eager", eager_compute), ("inductor", inductor)):
-            state.compute = lambda unet_, x_, t_, c_, y_, depth, cached: (
-                eager_compute if depth >= 12 else partial_compute)(unet_, x_, t_, c_, y_, depth, cached)
+            state.use_compute(lambda blocks, x_, cond, depth, cached: (
+                eager_compute if depth >= 12 else partial_compute)(blocks, x_, cond, depth, cached))
             state.sampling_started(3)
             results = []
             with torch.no_grad():
@@ -148,7 +134,7 @@ def test_inductor_depth1_call_matches_eager(model, cond):
 
 def test_channels_last_matches_and_is_undone(model, cond):
     method = parse_method("dato:b1@every7")
-    assert method.strategy.steps == STEPS
+    assert method.component("dato").plan.steps == STEPS
     eager, _ = sample(model, cond, method)
     unet = model.model.diffusion_model
     with method.apply(model, STEPS, seed=3, execution=Execution(channels_last=True)) as applied:

@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from datosd import Strategy
-from datosd.costs import (
+from sdgen.costs import (
     CostTable,
     count_entry_macs,
     entry_name,

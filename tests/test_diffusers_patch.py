@@ -7,12 +7,11 @@ pytest.importorskip("diffusers")
 import diffusers  # noqa: E402
 
 import datosd  # noqa: E402
-import datosd.patch as patch_module  # noqa: E402
+import datosd.caching as caching_module  # noqa: E402
 from datosd import Strategy, StrategyError  # noqa: E402
 from diffusers_pipelines import SDXL_LATENT, golden_pipeline, tiny_sdxl_pipeline  # noqa: E402
-from helpers import golden_model  # noqa: E402
+from helpers import EventRecorder, golden_model  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.models.diffusion.hooks import SamplingHook  # noqa: E402
 
 PROMPTS = ["a photograph of an astronaut riding a horse"]
 LATENT = (4, 16, 16)
@@ -75,37 +74,17 @@ def pipe_latents(pipe, conditioning, x_T, steps=STEPS, **kwargs):
                     latents=x_T.clone(), output_type="latent", **kwargs).images
 
 
-class StepRecorder(SamplingHook):
-    def __init__(self):
-        self.events = []
-
-    def sampling_started(self, num_steps):
-        self.events.append(("started", num_steps))
-
-    def step_started(self, step):
-        self.events.append(("step", step))
-
-    def model_call(self, cfg_halves):
-        self.events.append(("call", cfg_halves))
-
-    def sampling_finished(self):
-        self.events.append(("finished",))
-
-    def steps(self):
-        return [e[1] for e in self.events if e[0] == "step"]
-
-
 def spy_selections(monkeypatch):
     """Record (base_index, pruned_index) of every select_tokens call made by either patch."""
     records = []
-    select = patch_module.select_tokens
+    select = caching_module.select_tokens
 
     def recording(*args, **kwargs):
         selection = select(*args, **kwargs)
         records.append((selection.base_index, selection.pruned_index))
         return selection
 
-    monkeypatch.setattr(patch_module, "select_tokens", recording)
+    monkeypatch.setattr(caching_module, "select_tokens", recording)
     return records
 
 
@@ -203,7 +182,7 @@ def test_wrong_strategy_length_fails_before_the_first_unet_call(pipe, conditioni
 
 def test_heun_two_unet_calls_per_step(pipe, conditioning, x_T):
     pipe.scheduler = diffusers.HeunDiscreteScheduler.from_config(pipe.scheduler.config)
-    recorder = StepRecorder()
+    recorder = EventRecorder()
     state = datosd.apply_patch(pipe, Strategy.uniform(5, 2, 1, ratio=0.5))
     state.hooks.add(recorder)
     pipe_latents(pipe, conditioning, x_T, steps=5)
@@ -225,7 +204,7 @@ def test_pndm_warm_up_call_belongs_to_step_zero(pipe, conditioning, x_T):
 def test_img2img_strength_runs_the_remaining_steps(pipe, scheduler):
     img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
     img2img.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
-    recorder = StepRecorder()
+    recorder = EventRecorder()
     state = datosd.apply_patch(img2img, Strategy.uniform(6, 3, 1, ratio=0.4))
     state.hooks.add(recorder)
     image = torch.rand((1, 3, 128, 128), generator=torch.Generator().manual_seed(1))
@@ -272,7 +251,7 @@ def test_unbatched_guidance_keeps_one_cache_per_half(pipe, conditioning, x_T):
 
 
 def test_no_guidance_single_image(pipe):
-    recorder = StepRecorder()
+    recorder = EventRecorder()
     state = datosd.apply_patch(pipe, Strategy([12, 1, 12, 1], [0.5] * SHORT))
     state.hooks.add(recorder)
     with torch.no_grad():
@@ -334,7 +313,7 @@ def test_sdxl_full_strategy_bit_identical_and_img2img_steps(sdxl):
     assert torch.equal(latents(sdxl), unpatched)
     datosd.remove_patch(sdxl)
     img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**sdxl.components)
-    recorder = StepRecorder()
+    recorder = EventRecorder()
     state = datosd.apply_patch(img2img, Strategy.uniform(3, 2, 1, ratio=0.5))
     state.hooks.add(recorder)
     try:
@@ -366,3 +345,75 @@ def test_unsupported_unet_is_refused_clearly(sdxl):
     finally:
         sdxl.unet.disable_freeu()
         datosd.remove_patch(sdxl)
+
+
+# --- with other tools, the registry, compiled execution ------------------------------------------------------------
+def test_tomesd_first_then_dato_is_refused_like_deepcache_first(pipe):
+    """A UNet another tool patched first is refused when DaTo is applied, before any pipeline call (tomesd's
+    diffusers block takes no added_cond_kwargs and would drop DaTo's pruning)."""
+    import tomesd
+
+    pruning = Strategy([12, 1, 1, 12], [0.5] * SHORT)
+    tomesd.apply_patch(pipe, ratio=0.5)
+    try:
+        with pytest.raises(TypeError, match="patched by tomesd"):
+            datosd.apply_patch(pipe, pruning)
+        assert type(pipe.unet).__name__ == "UNet2DConditionModel" and not hasattr(pipe.unet, "_dato")
+    finally:
+        tomesd.remove_patch(pipe)
+    deepcache = pytest.importorskip("DeepCache")
+    helper = deepcache.DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=2, cache_branch_id=0)
+    helper.enable()
+    try:
+        with pytest.raises(TypeError, match="wrapped by something else"):
+            datosd.apply_patch(pipe, pruning)
+    finally:
+        helper.disable()
+
+
+def test_registry_methods_on_a_pipeline(pipe, conditioning, x_T):
+    """Uniform DeepCache and ToMeSD, the one pair of the pipeline kinds that combines, each show their effect;
+    kinds for ldm models only are refused."""
+    from sdgen.methods import MethodError, parse_method
+
+    tokens = []
+    handles = [m.attn1.register_forward_pre_hook(lambda m, args, kwargs: tokens.append(args[0].shape[1]),
+                                                 with_kwargs=True)
+               for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    plain = pipe_latents(pipe, conditioning, x_T, steps=SHORT)
+    try:
+        tokens.clear()
+        with parse_method("deepcache-n2+tome-0.5").apply(pipe, SHORT, seed=0) as applied:
+            pipe_latents(pipe, conditioning, x_T, steps=SHORT)
+            assert applied.call_counts() == {"full": 2, "partial": 2, "reused": 0}
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert 16 * 16 // 2 in tokens  # ToMeSD merged half of the 256 highest-resolution tokens
+    assert type(pipe.unet) is diffusers.UNet2DConditionModel
+    assert torch.equal(pipe_latents(pipe, conditioning, x_T, steps=SHORT), plain)
+    with pytest.raises(MethodError, match="textprune-0.2-k10 does not apply to diffusers models"):
+        parse_method("textprune-0.2-k10").apply(pipe, SHORT)
+
+
+def test_compiled_dato_covers_the_pipeline(pipe, conditioning, x_T):
+    """--compile reaches the diffusers caching forward: DatoState.compute runs the blocks compiled, each (depth,
+    ratio) variant without a graph break, and gives the eager latents."""
+    from helpers import CountingBackend, graph_breaks
+    from sdgen.compiled import CompiledCall, Execution
+    from sdgen.methods import dato_method
+
+    method = dato_method(Strategy([12, 1, 1, 12], [0.5, 0.3, 0.3, 0.5], name="mixed"))
+    with method.apply(pipe, SHORT, seed=3):
+        eager = pipe_latents(pipe, conditioning, x_T, steps=SHORT)
+    backend = CountingBackend()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with method.apply(pipe, SHORT, seed=3, execution=Execution("default", backend=backend)) as applied:
+        assert isinstance(applied.dato_state.compute, CompiledCall)
+        compiled = pipe_latents(pipe, conditioning, x_T, steps=SHORT)
+        assert [c.kind for c in applied.dato_state.calls] == ["full", "partial", "partial", "full"]
+    assert graph_breaks() == 0 and backend.graphs > 0
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert type(pipe.unet) is diffusers.UNet2DConditionModel

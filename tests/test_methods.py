@@ -10,7 +10,7 @@ from datosd.strategy import Strategy, StrategyError
 from helpers import golden_model
 from sdgen import generate as gen
 from sdgen.methods import MethodError, parse_method
-from sdgen.resources import STRATEGY_DIR
+from datosd.strategy import STRATEGY_DIR
 
 
 @pytest.fixture(scope="module")

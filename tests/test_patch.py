@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import datosd.patch as patch_module
+import datosd.caching as caching_module
 from datosd import Strategy, StrategyError
 from datosd.patch import apply_patch, remove_patch
 from helpers import build, golden_model, tiny_unet_config
@@ -178,14 +178,14 @@ def test_self_attention_sees_kept_tokens_only(model, conditioning, max_downsampl
 def recording_selections(monkeypatch):
     """Spy on the selections the patch makes: list of (x, selection) per pruned block call."""
     made = []
-    original = patch_module.select_tokens
+    original = caching_module.select_tokens
 
     def spy(x, *args, **kwargs):
         selection = original(x, *args, **kwargs)
         made.append((x, args, kwargs, selection))
         return selection
 
-    monkeypatch.setattr(patch_module, "select_tokens", spy)
+    monkeypatch.setattr(caching_module, "select_tokens", spy)
     return made
 
 
@@ -347,3 +347,81 @@ def test_score_noise_off_passes_the_plain_diff_score(model, conditioning, monkey
 def test_score_noise_weights_are_checked(model):
     with pytest.raises(ValueError, match="score_noise"):
         apply_patch(model, None, score_noise=(0.1, -1.0))
+
+
+class NoHooks(torch.nn.Module):
+    """An ldm-like wrapper (model.model.diffusion_model) without sampling hooks."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.diffusion_model = unet
+
+
+def test_a_model_without_sampling_hooks_is_refused_with_how_to_drive_the_state(model):
+    unet = model.model.diffusion_model
+    with pytest.raises(TypeError, match=r"state\.sampling_started\(num_steps\).*state\.step_started\(i\)"):
+        apply_patch(NoHooks(unet), Strategy.full(5))
+    assert type(unet).__name__ == "UNetModel" and not hasattr(unet, "_dato")
+
+
+def test_tomesd_patched_blocks_are_refused(model):
+    import tomesd
+
+    tomesd.apply_patch(model, ratio=0.5)
+    try:
+        with pytest.raises(TypeError, match="patched by tomesd"):
+            apply_patch(model, Strategy.constant_ratio(5, 0.5))
+        state = apply_patch(model, Strategy.uniform(5, 2, 1))  # caching alone leaves the blocks to tomesd
+        assert state.config.prunes is False
+    finally:
+        remove_patch(model)
+        tomesd.remove_patch(model)
+
+
+DATOSD_ALONE = r"""
+import importlib.abc, sys
+
+class NoHigherLayers(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("sdgen", "sdeval", "dato_search", "dato_tables"):
+            raise ImportError(f"{name} is blocked: datosd must not need it")
+        return None
+
+sys.meta_path.insert(0, NoHigherLayers())
+import torch
+from omegaconf import OmegaConf
+import datosd
+from ldm.models.diffusion.plms import PLMSSampler
+from ldm.util import load_model_from_config
+
+config, weights, b1 = sys.argv[1:4]
+model = load_model_from_config(OmegaConf.load(config), weights, verbose=False)
+state = datosd.apply_patch(model, "b1")
+shipped = datosd.Strategy.load(b1)
+assert state.strategy.name == "b1"
+assert (state.strategy.cache_depth, state.strategy.prune_ratio) == (shipped.cache_depth, shipped.prune_ratio)
+with torch.no_grad():
+    c, uc = model.get_learned_conditioning(["a red fox"]), model.get_learned_conditioning([""])
+    PLMSSampler(model).sample(S=50, conditioning=c, batch_size=1, shape=[4, 8, 8], unconditional_guidance_scale=7.5,
+                              unconditional_conditioning=uc, verbose=False, disable_progress=True,
+                              x_T=torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)))
+kinds = [call.kind for call in state.calls]
+print({kind: kinds.count(kind) for kind in ("full", "partial", "reused")})
+assert not any(name.split(".")[0] == "sdgen" for name in sys.modules)
+"""
+
+
+def test_datosd_patches_with_the_shipped_b1_without_sdgen():
+    """datosd alone (sdgen, sdeval and the tools cannot be imported) finds its shipped b1 by name, and the 50 PLMS
+    steps run as b1 plans them (step 0 twice: 7 full, 38 partial, 6 reused calls)."""
+    import subprocess
+    import sys
+
+    from conftest import GOLDEN_CONFIG, GOLDEN_WEIGHTS, REPO_ROOT
+
+    result = subprocess.run([sys.executable, "-c", DATOSD_ALONE, str(GOLDEN_CONFIG), str(GOLDEN_WEIGHTS),
+                             str(REPO_ROOT / "configs" / "dato" / "b1.yaml")], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "{'full': 7, 'partial': 38, 'reused': 6}"

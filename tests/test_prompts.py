@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdeval.prompts import build_coco_prompts, normalize_caption, prompts_for_images, read_prompts
+from sdeval.prompts import build_coco_prompts, normalize_caption, prompts_for_images
+from sdgen.prompts import read_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"

@@ -6,9 +6,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from conftest import DATA_DIR, REPO_ROOT, SDXL_CONFIG
-from helpers import PROMPTS, golden_sdxl_model, sdxl_batch
+from helpers import PROMPTS, EventRecorder, golden_sdxl_model, sdxl_batch
 from ldm.checkpoint import CheckpointError, fit_state_dict, read_checkpoint
-from ldm.models.diffusion.hooks import SamplingHook, SamplingHooks
+from ldm.models.diffusion.hooks import SamplingHooks
 from ldm.util import instantiate_from_config, load_model_from_config
 from sgm.modules.diffusionmodules.sampling import EulerEDMSampler
 
@@ -105,30 +105,13 @@ def test_unet_output_and_every_block(model, sdxl_io):
         assert max_err(outputs[name], ref) < SINGLE_PASS * max(1.0, ref.abs().max().item()), name
 
 
-class Recorder(SamplingHook):
-    def __init__(self):
-        self.events = []
-
-    def sampling_started(self, num_steps):
-        self.events.append(("started", num_steps))
-
-    def step_started(self, step):
-        self.events.append(("step", step))
-
-    def model_call(self, cfg_halves):
-        self.events.append(("call", cfg_halves))
-
-    def sampling_finished(self):
-        self.events.append(("finished",))
-
-
 @pytest.mark.parametrize("steps", [4, 7])
 def test_euler_edm_samples_sigmas_timesteps_and_hooks(model, conditioning, sdxl_io, steps):
     c, uc = conditioning
     unet = model.model.diffusion_model
     timesteps = []
     handle = unet.register_forward_pre_hook(lambda m, a, kw: timesteps.append(kw["timesteps"]), with_kwargs=True)
-    hooks, recorder = SamplingHooks(), Recorder()
+    hooks, recorder = SamplingHooks(), EventRecorder()
     hooks.add(recorder)
     sampler = EulerEDMSampler(num_steps=steps, discretization_config=DISCRETIZATION, guider_config=CFG,
                               device="cpu")
@@ -149,7 +132,7 @@ def test_euler_edm_samples_sigmas_timesteps_and_hooks(model, conditioning, sdxl_
 
 def test_sampler_without_guidance_reports_single_halves(model, conditioning, sdxl_io):
     c, _ = conditioning
-    hooks, recorder = SamplingHooks(), Recorder()
+    hooks, recorder = SamplingHooks(), EventRecorder()
     hooks.add(recorder)
     sampler = EulerEDMSampler(num_steps=2, discretization_config=DISCRETIZATION, device="cpu")
     with torch.no_grad():

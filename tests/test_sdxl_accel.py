@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO_ROOT
 from datosd import Strategy, apply_patch, remove_patch
-from datosd.costs import count_entry_macs, plain_unet_macs
+from sdgen.costs import count_entry_macs, plain_unet_macs
 from datosd.utils import attention_depth, attention_downsample
 from helpers import golden_sdxl_model
 from sgm.inference.helpers import decode_latents, get_conditioning, latent_shape, sample_latents
@@ -228,3 +228,33 @@ def test_helpers_text_to_image(engine):
     finally:
         vae.float()
         vae.load_state_dict(weights)
+
+
+def test_depths_9_to_11_are_full_steps_in_kinds_summaries_and_counts(engine, cond):
+    """The tiny SDXL UNet has 9 input blocks: depths 9, 10 and 11 compute everything, and the call records, the
+    strategy summary and the planned call counts (through the model's geometry) all say so."""
+    from conftest import SDXL_CONFIG
+    from sdgen import generate as gen
+    from sdgen.methods import dato_method
+    from sdgen.settings import RunSettings
+
+    strategy = Strategy([12, 9, 10, 11, 1, 4], [0.0] * 6, name="deep")
+    geometry = gen.model_geometry(gen.read_config(SDXL_CONFIG))
+    assert geometry.blocks == 9 == len(engine.model.diffusion_model.output_blocks)
+    summary = strategy.summary(n_blocks=geometry.blocks)
+    assert (summary.full, summary.partial, summary.reused) == (4, 2, 0)
+    assert (strategy.summary().full, strategy.summary().partial) == (1, 5)  # on SD 1.x's 12 blocks
+    assert strategy.describe(geometry.blocks).startswith("deep: 6 steps, 4 full / 2 partial / 0 reused")
+    method = dato_method(strategy)
+    run = RunSettings(sampler="euler", steps=6, scale=7.0, height=32, width=32, batch=2,
+                      geometry=geometry).for_method(method)
+    planned = method.call_counts(run.sampler_steps, run.sampler, geometry.blocks)
+    assert planned == {"full": 4, "partial": 2, "reused": 0}
+    assert [depth for depth, _ in run.call_plan(method)] == [12, 12, 12, 12, 1, 4]
+    c, uc = cond
+    x_T = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    with method.apply(engine, run.sampler_steps, seed=0) as applied:
+        result = gen.sample_latents(engine, gen.Conditioning(c, uc), x_T, sampler="euler", steps=run.steps,
+                                    scale=7.0, method=applied)
+        assert [call.kind for call in applied.dato_state.calls] == ["full"] * 4 + ["partial"] * 2
+    assert result.calls == planned

@@ -22,14 +22,16 @@ import pytest
 from conftest import REPO_ROOT
 from dato_search import cli as search_cli
 from dato_search.cli import main
-from dato_search.evaluator import CandidateSampler, ModelSpec, SamplingSpec, StrategyEvaluator
+from dato_search.evaluator import CandidateSampler, SamplingSpec, StrategyEvaluator
 from dato_search.front import Point, choose, pareto_front
 from dato_search.objectives import QualitySpec, build_objective
 from dato_search.space import SearchSpace
 from datosd import Strategy
 from sdgen.cli import txt2img
+from sdgen.generate import ModelRef
 from sdgen.resources import DEMO_CONFIG
 from sdgen.runtime import set_threads
+from sdgen.settings import RunSettings
 
 pytest.importorskip("pymoo")
 
@@ -177,7 +179,7 @@ def _refuse_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the settings were checked")
 
-    monkeypatch.setattr(ModelSpec, "build", refuse)
+    monkeypatch.setattr(ModelRef, "load", refuse)
     monkeypatch.setattr(StrategyEvaluator, "evaluate", refuse)
 
 
@@ -260,7 +262,7 @@ def test_unreachable_scheduler_is_one_line(tmp_path, capsys, monkeypatch):
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    monkeypatch.setattr(ModelSpec, "build", lambda self: pytest.fail("the model was built before connecting"))
+    monkeypatch.setattr(ModelRef, "load", lambda self, *a, **k: pytest.fail("the model was built before connecting"))
     run_dir = tmp_path / "run"
     code = main([*TINY, "--run-dir", str(run_dir), "--scheduler", f"tcp://127.0.0.1:{port}"], mode="depth")
     assert code == 2
@@ -286,10 +288,11 @@ def test_bad_options_give_one_error_and_create_nothing(tmp_path, capsys, extra, 
 
 @pytest.fixture(scope="module")
 def tiny_evaluator():
-    sampling = SamplingSpec(prompts=("a red car", "a small dog"), seeds=(42, 43), steps=5, sampler="plms", scale=7.5,
-                            height=64, width=64, batch_size=2, precision="full")
-    spec = ModelSpec(demo=True, config=str(DEMO_CONFIG), ckpt="")
-    sampler = CandidateSampler(spec.build(), spec.geometry(), sampling, threads=1)
+    spec = ModelRef(str(DEMO_CONFIG), "", demo=True)
+    run = RunSettings(steps=5, sampler="plms", scale=7.5, height=64, width=64, batch=2, precision="full",
+                      geometry=spec.geometry())
+    sampling = SamplingSpec(prompts=("a red car", "a small dog"), seeds=(42, 43), run=run)
+    sampler = CandidateSampler(spec.load(), sampling, threads=1)
     reference, _ = sampler.sample(None)
     return StrategyEvaluator(sampler, build_objective(QualitySpec(), sampling.prompts, sampler.device, reference))
 
@@ -359,7 +362,7 @@ def test_image_objectives_score_the_decoded_pixels(tiny_evaluator):
 
     sampler = tiny_evaluator.sampler
     objective = ImageRewardObjective(QualitySpec(kind="imagereward"), sampler.sampling.prompts, sampler.device)
-    objective._model = MeanPixel()
+    objective._networks = MeanPixel()
     latents, _ = sampler.sample(Strategy.uniform(5, 2, 1))
     quality, extras = objective.score(latents, sampler.decode)
     pixels = to_uint8_images(sampler.decode(latents))

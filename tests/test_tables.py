@@ -28,8 +28,19 @@ from dato_tables.settings import Options
 from dato_tables.spec import PAPER_FILE, load_specs
 from datosd.strategy import Strategy
 from sdgen.methods import parse_method
-from sdgen.resources import find_strategy
+from datosd.strategy import find_strategy
 from sdgen.runtime import set_threads
+
+
+def dato_plan(method):
+    """The strategy of a method's DaTo component."""
+    return method.component("dato").plan
+
+
+def dato_options(method):
+    """The options of a method's DaTo component ({} without one)."""
+    dato = method.component("dato")
+    return dato.dato_options if dato is not None else {}
 
 TABLES = REPO_ROOT / "scripts" / "tables"
 REAL = dict(OUT_DIR="/data/out", SD15_CKPT="/w/sd15.safetensors", IMAGENET_REF="/w/imagenet.npz",
@@ -73,11 +84,11 @@ def test_table1_plans(table, prompts, repeats, ckpt, config, scale, ref):
     assert plan.model.ckpt == ckpt and plan.model.config.endswith(config) and plan.values["scale"] == scale
     assert plan.evaluation.reference == ref and plan.evaluation.metrics == ("fid",)
     assert plan.evaluation.inception_weights == REAL["INCEPTION_WEIGHTS"]
-    assert plan.values["nproc"] == 2 and plan.sampler == "plms" and plan.steps == 50
+    assert plan.values["nproc"] == 2 and plan.run.sampler == "plms" and plan.run.steps == 50
     assert plan.rows[0].images == Path("/data/out") / plan.spec.key / "original" / "images"
     # the registry decides what each row runs: DDIM-10 forces its sampler, the others keep PLMS 50
     assert plan.rows[1].method.run_sampler("plms") == "ddim" and plan.rows[1].method.run_steps(50) == 10
-    assert plan.rows[5].method.strategy.to_dict()["cache_depth"] == Strategy.load(find_strategy("b1")).cache_depth
+    assert dato_plan(plan.rows[5].method).to_dict()["cache_depth"] == Strategy.load(find_strategy("b1")).cache_depth
 
 
 def test_table1_sd2_picks_the_dataset_and_settings_change_the_rows():
@@ -101,15 +112,15 @@ def test_table3_rows_pair_aligned_and_per_half_at_each_ratio():
                                                ("0.7", "per_half")]
     b1 = Strategy.load(find_strategy("b1"))
     for row in plan.rows[1:]:
-        strategy = row.method.strategy
+        strategy = dato_plan(row.method)
         assert strategy.cache_depth == b1.cache_depth and set(strategy.prune_ratio) == {float(row.cell[0])}
-        assert row.method.dato_options == ({} if row.cell[1] == "aligned" else {"align_cfg": False})
+        assert dato_options(row.method) == ({} if row.cell[1] == "aligned" else {"align_cfg": False})
     assert [r.id for r in dry_plan("table3_cfg_alignment", REAL).rows][1::2] == [
         f"dato_r{r}_aligned" for r in ("0.4", "0.5", "0.6", "0.7")]  # the paper's ratios by default
 
 
 def test_table4_rows_differ_in_the_diffscore_source():
-    options = {r.id: r.method.dato_options for r in dry_plan("table4_diffscore", REAL).rows}
+    options = {r.id: dato_options(r.method) for r in dry_plan("table4_diffscore", REAL).rows}
     assert options["original"] == {} and options["dato_features"] == {"diff_source": "features"}
     assert options["dato_eps"] == {"diff_source": "eps"}
     assert options["dato_released"] == {"diff_source": "eps", "cfg_reference": "uncond", "recover_from": "kept",
@@ -125,10 +136,10 @@ def test_table5_plan_uses_img2img_and_the_last_steps_of_b1(tmp_path):
     prompts.write_text("one\ntwo\nthree\n")
     env = dict(REAL, OUT_DIR=str(tmp_path / "out"), I2I_INIT_DIR=str(init), I2I_PROMPTS=str(prompts), IS_SPLITS="3")
     plan = dry_plan("table5_img2img", env)
-    assert plan.source.is_img2img and plan.encode_steps == 37 and plan.total == 3  # int(0.75 * 50)
+    assert plan.source.is_img2img and plan.run.sampler_steps == 37 and plan.total == 3  # int(0.75 * 50)
     assert [r.method.name for r in plan.rows] == ["original", "tome-0.5", "deepcache-n3", "deepcache-n3+tome-0.5",
                                                   "dato@last37"]
-    assert plan.rows[-1].method.strategy.cache_depth == Strategy.load(find_strategy("b1")).cache_depth[-37:]
+    assert dato_plan(plan.rows[-1].method).cache_depth == Strategy.load(find_strategy("b1")).cache_depth[-37:]
     assert plan.evaluation.metrics == ("fid", "clip", "is") and plan.evaluation.reference == str(init)
     assert plan.evaluation.clip_prompts == ("one", "two", "three") and not plan.evaluation.prompts_cycle
     prompts.write_text("one\ntwo\n")
@@ -229,7 +240,7 @@ def test_fid_tables_default_to_the_fid_helper_network_and_the_is_needs_the_pth(t
 
 def test_table2_sdxl_plans_and_runs_its_smoke_rows(tmp_path):
     plan = dry_plan("table2_sdxl")
-    assert plan.model.kind == "sgm" and plan.sampler == "euler" and plan.values["scale"] == 7.0
+    assert plan.model.kind == "sgm" and plan.run.sampler == "euler" and plan.values["scale"] == 7.0
     assert (plan.values["height"], plan.values["width"]) == (1024, 1024)
     assert [r.method.name for r in plan.rows] == ["original", "deepcache-n3", "deepcache-n3+tome-0.5", "dato"]
     assert "SDXL_PROMPTS" in plan.placeholders and "COCO_REF" in plan.placeholders

@@ -25,7 +25,7 @@ Objectives (both minimised):
 - quality, ``--quality``: see ``dato_search.objectives`` (default ``fidelity``, the relative RMS error in
   percent of the final latents against the unaccelerated run of the same prompts and seeds);
 - latency in seconds per image, ``--latency``: ``table`` (default) predicts it from the per-step cost table
-  (``datosd.costs``; measured once, stored in ``RUN_DIR/costs.json``, deterministic, no extra UNet calls),
+  (``sdgen.costs``; measured once, stored in ``RUN_DIR/costs.json``, deterministic, no extra UNet calls),
   ``measured`` takes the wall clock of the candidate's sampler loop.
 
 Choosing one strategy from the front (spec 8): the point minimising ``quality + w_M * latency``, where with

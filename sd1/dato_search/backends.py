@@ -15,7 +15,9 @@ import torch
 from datosd.strategy import Strategy
 from sdgen.runtime import set_threads
 
-from .evaluator import CandidateSampler, EvalResult, ModelSpec, SamplingSpec, StrategyEvaluator
+from sdgen.generate import ModelRef
+
+from .evaluator import CandidateSampler, EvalResult, SamplingSpec, StrategyEvaluator
 from .objectives import QualitySpec, build_objective
 
 CONNECT_TIMEOUT_S = 5  # joining a scheduler that does not answer fails after this long
@@ -29,7 +31,8 @@ class BackendError(RuntimeError):
 class EvaluatorRecipe:
     """Everything a process needs to build a StrategyEvaluator (small enough to send to Dask workers)."""
 
-    model: ModelSpec
+    model: ModelRef
+    device: str
     sampling: SamplingSpec
     quality: QualitySpec
     reference: Optional[torch.Tensor]
@@ -38,8 +41,8 @@ class EvaluatorRecipe:
 
     def build(self) -> StrategyEvaluator:
         set_threads(self.threads)
-        model = self.model.build()
-        sampler = CandidateSampler(model, self.model.geometry(), self.sampling, threads=self.threads)
+        model = self.model.load(torch.device(self.device), verbose=False)
+        sampler = CandidateSampler(model, self.sampling, threads=self.threads)
         objective = build_objective(self.quality, self.sampling.prompts, sampler.device, reference=self.reference)
         return StrategyEvaluator(sampler, objective)
 

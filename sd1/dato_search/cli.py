@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Any, Optional, Sequence
 
+import torch
+
 from datosd.strategy import StrategyError
 from ldm.checkpoint import CheckpointError
 from sdgen.cli import run
@@ -140,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None, mode: str = "depth") -> int:
             if settings.uses_dask:
                 dask = DaskBackend(settings.workers, settings.scheduler)
             set_threads(settings.threads)
-            model = settings.model.build()
+            model = settings.model.load(torch.device(settings.device), verbose=False)
         except (SearchUsageError, ObjectiveError, StrategyError, UsageError, CheckpointError, BackendError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -22,76 +22,23 @@ import torch
 from datosd.strategy import Strategy
 from sdgen import generate as gen
 from sdgen.methods import dato_method
-from sdgen.resources import find_config
 from sdgen.runtime import set_threads
+from sdgen.settings import RunSettings
 
-from .identity import file_identity, file_sha256
 from .objectives import QualityObjective
 
-__all__ = ["CandidateSampler", "EvalResult", "ModelSpec", "SamplingSpec", "StrategyEvaluator"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model to build: the tiny demo model, or a CompVis config with a checkpoint.
-
-    A spec is small and picklable, so each Dask worker builds its own copy of the model from it.
-    """
-
-    demo: bool
-    config: str
-    ckpt: str
-    ema: bool = False
-    device: str = "cpu"
-
-    def check(self) -> None:
-        """Raise UsageError / CheckpointError when the config or checkpoint file is missing (nothing is loaded)."""
-        gen.check_model_files(self.config, self.ckpt, demo=self.demo)
-
-    def config_path(self):
-        return find_config(self.config)
-
-    def geometry(self) -> gen.ModelGeometry:
-        """Latent channels and VAE factor, from the config."""
-        return gen.model_geometry(gen.read_config(self.config_path()))
-
-    def identity(self) -> Dict[str, Any]:
-        """What the model's outputs depend on: 'demo' (its config hash) or config hash + checkpoint path/size."""
-        if self.demo:
-            return {"model": "demo", "config_sha256": file_sha256(self.config_path())}
-        return {"model": "checkpoint", "config_sha256": file_sha256(self.config_path()),
-                "ckpt": file_identity(self.ckpt), "ema": self.ema}
-
-    def build(self) -> torch.nn.Module:
-        """Load the LatentDiffusion on ``device``, in eval mode."""
-        return gen.load_model(self.config, self.ckpt, torch.device(self.device), use_ema=self.ema, demo=self.demo,
-                              verbose=False)
+__all__ = ["CandidateSampler", "EvalResult", "SamplingSpec", "StrategyEvaluator"]
 
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """The fixed sampling every candidate gets: prompts, one seed per image, sampler settings.
-
-    Attributes:
-        prompts: one prompt per image.
-        seeds: one seed per image (image k starts from the noise of seeds[k]).
-        steps: S as given to the sampler (``--steps``); the strategy has one entry per step actually run.
-        sampler: 'plms' or 'ddim' (eta 0).
-        scale: classifier-free guidance scale.
-        height, width: image size in pixels.
-        batch_size: images per sampler call.
-        precision: 'full' (float32) or 'autocast'.
-    """
+    """The fixed sampling every candidate gets: one prompt and one seed per image (image k starts from the noise
+    of seeds[k]), and the run settings (`run.steps` is S as given to the sampler, ``--steps``; the strategy has
+    one entry per step actually run, `run.sampler_steps`; eta 0; `run.batch` images per sampler call)."""
 
     prompts: Tuple[str, ...]
     seeds: Tuple[int, ...]
-    steps: int
-    sampler: str
-    scale: float
-    height: int
-    width: int
-    batch_size: int
-    precision: str
+    run: RunSettings
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.seeds) or not self.prompts:
@@ -101,19 +48,16 @@ class SamplingSpec:
     def n_images(self) -> int:
         return len(self.prompts)
 
-    @property
-    def run_steps(self) -> int:
-        """Steps the sampler really runs for ``steps`` (the strategy length)."""
-        return gen.sampler_steps(self.sampler, self.steps)
-
     def batches(self) -> List[range]:
         """Image index ranges of the sampler calls, in order."""
-        return [range(i, min(i + self.batch_size, self.n_images)) for i in range(0, self.n_images, self.batch_size)]
+        size = self.run.batch
+        return [range(i, min(i + size, self.n_images)) for i in range(0, self.n_images, size)]
 
     def identity(self) -> Dict[str, Any]:
-        data = asdict(self)
-        data["prompts"], data["seeds"] = list(self.prompts), list(self.seeds)
-        return data
+        run = self.run
+        return {"prompts": list(self.prompts), "seeds": list(self.seeds), "steps": run.steps, "sampler": run.sampler,
+                "scale": run.scale, "height": run.height, "width": run.width, "batch_size": run.batch,
+                "precision": run.precision}
 
 
 @dataclass
@@ -140,22 +84,21 @@ class CandidateSampler:
     The conditioning of every batch is encoded on first use and kept.
     """
 
-    def __init__(self, model: torch.nn.Module, geometry: gen.ModelGeometry, sampling: SamplingSpec,
-                 threads: Optional[int] = None) -> None:
+    def __init__(self, model: torch.nn.Module, sampling: SamplingSpec, threads: Optional[int] = None) -> None:
         self.model = model
         self.sampling = sampling
         self.threads = threads
         self.device = gen.model_device(model)
-        self.shape = gen.latent_shape(geometry, sampling.height, sampling.width)
+        self.shape = sampling.run.latent_shape
         self._conditioning: Optional[List[gen.Conditioning]] = None
         self.warmed_up = False
 
     def conditioning(self) -> List[gen.Conditioning]:
         """One Conditioning per batch: cond (B, 77, D) and the empty prompt's uncond (None without guidance)."""
         if self._conditioning is None:
-            spec = self.sampling
-            self._conditioning = [gen.encode_prompts(self.model, [spec.prompts[k] for k in batch], spec.scale,
-                                                     spec.precision) for batch in spec.batches()]
+            spec, run = self.sampling, self.sampling.run
+            self._conditioning = [gen.encode_prompts(self.model, [spec.prompts[k] for k in batch], run.scale,
+                                                     run.precision, size=run.size) for batch in spec.batches()]
         return self._conditioning
 
     def sample(self, strategy: Optional[Strategy], n_batches: Optional[int] = None) -> Tuple[torch.Tensor, float]:
@@ -164,16 +107,16 @@ class CandidateSampler:
         Returns: (latents: (N, C, h, w) float32 on the CPU, sampler seconds summed over the batches).
         """
         set_threads(self.threads)  # per calling thread with OpenMP: set it where sampling runs
-        spec = self.sampling
-        applied = (dato_method(strategy).apply(self.model, spec.run_steps, seed=spec.seeds[0])
+        spec, run = self.sampling, self.sampling.run
+        applied = (dato_method(strategy).apply(self.model, run.sampler_steps, seed=spec.seeds[0])
                    if strategy is not None else nullcontext())
         latents, seconds = [], 0.0
         with applied as method:
             for batch, cond in list(zip(spec.batches(), self.conditioning()))[:n_batches]:
                 x_T = gen.start_noise([spec.seeds[k] for k in batch], self.shape)
-                result = gen.sample_latents(self.model, cond, x_T, sampler=spec.sampler, steps=spec.steps,
-                                            scale=spec.scale, eta=0.0, seed=spec.seeds[batch.start], method=method,
-                                            precision=spec.precision)
+                result = gen.sample_latents(self.model, cond, x_T, sampler=run.sampler, steps=run.steps,
+                                            scale=run.scale, eta=0.0, seed=spec.seeds[batch.start], method=method,
+                                            precision=run.precision)
                 latents.append(result.latents.float().cpu())
                 seconds += result.seconds
         return torch.cat(latents), seconds
@@ -186,8 +129,8 @@ class CandidateSampler:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (N, C, h, w) -> images (N, 3, H, W) float32 on the CPU, about [-1, 1], in sampler batches."""
-        size = self.sampling.batch_size
-        return torch.cat([gen.decode(self.model, latents[start:start + size], self.sampling.precision)
+        size, precision = self.sampling.run.batch, self.sampling.run.precision
+        return torch.cat([gen.decode(self.model, latents[start:start + size], precision)
                           for start in range(0, latents.shape[0], size)])
 
 

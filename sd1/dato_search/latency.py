@@ -1,13 +1,12 @@
-"""The latency objective from the per-step cost table (``datosd.costs``): found in a stored table or measured."""
+"""The latency objective from the per-step cost table (``sdgen.costs``): found in a stored table or measured."""
 from __future__ import annotations
 
 from typing import Callable, Sequence, Tuple
 
 import torch
 
-from datosd.costs import CostTable, find_table, measure_table, table_key
+from sdgen.costs import CostTable, find_table, measure_table, table_key
 from datosd.utils import find_unet
-from sdgen import generate as gen
 from sdgen.runtime import precision_name
 
 from .settings import SearchSettings
@@ -31,11 +30,11 @@ def load_or_measure_table(settings: SearchSettings, model: torch.nn.Module, log:
     ``RUN_DIR/costs.json`` (and added to ``--cost-table``), so a restarted search predicts the same latencies.
     """
     unet = find_unet(model)
-    spec = settings.sampling
-    _, h, w = gen.latent_shape(settings.model.geometry(), spec.height, spec.width)
+    run = settings.sampling.run
+    _, h, w = run.latent_shape
     device = next(unet.parameters()).device
-    dtype = precision_name(spec.precision, device)
-    key = table_key(unet, h, w, spec.batch_size, device, dtype)
+    dtype = precision_name(run.precision, device)
+    key = table_key(unet, h, w, run.batch, device, dtype)
     entries = settings.space.table_entries()
     run_path = settings.run_dir / "costs.json"
     for path in (settings.cost_table, run_path):
@@ -48,9 +47,8 @@ def load_or_measure_table(settings: SearchSettings, model: torch.nn.Module, log:
                 table.save(run_path)
             return table
     log(f"cost table: measuring {len(entries)} entries x {settings.table_repeats} passes "
-        f"(latent {h}x{w}, batch {spec.batch_size}, {device.type}, {dtype})")
-    table = measure_table(model, h, w, spec.batch_size, entries, repeats=settings.table_repeats,
-                          precision="float32" if spec.precision == "full" else "autocast")
+        f"(latent {h}x{w}, batch {run.batch}, {device.type}, {dtype})")
+    table = measure_table(model, h, w, run.batch, entries, repeats=settings.table_repeats, precision=run.precision)
     table.save(run_path)
     if settings.cost_table is not None:
         table.save(settings.cost_table)

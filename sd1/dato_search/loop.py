@@ -13,7 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from datosd.costs import CostTable
+from sdgen.costs import CostTable
+from sdgen.settings import RunSettings
 from datosd.strategy import Strategy
 
 from .front import Point, choose, pareto_front
@@ -80,25 +81,29 @@ def build_algorithm(space: SearchSpace, pop: int, seed: int) -> Tuple[Any, Any]:
 class _Latency:
     """Latency (seconds per image) and GMACs per image of stored evaluations: from the cost table, or measured."""
 
-    def __init__(self, table: Optional[CostTable], sampler: str, batch: int) -> None:
-        self.table, self.sampler, self.batch = table, sampler, batch
+    def __init__(self, table: Optional[CostTable], run: RunSettings) -> None:
+        self.table, self.run = table, run
+
+    def _predict(self, strategy: Strategy, macs: bool = False) -> float:
+        predict = self.table.predict_macs if macs else self.table.predict
+        return predict(strategy, self.run.sampler, self.run.geometry.blocks) / self.run.batch
 
     def of(self, entry: StoredEval) -> float:
         if self.table is None:
             assert entry.latency is not None, "a measured-latency evaluation without its latency"
             return float(entry.latency)
-        return self.table.predict(entry.strategy, self.sampler) / self.batch
+        return self._predict(entry.strategy)
 
     def gmacs(self, strategy: Strategy) -> Optional[float]:
         if self.table is None or not self.table.macs:
             return None
         try:
-            return self.table.predict_macs(strategy, self.sampler) / self.batch / 1e9
+            return self._predict(strategy, macs=True) / 1e9
         except KeyError:  # a shared table measured without some MAC counts
             return None
 
     def full_model(self, steps: int) -> Optional[float]:
-        return self.table.predict(Strategy.full(steps), self.sampler) / self.batch if self.table else None
+        return self._predict(Strategy.full(steps)) if self.table else None
 
 
 def search_loop(settings: SearchSettings, store: EvalStore, backend: Any, table: Optional[CostTable],
@@ -108,7 +113,7 @@ def search_loop(settings: SearchSettings, store: EvalStore, backend: Any, table:
     from pymoo.problems.static import StaticProblem
 
     space = settings.space
-    latency = _Latency(table, settings.sampling.sampler, settings.sampling.batch_size)
+    latency = _Latency(table, settings.sampling.run)
     full_latency = latency.full_model(space.steps)
     problem, algorithm = build_algorithm(space, settings.pop, settings.seed)
     algorithm.setup(problem, termination=("n_gen", settings.gens), seed=settings.seed, verbose=False)

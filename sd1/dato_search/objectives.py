@@ -130,6 +130,16 @@ class QualityObjective:
         self.spec = spec
         self.prompts = list(prompts)
         self.device = torch.device(device)
+        self._networks: Any = None
+
+    def networks(self) -> Any:
+        """What `score` runs (its networks, reference statistics, text features), loaded on first use."""
+        if self._networks is None:
+            self._networks = self.load()
+        return self._networks
+
+    def load(self) -> Any:
+        raise NotImplementedError
 
     @classmethod
     def check(cls, spec: QualitySpec, n_images: int) -> None:
@@ -193,10 +203,6 @@ class FidObjective(QualityObjective):
     axis = "FID"
     batch_size = 32  # images per Inception forward
 
-    def __init__(self, spec: QualitySpec, prompts: Sequence[str], device: torch.device) -> None:
-        super().__init__(spec, prompts, device)
-        self._scorer: Any = None
-
     @classmethod
     def check(cls, spec: QualitySpec, n_images: int) -> None:
         if spec.fid_ref is None:
@@ -243,17 +249,20 @@ class FidObjective(QualityObjective):
             return {"inception": random_init_record(spec.random_inception_seed)}
         return {"inception": spec.inception.record()}
 
-    def score(self, latents: torch.Tensor, decode: Decode) -> Score:
-        from sdeval.evaluate import fid_from_features, inception_outputs
+    def load(self) -> Tuple[torch.nn.Module, Any]:
+        """(the FID Inception network, the reference statistics)."""
         from sdeval.fid import load_statistics
         from sdeval.inception import build_fid_inception
 
-        if self._scorer is None:
-            spec = self.spec
-            net = (build_fid_inception(spec.inception) if spec.random_inception_seed is None
-                   else build_fid_inception(random_init_seed=spec.random_inception_seed))
-            self._scorer = (net, load_statistics(spec.fid_ref))
-        net, reference = self._scorer
+        spec = self.spec
+        net = (build_fid_inception(spec.inception) if spec.random_inception_seed is None
+               else build_fid_inception(random_init_seed=spec.random_inception_seed))
+        return net, load_statistics(spec.fid_ref)
+
+    def score(self, latents: torch.Tensor, decode: Decode) -> Score:
+        from sdeval.evaluate import fid_from_features, inception_outputs
+
+        net, reference = self.networks()
         pool, _ = inception_outputs(to_uint8_tensor(decode(latents)), net, batch_size=self.batch_size,
                                     device=self.device)
         return fid_from_features(pool, reference), {}
@@ -265,11 +274,6 @@ class ClipObjective(QualityObjective):
     kind = "clip"
     units = "minus the mean CLIP score (100 * max(cos, 0))"
     axis = "minus CLIP score"
-
-    def __init__(self, spec: QualitySpec, prompts: Sequence[str], device: torch.device) -> None:
-        super().__init__(spec, prompts, device)
-        self._clip: Any = None
-        self._text: Optional[torch.Tensor] = None
 
     @classmethod
     def check(cls, spec: QualitySpec, n_images: int) -> None:
@@ -291,13 +295,18 @@ class ClipObjective(QualityObjective):
     def identity(cls, spec: QualitySpec) -> Dict[str, Any]:
         return {"kind": "clip", "arch": spec.clip_arch, "weights": file_identity(spec.clip_weights)}
 
-    def score(self, latents: torch.Tensor, decode: Decode) -> Score:
-        from sdeval.evaluate import clip_scores, clip_text_features, load_clip
+    def load(self) -> Tuple[Any, torch.Tensor]:
+        """(the CLIP model, its text features of the prompts, which are the same every time)."""
+        from sdeval.evaluate import clip_text_features, load_clip
 
-        if self._clip is None:
-            self._clip = load_clip(self.spec.clip_arch, self.spec.clip_weights, self.device)
-            self._text = clip_text_features(self._clip, self.prompts)  # the prompts are the same every time
-        scores = clip_scores(self._clip, to_uint8_tensor(decode(latents)), text_features=self._text)
+        clip = load_clip(self.spec.clip_arch, self.spec.clip_weights, self.device)
+        return clip, clip_text_features(clip, self.prompts)
+
+    def score(self, latents: torch.Tensor, decode: Decode) -> Score:
+        from sdeval.evaluate import clip_scores
+
+        clip, text = self.networks()
+        scores = clip_scores(clip, to_uint8_tensor(decode(latents)), text_features=text)
         mean = float(scores.mean())
         return -mean, {"clip_score": mean}
 
@@ -308,10 +317,6 @@ class ImageRewardObjective(QualityObjective):
     kind = "imagereward"
     units = "minus the mean ImageReward"
     axis = "minus ImageReward"
-
-    def __init__(self, spec: QualitySpec, prompts: Sequence[str], device: torch.device) -> None:
-        super().__init__(spec, prompts, device)
-        self._model: Any = None
 
     @classmethod
     def check(cls, spec: QualitySpec, n_images: int) -> None:
@@ -331,14 +336,15 @@ class ImageRewardObjective(QualityObjective):
         return {"kind": "imagereward", "weights": file_identity(spec.imagereward_weights),
                 "med_config_sha256": file_sha256(spec.imagereward_med_config)}
 
-    def score(self, latents: torch.Tensor, decode: Decode) -> Score:
-        from sdeval.evaluate import imagereward_scores
+    def load(self) -> Any:
         from sdeval.imagereward import load_imagereward
 
-        if self._model is None:
-            self._model = load_imagereward(self.spec.imagereward_weights, self.spec.imagereward_med_config,
-                                           self.device)
-        mean = float(imagereward_scores(self._model, to_uint8_tensor(decode(latents)), self.prompts).mean())
+        return load_imagereward(self.spec.imagereward_weights, self.spec.imagereward_med_config, self.device)
+
+    def score(self, latents: torch.Tensor, decode: Decode) -> Score:
+        from sdeval.evaluate import imagereward_scores
+
+        mean = float(imagereward_scores(self.networks(), to_uint8_tensor(decode(latents)), self.prompts).mean())
         return -mean, {"imagereward": mean}
 
 

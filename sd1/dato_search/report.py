@@ -106,7 +106,7 @@ def write_outputs(settings: SearchSettings, points: List[Point], front: List[Poi
         "front": [point_dict(p, s, full_latency) for p, s in zip(front, scores)],
     }
     atomic_write_text(run_dir / "front.json", json.dumps(report, indent=1))
-    meta = {"sampler": settings.sampling.sampler, "sampler_steps_arg": settings.sampling.steps,
+    meta = {"sampler": settings.sampling.run.sampler, "sampler_steps_arg": settings.sampling.run.steps,
             "source": f"dato_search ({settings.mode} mode, generation {generation})",
             "quality": {"kind": quality.kind, "value": finite(best.quality)},
             "latency_ms": best.latency_ms, "w_M": settings.w_m, "select": settings.select}

@@ -75,12 +75,13 @@ def run_search(settings: SearchSettings, model: torch.nn.Module, new_search: boo
                 f"be computed again")
         measured = settings.latency == "measured"
         table = load_or_measure_table(settings, model, log) if not measured else None
-        sampler = CandidateSampler(model, settings.model.geometry(), settings.sampling, threads=settings.threads)
+        sampler = CandidateSampler(model, settings.sampling, threads=settings.threads)
         reference = load_reference(settings, sampler, log) if settings.quality.kind == "fidelity" else None
         if backend is not None:
             log(f"dask: {backend.description}")
-            backend.start(EvaluatorRecipe(settings.model, settings.sampling, settings.quality, reference,
-                                          settings.threads, measured), f"dato-search-{store.context_hash[:16]}")
+            recipe = EvaluatorRecipe(settings.model, settings.device, settings.sampling, settings.quality, reference,
+                                     settings.threads, measured)
+            backend.start(recipe, f"dato-search-{store.context_hash[:16]}")
         else:
             objective = build_objective(settings.quality, settings.sampling.prompts, sampler.device, reference)
             backend = SerialBackend(StrategyEvaluator(sampler, objective), measured)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List
 
+from .identity import model_identity
 from .loop import OPERATORS
 from .settings import SearchSettings, SearchUsageError
 
@@ -32,7 +33,7 @@ def settings_record(settings: SearchSettings, context_hash: str) -> Dict[str, An
         "sampling": settings.sampling.identity(), "prompt_source": settings.prompt_source,
         "quality": {**settings.quality.identity(), "units": settings.quality.units},
         "latency": settings.latency, "w_M": settings.w_m, "select": settings.select,
-        "model": settings.model.identity(), "device": settings.model.device, "threads": settings.threads,
+        "model": model_identity(settings.model), "device": settings.device, "threads": settings.threads,
         "workers": settings.workers, "scheduler": settings.scheduler, "context": context_hash,
         "argv": list(settings.argv),
     }

@@ -9,15 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple
 
-from datosd.costs import load_tables
-from datosd.strategy import MAX_DEPTH, Strategy
-from sdeval.prompts import read_prompts
-from sdgen import generate as gen
+from datosd.strategy import DEFAULT_STRATEGY, MAX_DEPTH, Strategy, StrategyError, find_strategy
+from sdgen.costs import load_tables
+from sdgen.generate import ModelRef
 from sdgen.images import check_output_dir
-from sdgen.resources import DEFAULT_STRATEGY, IMAGENET_PROMPTS, find_strategy
+from sdgen.prompts import read_prompts
+from sdgen.resources import IMAGENET_PROMPTS
 from sdgen.runtime import UsageError, pick_device
+from sdgen.settings import RunSettings, SettingFlags
 
-from .evaluator import ModelSpec, SamplingSpec
+from .evaluator import SamplingSpec
 from .objectives import QualitySpec
 from .space import SearchSpace
 
@@ -29,6 +30,7 @@ LATENCIES = ("table", "measured")
 SELECTS = ("raw", "normalized")
 DEFAULT_DEPTH_SPACE = "0,1,12"  # spec 1
 DEFAULT_RATIO_SPACE = "0.3,0.4,0.5,0.6,0.7"  # spec 1
+FLAGS = SettingFlags(batch="--batch-size")
 
 
 class SearchUsageError(ValueError):
@@ -47,7 +49,8 @@ class SearchSettings:
     space: SearchSpace
     sampling: SamplingSpec
     quality: QualitySpec
-    model: ModelSpec
+    model: ModelRef
+    device: str
     latency: str
     table_repeats: int
     cost_table: Optional[Path]
@@ -119,8 +122,6 @@ def _check_search(opt: argparse.Namespace) -> None:
     if opt.gens < 1:
         raise SearchUsageError(f"--gens must be at least 1 (the first generation is the initial population), "
                                f"got {opt.gens}")
-    if not 1 <= opt.steps <= 1000:
-        raise SearchUsageError(f"--steps must be between 1 and 1000, got {opt.steps}")
     if opt.latency not in LATENCIES:
         raise SearchUsageError(f"unknown latency objective {opt.latency!r}; expected one of {', '.join(LATENCIES)}")
     if opt.select not in SELECTS:
@@ -141,7 +142,7 @@ def _fixed_depths(opt: argparse.Namespace, steps: int) -> Optional[Tuple[int, ..
         return None
     try:
         path = find_strategy(opt.cache_strategy) if opt.cache_strategy else DEFAULT_STRATEGY
-    except UsageError as err:
+    except StrategyError as err:
         raise SearchUsageError(f"--cache_strategy: {err}") from None
     cache = Strategy.load(path)
     if cache.steps != steps:
@@ -186,24 +187,21 @@ def resolve_settings(opt: argparse.Namespace, argv: Sequence[str] = ()) -> Searc
     """Check every option and build the settings; raises SearchUsageError, ObjectiveError, UsageError or
     CheckpointError. Loads no model and writes nothing."""
     _check_search(opt)
-    try:
-        steps = gen.sampler_steps(opt.sampler, opt.steps)
-    except UsageError as err:
-        raise SearchUsageError(str(err)) from None
-    space = _space(opt, steps)
-    if not math.isfinite(opt.scale):
-        raise SearchUsageError(f"--scale must be a finite number, got {opt.scale}")
-    _check_execution(opt)
     device = pick_device(opt.device)
-    model = ModelSpec(demo=opt.demo, config=opt.config, ckpt=opt.ckpt, ema=opt.ema, device=device.type)
+    model = ModelRef(opt.config, opt.ckpt, opt.ema, opt.demo)
     model.check()
     height = opt.H if opt.H is not None else (128 if opt.demo else 512)
     width = opt.W if opt.W is not None else (128 if opt.demo else 512)
-    gen.latent_shape(model.geometry(), height, width)
+    try:
+        run = RunSettings.resolve(flags=FLAGS, sampler=opt.sampler, steps=opt.steps, scale=float(opt.scale),
+                                  precision=opt.precision, height=height, width=width,
+                                  batch=min(opt.batch_size, opt.n_prompts), geometry=model.geometry())
+    except UsageError as err:
+        raise SearchUsageError(str(err)) from None
+    space = _space(opt, run.sampler_steps)
+    _check_execution(opt)
     prompts, prompt_source = choose_prompts(opt.prompts, opt.n_prompts, opt.prompt_seed)
-    sampling = SamplingSpec(prompts=prompts, seeds=tuple(opt.sample_seed + k for k in range(opt.n_prompts)),
-                            steps=opt.steps, sampler=opt.sampler, scale=float(opt.scale), height=height, width=width,
-                            batch_size=min(opt.batch_size, opt.n_prompts), precision=opt.precision)
+    sampling = SamplingSpec(prompts=prompts, seeds=tuple(opt.sample_seed + k for k in range(opt.n_prompts)), run=run)
     quality = QualitySpec(kind=opt.quality, fidelity_space=opt.fidelity_space, fid_ref=opt.fid_ref,
                           inception_weights=opt.inception_weights,
                           random_inception_seed=opt.random_inception_for_tests, clip_arch=opt.clip_arch,
@@ -220,7 +218,7 @@ def resolve_settings(opt: argparse.Namespace, argv: Sequence[str] = ()) -> Searc
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise SearchUsageError(f"--cost-table {cost_table} is not a cost-table JSON file ({err})") from None
     return SearchSettings(mode=opt.mode, run_dir=run_dir, pop=opt.pop, gens=opt.gens, seed=opt.seed, space=space,
-                          sampling=sampling, quality=quality, model=model, latency=opt.latency,
+                          sampling=sampling, quality=quality, model=model, device=device.type, latency=opt.latency,
                           table_repeats=opt.table_repeats, cost_table=cost_table, prompt_source=prompt_source,
                           threads=opt.threads, workers=opt.workers, scheduler=opt.scheduler, w_m=opt.w_m,
                           select=opt.select, argv=tuple(argv))

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from datosd.costs import table_entries
+from sdgen.costs import table_entries
 from datosd.strategy import MAX_DEPTH, Strategy
 
 UNIFORM_INTERVALS = (2, 3, 4, 5)  # DeepCache "every N-th step full" seeds of the first population

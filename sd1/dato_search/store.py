@@ -14,7 +14,7 @@ import torch
 from datosd.strategy import Strategy
 
 from .evaluator import EvalResult
-from .identity import sha256_json
+from .identity import model_identity, sha256_json
 from .settings import SearchSettings
 
 CONTEXT_VERSION = 1  # bump when the meaning of a stored evaluation changes
@@ -28,10 +28,10 @@ def _device_label(device: str) -> str:
 
 def sampling_context(settings: SearchSettings) -> Dict[str, Any]:
     """What an unaccelerated sample depends on: model, sampling settings, device (and CPU threads)."""
-    context: Dict[str, Any] = {"version": CONTEXT_VERSION, "model": settings.model.identity(),
-                               "device": _device_label(settings.model.device), "torch": torch.__version__,
+    context: Dict[str, Any] = {"version": CONTEXT_VERSION, "model": model_identity(settings.model),
+                               "device": _device_label(settings.device), "torch": torch.__version__,
                                "sampling": settings.sampling.identity()}
-    if settings.model.device == "cpu":
+    if settings.device == "cpu":
         context["threads"] = settings.threads
     return context
 

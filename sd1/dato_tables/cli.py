@@ -101,7 +101,7 @@ def describe_plan(plan: TablePlan) -> str:
     total = plan.total if source.prompts else "?"
     if source.is_img2img:
         lines.append(f"# images: {total} per row, init images of {source.init_dir}, prompts "
-                     f"{source.prompt_file}; DDIM {plan.encode_steps} of {plan.steps} steps (strength "
+                     f"{source.prompt_file}; DDIM {plan.run.sampler_steps} of {plan.run.steps} steps (strength "
                      f"{v['strength']:g})")
     else:
         lines.append(f"# images: {total} per row, {source.prompt_file} ({len(source.prompts) or '?'} prompts) x "
@@ -123,9 +123,9 @@ def describe_plan(plan: TablePlan) -> str:
     for row in plan.rows:
         m = row.method
         if source.is_img2img:
-            steps = f"ddim, {plan.encode_steps} of {plan.steps} steps"
+            steps = f"ddim, {row.run.sampler_steps} of {row.run.steps} steps"
         else:
-            steps = f"{m.run_sampler(plan.sampler)}, {m.run_steps(plan.steps)} steps"
+            steps = f"{row.run.sampler}, {row.run.steps} steps"
         lines += [f"## row {row.id}: {row.label}{' (baseline)' if row.baseline else ''}",
                   f"   method {m.name} = {m.label}; {steps} -> {row.images}"]
     return "\n".join(lines)

@@ -11,8 +11,9 @@ import torch
 
 from sdgen import generate as gen
 from sdgen.images import atomic_write_text
-from sdgen.img2img_set import Img2ImgJob, check_img2img_job, run_img2img_set
-from sdgen.prompt_set import PromptSetJob, check_job, read_manifest, run_prompt_set
+from sdgen.image_jobs import check_job, read_manifest, run_image_job
+from sdgen.img2img_set import Img2ImgJob
+from sdgen.prompt_set import PromptSetJob
 from sdgen.runtime import pick_device
 from sdgen.sharding import DistInfo
 
@@ -39,30 +40,19 @@ class ModelCache:
 
 def row_job(plan: TablePlan, row: RowPlan) -> Job:
     """The generation job of one row: a prompt set, or an img2img set."""
-    v = plan.values
-    geometry = gen.model_geometry(gen.read_config(plan.model.config))
-    if plan.source.is_img2img:
-        return Img2ImgJob(outdir=row.images, init_dir=plan.source.init_dir,
-                          init_images=plan.source.init_images[:plan.total], prompts=plan.source.prompts,
-                          prompt_file=plan.source.prompt_file, method=row.method, model_args=plan.model.args,
-                          strength=v["strength"], encode_steps=plan.encode_steps, ddim_steps=plan.steps,
-                          seed=v["seed"], scale=v["scale"], precision=v["precision"], geometry=geometry)
-    sampler = row.method.run_sampler(plan.sampler)
-    ddim_steps = row.method.run_steps(plan.steps)
-    return PromptSetJob(outdir=row.images, prompts=plan.source.prompts, prompt_file=plan.source.prompt_file,
-                        method=row.method, model_args=plan.model.args, repeats=plan.source.repeats,
-                        limit=v["limit"], seed=v["seed"], sampler=sampler, ddim_steps=ddim_steps,
-                        steps=gen.sampler_steps(sampler, ddim_steps), scale=v["scale"], height=v["height"],
-                        width=v["width"], precision=v["precision"], batch_size=v["batch_size"], geometry=geometry)
+    source = plan.source
+    if source.is_img2img:
+        return Img2ImgJob(outdir=row.images, init_dir=source.init_dir, init_images=source.init_images[:plan.total],
+                          prompts=source.prompts, prompt_file=source.prompt_file, method=row.method,
+                          model=plan.model.ref, run=row.run)
+    return PromptSetJob(outdir=row.images, prompts=source.prompts, prompt_file=source.prompt_file, method=row.method,
+                        model=plan.model.ref, run=row.run, repeats=source.repeats, limit=plan.values["limit"])
 
 
 def check_jobs(jobs: Dict[str, Job]) -> None:
     """Raise UsageError, before any image is made, when a row's folder holds images of other settings."""
     for job in jobs.values():
-        if isinstance(job, Img2ImgJob):
-            check_img2img_job(job)
-        else:
-            check_job(job)
+        check_job(job)
 
 
 def generate_rows(plan: TablePlan, jobs: Dict[str, Job], info: DistInfo, device: torch.device,
@@ -71,11 +61,7 @@ def generate_rows(plan: TablePlan, jobs: Dict[str, Job], info: DistInfo, device:
     progress = not plan.smoke
     for row in plan.rows:
         log(f"## row {row.id}: {row.label}\nmethod: {row.method.name} = {row.method.label}")
-        job = jobs[row.id]
-        if isinstance(job, Img2ImgJob):
-            run_img2img_set(job, info, device, progress=progress, load_model=models, log=log)
-        else:
-            run_prompt_set(job, info, device, progress=progress, load_model=models, log=log)
+        run_image_job(jobs[row.id], info, device, progress=progress, load_model=models, log=log)
     models.model = None
     if device.type == "cuda":
         torch.cuda.empty_cache()

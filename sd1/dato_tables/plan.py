@@ -11,10 +11,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from datosd.strategy import StrategyError
 from sdeval.images import list_images
-from sdeval.prompts import read_prompts
 from sdgen import generate as gen
+from sdgen.generate import ModelGeometry, ModelRef
 from sdgen.methods import Method, MethodError, parse_method
+from sdgen.prompts import read_prompts
 from sdgen.resources import DEMO_CONFIG, DEMO_SDXL_CONFIG, packaged
+from sdgen.settings import RunSettings, SettingFlags
 
 from . import smoke
 from .evaluation import INCEPTION_ENV, SMOKE_INCEPTION_SEED, check_inputs, default_inception_usable
@@ -26,6 +28,8 @@ SMOKE_PROMPTS = "coco30k-prompts.txt"
 EXTRA_ROW_ID = "dato_{name}"
 # The smoke runs' demo model of each model kind (seeded random weights, toy size).
 DEMO_CONFIGS = {"ldm": DEMO_CONFIG, "sgm": DEMO_SDXL_CONFIG}
+FLAGS = SettingFlags(steps="STEPS", scale="SCALE", precision="PRECISION", size="H/W", batch="BATCH_SIZE", seed="SEED",
+                     strength="STRENGTH")
 
 
 class PlanError(ValueError):
@@ -38,11 +42,13 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class RowPlan:
-    """One method row: its images go to `images`; `paper` / `cell` say which paper numbers it faces."""
+    """One method row: its run settings (the table's, for its method), its images go to `images`; `paper` /
+    `cell` say which paper numbers it faces."""
 
     id: str
     label: str
     method: Method
+    run: RunSettings
     images: Path
     baseline: bool = False
     paper: Optional[str] = None
@@ -57,9 +63,9 @@ class ModelPlan:
     demo: bool
 
     @property
-    def args(self) -> Tuple[str, str, bool, bool]:
-        """(config, ckpt, use_ema, demo), as generate.load_model and the generation jobs take them."""
-        return self.config, self.ckpt, False, self.demo
+    def ref(self) -> ModelRef:
+        """The model, as the generation jobs take it."""
+        return ModelRef(self.config, self.ckpt, demo=self.demo)
 
 
 @dataclass(frozen=True)
@@ -104,9 +110,7 @@ class TablePlan:
     evaluation: EvalPlan
     rows: Tuple[RowPlan, ...]
     values: Mapping[str, Any]
-    sampler: str
-    steps: int
-    encode_steps: Optional[int]
+    run: RunSettings  # the table's run settings; each row's are `RowPlan.run`
     device: str
     total: int
     smoke: bool = False
@@ -125,7 +129,7 @@ class TablePlan:
         head = f"smoke: demo model, {size}" if self.smoke else f"{size}, precision {v['precision']}"
         head += f", guidance {v['scale']:g}"
         if self.source.is_img2img:
-            return (f"{head}; strength {v['strength']:g} ({self.encode_steps} of {self.steps} DDIM steps); "
+            return (f"{head}; strength {v['strength']:g} ({self.run.sampler_steps} of {self.run.steps} DDIM steps); "
                     f"seed {v['seed']} + image index; {v['nproc']} process(es)")
         return f"{head}; seed {v['seed']} + image index; batch size {v['batch_size']}; {v['nproc']} process(es)"
 
@@ -139,9 +143,9 @@ def default_rows(specs: Specs, spec: TableSpec) -> List[Dict[str, Any]]:
 
 
 def _encode_steps(values: Mapping[str, Any], problems: List[str]) -> int:
+    """The DDIM steps img2img runs (`RunSettings.sampler_steps`); 1, with a problem, when none."""
     try:
-        steps = values["steps"]
-        return min(gen.img2img_steps(values["strength"], steps), gen.sampler_steps("ddim", steps))
+        return RunSettings(sampler="ddim", steps=values["steps"], strength=values["strength"]).sampler_steps
     except ValueError as err:
         problems.append(f"STRENGTH={values['strength']:g} with STEPS={values['steps']}: {err}")
         return 1
@@ -273,8 +277,8 @@ def _model(specs: Specs, spec: TableSpec, env: Mapping[str, str], paths: _Paths,
     return ModelPlan(kind=model.kind, config=config, ckpt=ckpt, demo=False)
 
 
-def _row_plans(specs: Specs, spec: TableSpec, values: Mapping[str, Any], table_dir: Path, sampler: str,
-               encode_steps: Optional[int], options: Options, problems: List[str]) -> Tuple[RowPlan, ...]:
+def _row_plans(specs: Specs, spec: TableSpec, values: Mapping[str, Any], table_dir: Path, run: RunSettings,
+               options: Options, problems: List[str]) -> Tuple[RowPlan, ...]:
     rows = expand_rows(spec.rows, template_values(values), values)
     for name, strategy in (values.get(spec.extra_rows) or []) if spec.extra_rows else []:
         rows.append({"id": EXTRA_ROW_ID.format(name=name), "label": f"DaTo ({name})", "method": f"dato:{strategy}",
@@ -291,19 +295,13 @@ def _row_plans(specs: Specs, spec: TableSpec, values: Mapping[str, Any], table_d
     for r in rows:
         try:
             method = parse_method(r["method"])
-            if encode_steps is not None:
-                if method.steps is not None:
-                    raise MethodError(f"{method.name} sets its own sampler and steps; img2img runs DDIM")
-                method.check_steps(encode_steps)
-            else:
-                run_sampler = method.run_sampler(sampler)
-                gen.check_sampler(gen.ModelGeometry(4, 8, kind=specs.models[spec.model].kind), run_sampler)
-                method.check_steps(gen.sampler_steps(run_sampler, method.run_steps(values["steps"])))
+            row_run = run.for_method(method, FLAGS)
         except (MethodError, StrategyError, ValueError) as err:
             problems.append(f"row {r['id']} ({r['method']}): {err}")
             continue
-        plans.append(RowPlan(id=r["id"], label=r["label"], method=method, images=table_dir / r["id"] / "images",
-                             baseline=r["baseline"], paper=r["paper"], cell=r["cell"]))
+        plans.append(RowPlan(id=r["id"], label=r["label"], method=method, run=row_run,
+                             images=table_dir / r["id"] / "images", baseline=r["baseline"], paper=r["paper"],
+                             cell=r["cell"]))
     return tuple(plans)
 
 
@@ -333,6 +331,7 @@ def make_plan(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str,
     size = 64 if options.smoke else specs.models[spec.model].size
     values["height"] = values["height"] or size
     values["width"] = values["width"] or size
+    geometry = ModelGeometry(kind=model.kind)
     if not options.dry_run or options.smoke:
         try:
             geometry = gen.model_geometry(gen.read_config(model.config))
@@ -340,12 +339,14 @@ def make_plan(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str,
         except (ValueError, OSError) as err:
             problems.append(f"H/W: {err}")
     source = _source(specs, spec, values, paths, smoke_dir, options, problems)
-    encode_steps = None
     if source.is_img2img:
-        encode_steps = values["encode_steps"] = _encode_steps(values, problems)
+        values["encode_steps"] = _encode_steps(values, problems)
+    run = RunSettings(sampler="ddim" if source.is_img2img else spec.sampler, steps=values["steps"],
+                      scale=values["scale"], precision=values["precision"], height=values["height"],
+                      width=values["width"], batch=values["batch_size"], seed=values["seed"],
+                      strength=values["strength"] if source.is_img2img else None, geometry=geometry)
     evaluation = _evaluation(specs, spec, values, source, paths, smoke_dir, options)
-    sampler = "ddim" if source.is_img2img else spec.sampler
-    rows = _row_plans(specs, spec, values, table_dir, sampler, encode_steps, options, problems)
+    rows = _row_plans(specs, spec, values, table_dir, run, options, problems)
     if source.is_img2img:
         total = len(source.init_images)
     else:
@@ -359,6 +360,6 @@ def make_plan(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str,
     if problems:
         raise PlanError(problems)
     return TablePlan(spec=spec, out_dir=out_dir, table_dir=table_dir, model=model, source=source,
-                     evaluation=evaluation, rows=rows, values=values, sampler=sampler, steps=values["steps"],
-                     encode_steps=encode_steps, device="cpu" if options.smoke else "auto", total=total,
+                     evaluation=evaluation, rows=rows, values=values, run=run,
+                     device="cpu" if options.smoke else "auto", total=total,
                      smoke=options.smoke, dry_run=options.dry_run, placeholders=tuple(paths.placeholders))

@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from datosd.strategy import Strategy
-from sdgen.resources import find_strategy
+from datosd.strategy import Strategy, find_strategy
 
 from .paper import COLUMN_FIELDS, PaperTable, load_paper, paper_table
 from .plan import default_rows

@@ -1,13 +1,17 @@
-"""datosd: DaTo (dynamics-aware token pruning + timestep-aware feature caching) for CompVis Stable Diffusion."""
+"""datosd: DaTo (dynamics-aware token pruning + timestep-aware feature caching) for CompVis Stable Diffusion,
+SDXL and diffusers pipelines; plus prompt-token pruning and T-GATE. The method only: the benchmarks that time
+it live in sdgen."""
 from .dato import TokenSelection, diff_score, pool_score, select_tokens
-from .patch import RELEASED_CODE_PARITY, DatoOptions, DatoState, apply_patch, remove_patch
-from .strategy import Strategy, StrategyError, StrategySummary
+from .patch import apply_patch, remove_patch
+from .state import RELEASED_CODE_PARITY, DatoConfig, DatoOptions, DatoState
+from .strategy import Strategy, StrategyError, StrategySummary, load_strategy, shipped_strategies
 from .text_pruning import TextPruneOptions, TextPruneState, apply_text_pruning, remove_text_pruning
 from .tgate import TGateOptions, TGateState, apply_tgate, remove_tgate
 
 __all__ = [
     "apply_patch",
     "remove_patch",
+    "DatoConfig",
     "DatoOptions",
     "DatoState",
     "RELEASED_CODE_PARITY",
@@ -18,6 +22,8 @@ __all__ = [
     "Strategy",
     "StrategyError",
     "StrategySummary",
+    "load_strategy",
+    "shipped_strategies",
     "apply_text_pruning",
     "remove_text_pruning",
     "TextPruneOptions",

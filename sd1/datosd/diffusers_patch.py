@@ -1,9 +1,10 @@
 """DaTo for diffusers: `apply_patch(pipe)` on a Stable Diffusion 1.x / 2.x / XL pipeline or its UNet2DConditionModel.
 
-The same algorithm, options and strategies as the ldm patch (`patch.py`): its `DatoState` holds the run, its
-`select_tokens` picks the tokens, and its pruned sub-layer runs in diffusers' `BasicTransformerBlock`. What this
-module adds is the diffusers side: the CompVis block map below, a caching UNet forward over it, and step tracking
-from the pipeline's scheduler.
+The same algorithm, options and strategies as the ldm patch (`patch.py`): one `DatoState` holds the run, the one
+caching forward (`caching.caching_forward`, through `DatoState.compute`, so compiled execution covers it) runs
+the blocks, and the shared pruned sub-layer runs in diffusers' `BasicTransformerBlock`. What this module adds is
+the diffusers side: the CompVis block map below (`DiffusersBlocks`), and step tracking from the pipeline's
+scheduler.
 
 CompVis blocks in diffusers (spec 2's ids: `input_blocks[k]` has id k, `output_blocks[j]` has id n - 1 - j;
 L = len(down_blocks), R = layers_per_block; every row is one CompVis block, run in this order):
@@ -35,17 +36,17 @@ from __future__ import annotations
 
 import functools
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from ldm.models.diffusion.hooks import SamplingHooks
 
-from .patch import (FULL_DEPTH, DatoOptions, DatoState, RunCache, StrategyLike, _pruned, _resolve_strategy,
-                    _selection_for)
-from .strategy import StrategyError
-from .utils import is_class
+from .caching import caching_forward, compute_blocks, pruned, token_selection
+from .state import DatoConfig, DatoOptions, DatoState
+from .strategy import StrategyError, StrategyLike, load_strategy
+from .utils import check_not_merged, is_class
 
 Block = Tuple[torch.nn.Module, ...]
 
@@ -125,21 +126,22 @@ def apply_patch(pipe_or_unet: Any, strategy: StrategyLike = None, prune_ratio: f
     Arguments as `datosd.apply_patch`. With a pipeline, its scheduler drives the steps (module docstring); with a
     bare UNet, call the state's hooks yourself (no strategy step set: every call computes everything).
     """
-    remove_patch(pipe_or_unet)
     unet, pipe = unet_and_pipeline(pipe_or_unet)
-    _drop_leftover_forward(unet)
     layout = UNetLayout.of(unet)
-    state = DatoState(strategy=_resolve_strategy(strategy), options=DatoOptions(**options), prune_ratio=prune_ratio,
-                      attention_downsample=layout.attention_downsample)
-    blocks = [m for m in unet.modules() if is_class(m, "BasicTransformerBlock")] if state.prunes else []
+    config = DatoConfig(strategy=load_strategy(strategy), options=DatoOptions(**options), prune_ratio=prune_ratio,
+                        attention_downsample=layout.attention_downsample, n_blocks=len(layout.output_blocks))
+    blocks = [m for m in unet.modules() if is_class(m, "BasicTransformerBlock")] if config.prunes else []
+    remove_patch(pipe_or_unet)
+    _drop_leftover_forward(unet)
+    check_not_merged(unet, blocks)
     for block in blocks:
         if block.norm_type != "layer_norm" or block.pos_embed is not None or hasattr(block, "fuser"):
             raise TypeError(f"datosd prunes layer-norm transformer blocks without positional embeddings or GLIGEN; "
                             f"this UNet has norm_type={block.norm_type!r}")
-    state.hooks = SamplingHooks()
-    state.hooks.add(state)
+    state = DatoState(config, compute_blocks)
+    state.join_hooks(SamplingHooks())
     unet._dato = state
-    unet._dato_layout = layout
+    unet._dato_blocks = DiffusersBlocks(unet, layout)
     unet.__class__ = _caching_unet_class(unet.__class__)
     for block in blocks:
         block._dato = state
@@ -176,7 +178,7 @@ def remove_patch(pipe_or_unet: Any) -> Any:
         if getattr(module, "_dato", None) is state:
             module.__class__ = module._parent
             del module._dato
-    del unet._dato_layout
+    del unet._dato_blocks
     return pipe_or_unet
 
 
@@ -190,8 +192,7 @@ class _Run:
     order: int  # scheduler positions per step
     extra: int  # extra positions of step 0 (PNDM's warm-up call)
     stepped: int = 0  # scheduler.step calls so far
-    calls_here: int = 0  # UNet calls at the current position
-    slots: List[RunCache] = field(default_factory=list)  # per call at one position: its own cache
+    calls_here: int = 0  # UNet calls at the current position (each has its own cache: `DatoState.use_slot`)
 
     def step_at(self, position: int) -> int:
         return max(0, position - self.extra) // self.order
@@ -259,20 +260,16 @@ class SchedulerSteps:
         run = self.run
         if run is None:  # a UNet call outside a pipeline run: no strategy step
             return
-        if run.step != self.state.run.step:
+        if run.step != self.state.step:
             hooks.step_started(run.step)
         hooks.model_call(bool(getattr(self.pipe, "do_classifier_free_guidance", False)))
-        if run.calls_here == len(run.slots):
-            first = run.slots[0]
-            run.slots.append(RunCache(generator=first.generator, step=first.step, calls=first.calls))
-        self.state.run = run.slots[run.calls_here]
-        self.state.run.step = run.step
+        self.state.use_slot(run.calls_here)
         run.calls_here += 1
 
     def after_unet_call(self) -> None:
-        """Back to the run's first slot (the one the hooks and `state.calls` see)."""
+        """Back to the run's own cache (the one the hooks and `state.calls` see)."""
         if self.run is not None:
-            self.state.run = self.run.slots[0]
+            self.state.use_slot(0)
 
     def _start(self, scheduler: Any, timestep: Any) -> _Run:
         if getattr(self.pipe, "denoising_end", None) is not None:
@@ -296,7 +293,6 @@ class SchedulerSteps:
             raise StrategyError(f"{e} (the pipeline's {type(scheduler).__name__} runs {run.num_steps} of its "
                                 f"{n} inference steps: with img2img, steps = int(num_inference_steps * strength))"
                                 ) from None
-        run.slots.append(self.state.run)
         return run
 
     def _advance(self) -> None:
@@ -310,12 +306,12 @@ class SchedulerSteps:
 
     def _finish(self) -> None:
         if self.run is not None:
-            self.state.run = self.run.slots[0]
+            self.state.use_slot(0)
             self.run = None
             self.state.hooks.sampling_finished()
 
 
-# --- the caching UNet --------------------------------------------------------------------------------------------
+# --- the caching UNet ---------------------------------------------------------------------------------------------
 @dataclass
 class _Conditioning:
     """What every attention layer of one UNet call receives."""
@@ -329,6 +325,69 @@ class _Conditioning:
         return dict(encoder_hidden_states=self.encoder_hidden_states, attention_mask=self.attention_mask,
                     cross_attention_kwargs=self.cross_attention_kwargs,
                     encoder_attention_mask=self.encoder_attention_mask)
+
+
+@dataclass(frozen=True)
+class DiffusersBlocks:
+    """The CompVis blocks of a UNet2DConditionModel (`caching.UNetBlocks`, the module docstring's map). cond: the
+    forward's keywords (timestep, encoder_hidden_states, class_labels, timestep_cond, attention_mask,
+    cross_attention_kwargs, added_cond_kwargs, encoder_attention_mask)."""
+
+    unet: torch.nn.Module
+    layout: UNetLayout
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.layout.output_blocks)
+
+    def begin(self, sample: torch.Tensor, cond: Dict[str, Any]) -> Tuple[torch.Tensor, Tuple]:
+        """(the input of input_blocks[0], (time embedding (B, C_emb), _Conditioning, whether upsampling must
+        match the skips' sizes)), as UNet2DConditionModel.forward computes them."""
+        unet = self.unet
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=cond["timestep"]),
+                                  cond["timestep_cond"])
+        class_emb = unet.get_class_embed(sample=sample, class_labels=cond["class_labels"])
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
+        text = cond["encoder_hidden_states"]
+        aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=text, added_cond_kwargs=cond["added_cond_kwargs"])
+        if aug_emb is not None:
+            emb = emb + aug_emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        states = unet.process_encoder_hidden_states(encoder_hidden_states=text,
+                                                    added_cond_kwargs=cond["added_cond_kwargs"])
+        attention = _Conditioning(states, _mask_bias(cond["attention_mask"], sample.dtype),
+                                  _mask_bias(cond["encoder_attention_mask"], sample.dtype),
+                                  cond["cross_attention_kwargs"])
+        resize = any(side % 2 ** unet.num_upsamplers for side in sample.shape[-2:])
+        return sample, (emb, attention, resize)
+
+    def input_block(self, k: int, h: torch.Tensor, ctx: Tuple) -> torch.Tensor:
+        emb, attention, _ = ctx
+        return _run_block(self.layout.input_blocks[k], h, emb, attention, None)
+
+    def middle_block(self, h: torch.Tensor, ctx: Tuple) -> torch.Tensor:
+        emb, attention, _ = ctx
+        mid = self.unet.mid_block
+        if mid is None:
+            return h
+        if getattr(mid, "has_cross_attention", False):
+            return mid(h, emb, **attention.attention_kwargs())
+        return mid(h, emb)
+
+    def output_block(self, j: int, h: torch.Tensor, ctx: Tuple, next_skip: Optional[torch.Tensor]) -> torch.Tensor:
+        emb, attention, resize = ctx
+        upsample_size = next_skip.shape[2:] if resize and next_skip is not None else None
+        return _run_block(self.layout.output_blocks[j], h, emb, attention, upsample_size)
+
+    def out(self, h: torch.Tensor, ctx: Tuple) -> torch.Tensor:
+        unet = self.unet
+        if unet.conv_norm_out is not None:
+            h = unet.conv_act(unet.conv_norm_out(h))
+        return unet.conv_out(h)
 
 
 def _caching_unet_class(unet_class: type) -> type:
@@ -346,36 +405,25 @@ def _caching_unet_class(unet_class: type) -> type:
             if any(r is not None for r in (down_block_additional_residuals, mid_block_additional_residual,
                                            down_intrablock_additional_residuals)):
                 raise TypeError("datosd does not support ControlNet / T2I-Adapter residuals")
+            if any(getattr(up, "s1", None) for up in self.up_blocks):
+                raise TypeError("FreeU is enabled on this UNet; disable it (unet.disable_freeu()) to use datosd")
+            if cross_attention_kwargs and cross_attention_kwargs.get("gligen") is not None:
+                raise TypeError("datosd does not support GLIGEN")
+            cond = dict(timestep=timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
+                        timestep_cond=timestep_cond, attention_mask=attention_mask,
+                        cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
+                        encoder_attention_mask=encoder_attention_mask)
             steps: Optional[SchedulerSteps] = getattr(self, "_dato_steps", None)
             if steps is not None:
                 steps.before_unet_call(timestep)
             try:
-                out = _caching_forward(self, sample, timestep, encoder_hidden_states, class_labels, timestep_cond,
-                                       attention_mask, cross_attention_kwargs, added_cond_kwargs,
-                                       encoder_attention_mask)
+                out = caching_forward(self._dato, self._dato_blocks, sample, cond)
             finally:
                 if steps is not None:
                     steps.after_unet_call()
             return output_class(sample=out) if return_dict else (out,)
 
     return DatoUNet2DConditionModel
-
-
-def _embed(unet, sample, timestep, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs):
-    """The time embedding (B, C_emb) and the processed text states, as UNet2DConditionModel.forward computes them."""
-    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
-    class_emb = unet.get_class_embed(sample=sample, class_labels=class_labels)
-    if class_emb is not None:
-        emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
-    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
-                                 added_cond_kwargs=added_cond_kwargs)
-    if aug_emb is not None:
-        emb = emb + aug_emb
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
-    states = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
-                                                added_cond_kwargs=added_cond_kwargs)
-    return emb, states
 
 
 def _mask_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -398,61 +446,6 @@ def _run_block(block: Block, h: torch.Tensor, emb: torch.Tensor, cond: _Conditio
     return h
 
 
-def _run_middle(unet, h: torch.Tensor, emb: torch.Tensor, cond: _Conditioning) -> torch.Tensor:
-    mid = unet.mid_block
-    if mid is None:
-        return h
-    if getattr(mid, "has_cross_attention", False):
-        return mid(h, emb, **cond.attention_kwargs())
-    return mid(h, emb)
-
-
-def _caching_forward(unet, sample, timestep, encoder_hidden_states, class_labels, timestep_cond, attention_mask,
-                     cross_attention_kwargs, added_cond_kwargs, encoder_attention_mask) -> torch.Tensor:
-    """sample: (B, C, H, W) -> (B, C_out, H, W), computing only the CompVis blocks the step's depth asks for."""
-    if any(getattr(up, "s1", None) for up in unet.up_blocks):
-        raise TypeError("FreeU is enabled on this UNet; disable it (unet.disable_freeu()) to use datosd")
-    if cross_attention_kwargs and cross_attention_kwargs.get("gligen") is not None:
-        raise TypeError("datosd does not support GLIGEN")
-    state: DatoState = unet._dato
-    layout: UNetLayout = unet._dato_layout
-    n_blocks = len(layout.output_blocks)
-    depth = state.begin_call(sample, n_blocks)
-    if depth == 0:
-        return state.run.final_cache  # spec 2: every block reused, so the prediction is the last computed one
-    cached = None if depth >= FULL_DEPTH else state.run.output_cache[n_blocks - 1 - depth]
-    inputs = sample
-    if unet.config.center_input_sample:
-        sample = 2 * sample - 1.0
-    emb, states = _embed(unet, sample, timestep, encoder_hidden_states, class_labels, timestep_cond,
-                         added_cond_kwargs)
-    cond = _Conditioning(states, _mask_bias(attention_mask, sample.dtype),
-                         _mask_bias(encoder_attention_mask, sample.dtype), cross_attention_kwargs)
-    resize = any(side % 2 ** unet.num_upsamplers for side in sample.shape[-2:])
-    hs = []
-    h = sample
-    for k in range(min(depth, len(layout.input_blocks))):
-        h = _run_block(layout.input_blocks[k], h, emb, cond, None)
-        hs.append(h)
-    if depth >= FULL_DEPTH:
-        h = _run_middle(unet, h, emb, cond)
-        first_output = 0
-    else:
-        first_output = n_blocks - depth
-        h = cached
-    outputs = []
-    for j in range(first_output, n_blocks):
-        h = torch.cat([h, hs.pop()], dim=1)
-        upsample_size = hs[-1].shape[2:] if resize and hs else None
-        h = _run_block(layout.output_blocks[j], h, emb, cond, upsample_size)
-        outputs.append(h)
-    if unet.conv_norm_out is not None:
-        h = unet.conv_act(unet.conv_norm_out(h))
-    out = unet.conv_out(h)
-    state.end_call(inputs, depth, outputs, out)
-    return out
-
-
 # --- the pruning transformer block -------------------------------------------------------------------------------
 def _pruning_block_class(block_class: type) -> type:
     class DatoBasicTransformerBlock(block_class):
@@ -463,7 +456,7 @@ def _pruning_block_class(block_class: type) -> type:
         def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                     encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None,
                     added_cond_kwargs=None):
-            selection = _selection_for(self._dato, hidden_states)
+            selection = token_selection(self._dato, hidden_states)
             if selection is None:
                 return super().forward(hidden_states, attention_mask=attention_mask,
                                        encoder_hidden_states=encoder_hidden_states,
@@ -474,12 +467,12 @@ def _pruning_block_class(block_class: type) -> type:
                 raise TypeError("datosd cannot prune self-attention under an attention_mask")
             options = self._dato.options
             extra = cross_attention_kwargs or {}
-            x = _pruned(self.attn1, self.norm1, hidden_states, selection, options.prune_selfattn,
+            x = pruned(self.attn1, self.norm1, hidden_states, selection, True,
                         encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None, **extra)
             if self.attn2 is not None:
-                x = _pruned(self.attn2, self.norm2, x, selection, options.prune_crossattn,
+                x = pruned(self.attn2, self.norm2, x, selection, options.prune_crossattn,
                             encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask,
                             **extra)
-            return _pruned(self.ff, self.norm3, x, selection, options.prune_mlp)
+            return pruned(self.ff, self.norm3, x, selection, options.prune_mlp)
 
     return DatoBasicTransformerBlock

@@ -1,6 +1,6 @@
 """The per-step DaTo strategy F: a cache depth and a prune ratio for every sampler step (spec 1).
 
-A strategy is stored as YAML (``configs/dato/*.yaml``)::
+A strategy is stored as YAML (the shipped ones in ``datosd/strategies/``, linked as ``configs/dato/``)::
 
     name: b1
     steps: 50
@@ -21,12 +21,15 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
-__all__ = ["MAX_DEPTH", "Strategy", "StrategyError", "StrategySummary", "call_kind", "model_calls_per_step"]
+__all__ = ["DEFAULT_STRATEGY", "MAX_DEPTH", "STRATEGY_DIR", "Strategy", "StrategyError", "StrategyLike",
+           "StrategySummary", "call_kind", "find_strategy", "load_strategy", "shipped_strategies"]
 
-MAX_DEPTH = 12  # spec 1/2: depth 12 computes every block (the UNet has 12 input blocks)
-# UNet calls of a sampler's first step where it differs from one (CompVis PLMS: a pseudo improved-Euler step).
-FIRST_STEP_CALLS = {"plms": 2}
+# spec 1/2: the largest depth a strategy holds; it computes every block of any UNet (SD 1.x has 12 input
+# blocks, SDXL 9: a depth at or above the model's block count is a full step, `n_blocks` below)
+MAX_DEPTH = 12
 _RESERVED_KEYS = ("name", "steps", "cache_depth", "prune_ratio")
+STRATEGY_DIR = Path(__file__).resolve().parent / "strategies"  # the shipped strategies (package data)
+DEFAULT_STRATEGY = STRATEGY_DIR / "b1.yaml"
 
 PathLike = Union[str, Path]
 
@@ -35,14 +38,10 @@ class StrategyError(ValueError):
     """A strategy that cannot be used: wrong lengths or values, or a step-count mismatch."""
 
 
-def model_calls_per_step(sampler: str, step: int) -> int:
-    """UNet calls (each with the whole CFG batch) that `sampler` makes in step `step`."""
-    return FIRST_STEP_CALLS.get(sampler, 1) if step == 0 else 1
-
-
-def call_kind(depth: int) -> str:
-    """'full' (depth >= 12), 'reused' (depth 0: the last prediction is returned) or 'partial'."""
-    return "full" if depth >= MAX_DEPTH else ("reused" if depth == 0 else "partial")
+def call_kind(depth: int, n_blocks: int = MAX_DEPTH) -> str:
+    """'full' (depth >= n_blocks, the UNet's input-block count), 'reused' (depth 0: the last prediction is
+    returned) or 'partial'."""
+    return "full" if depth >= n_blocks else ("reused" if depth == 0 else "partial")
 
 
 def _fail(name: Optional[str], problem: str, expected: str, todo: str) -> StrategyError:
@@ -85,7 +84,7 @@ def _as_ratio(value: Any, i: int, name: Optional[str]) -> float:
 
 @dataclass(frozen=True)
 class StrategySummary:
-    """Step counts of a strategy: full (depth >= 12), partial (0 < d < 12), reused (d == 0)."""
+    """Step counts of a strategy: full (depth >= the UNet's block count), partial, reused (d == 0)."""
 
     steps: int
     full: int
@@ -156,18 +155,20 @@ class Strategy:
                 f" (e.g. Strategy.uniform({n}, interval, depth)).",
             )
 
-    def step_setting(self, step: int) -> Tuple[int, float]:
-        """(cache depth, prune ratio) that step `step` runs with: the stored entry, except that step 0 always
-        computes everything (spec 2)."""
+    def step_setting(self, step: int, n_blocks: int = MAX_DEPTH) -> Tuple[int, float]:
+        """(cache depth, prune ratio) that step `step` runs with on a UNet of `n_blocks` input blocks: the
+        stored entry, except that step 0 and any depth >= n_blocks compute everything (spec 2), given as
+        MAX_DEPTH."""
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} is outside the strategy's {self.steps} steps")
-        depth = MAX_DEPTH if step == 0 else min(self.cache_depth[step], MAX_DEPTH)
-        return depth, self.prune_ratio[step]
+        depth = self.cache_depth[step]
+        return (MAX_DEPTH if step == 0 or depth >= n_blocks else depth), self.prune_ratio[step]
 
-    def call_plan(self, sampler: str = "plms") -> List[Tuple[int, float]]:
-        """(cache depth, prune ratio) of every UNet call of one run, in order (PLMS calls step 0 twice)."""
-        return [self.step_setting(step) for step in range(self.steps)
-                for _ in range(model_calls_per_step(sampler, step))]
+    def call_plan(self, first_step_calls: int = 1, n_blocks: int = MAX_DEPTH) -> List[Tuple[int, float]]:
+        """(cache depth, prune ratio) of every UNet call of one run, in order, on a UNet of `n_blocks` input
+        blocks. first_step_calls: the sampler's UNet calls in step 0 (CompVis PLMS: 2), one in every other."""
+        return [self.step_setting(step, n_blocks) for step in range(self.steps)
+                for _ in range(first_step_calls if step == 0 else 1)]
 
     # --- constructors ------------------------------------------------------------
     @classmethod
@@ -285,10 +286,10 @@ class Strategy:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False, default_flow_style=None, width=1 << 16)
 
     # --- reporting ---------------------------------------------------------------
-    def summary(self) -> StrategySummary:
-        """Steps as they run: full (d >= 12, and step 0, which always computes everything: spec 2),
-        partial (0 < d < 12) and reused (d == 0), and the mean prune ratio."""
-        kinds = [call_kind(self.step_setting(step)[0]) for step in range(self.steps)]
+    def summary(self, n_blocks: int = MAX_DEPTH) -> StrategySummary:
+        """Steps as they run on a UNet of `n_blocks` input blocks: full (d >= n_blocks, and step 0, which always
+        computes everything: spec 2), partial (0 < d < n_blocks) and reused (d == 0), and the mean prune ratio."""
+        kinds = [call_kind(self.step_setting(step, n_blocks)[0]) for step in range(self.steps)]
         return StrategySummary(
             steps=self.steps,
             full=kinds.count("full"),
@@ -297,10 +298,42 @@ class Strategy:
             mean_ratio=sum(self.prune_ratio) / self.steps,
         )
 
-    def describe(self) -> str:
-        """One line, e.g. ``b1: 50 steps, 6 full / 37 partial / 7 reused, mean prune ratio 0.47``."""
-        s = self.summary()
+    def describe(self, n_blocks: int = MAX_DEPTH) -> str:
+        """One line, e.g. ``b1: 50 steps, 6 full / 37 partial / 7 reused, mean prune ratio 0.47`` (steps counted
+        as `summary(n_blocks)` does)."""
+        s = self.summary(n_blocks)
         return (
             f"{self.name or 'strategy'}: {s.steps} steps, {s.full} full / {s.partial} partial /"
             f" {s.reused} reused, mean prune ratio {s.mean_ratio:.2f}"
         )
+
+
+StrategyLike = Union[Strategy, str, Path, None]
+
+
+def shipped_strategies() -> List[str]:
+    """Names of the strategies shipped with datosd (e.g. 'b1', 'b1-table-order')."""
+    return sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml"))
+
+
+def find_strategy(name_or_path: PathLike) -> Path:
+    """A strategy file: the path itself, or the file of a shipped strategy name ('b1'). StrategyError if none."""
+    given = Path(name_or_path)
+    if given.is_file():
+        return given
+    shipped = STRATEGY_DIR / f"{name_or_path}.yaml"
+    if given.suffix == "" and len(given.parts) == 1 and shipped.is_file():
+        return shipped
+    raise StrategyError(f"strategy file not found: {name_or_path} (give a YAML file or one of the shipped "
+                        f"strategies: {', '.join(shipped_strategies())})")
+
+
+def load_strategy(strategy: StrategyLike) -> Optional[Strategy]:
+    """A Strategy, None, a YAML path, or a shipped strategy's name ('b1', named so) as a Strategy (None stays)."""
+    if strategy is None or isinstance(strategy, Strategy):
+        return strategy
+    path = find_strategy(strategy)
+    loaded = Strategy.load(path)
+    if path.parent == STRATEGY_DIR and str(strategy) == path.stem:
+        loaded.name = path.stem
+    return loaded

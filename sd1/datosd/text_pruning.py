@@ -35,11 +35,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ldm.models.diffusion.hooks import SamplingHook, SamplingHooks
-
 from .text_tokens import (KeptTokens, attention_probabilities, kept_tokens, protected_positions,
                           select_text_tokens, token_importance)
-from .utils import find_unet, patch_cross_attention, unpatch_cross_attention
+from .utils import HookedState, find_unet, patch_cross_attention, unpatch_cross_attention
 
 MODES = ("static", "dynamic")
 REGISTERED_ROWS = 64  # prompt embeddings remembered for finding BOS/EOS (about 15 MB for SD 1.x)
@@ -101,14 +99,13 @@ class TextPruneRun:
 
 
 @dataclass(eq=False)
-class TextPruneState(SamplingHook):
+class TextPruneState(HookedState):
     """All state of one text-pruned model: options, the current run, the prompts whose BOS/EOS are known."""
 
     options: TextPruneOptions
     run: TextPruneRun = field(default_factory=TextPruneRun)
     prompts: Deque[Tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=lambda: deque(maxlen=REGISTERED_ROWS), repr=False)  # (embedding (M, D), protected (M,))
-    hooks: Optional[SamplingHooks] = field(default=None, repr=False)
     encoder_hook: Optional[torch.utils.hooks.RemovableHandle] = field(default=None, repr=False)
     _protected_cache: Optional[Tuple[Tuple, torch.Tensor]] = field(default=None, repr=False)
 

@@ -22,9 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ldm.models.diffusion.hooks import SamplingHook, SamplingHooks
-
-from .utils import cross_attention_layers, find_unet, patch_cross_attention, unpatch_cross_attention
+from .utils import HookedState, cross_attention_layers, find_unet, patch_cross_attention, unpatch_cross_attention
 
 CACHE_MODES = ("cfg_mean", "per_half")
 
@@ -57,14 +55,13 @@ class TGateRun:
 
 
 @dataclass(eq=False)
-class TGateState(SamplingHook):
+class TGateState(HookedState):
     """All state of one gated model: its options, the current run and the call in progress."""
 
     options: TGateOptions
     run: TGateRun = field(default_factory=TGateRun)
     cfg_halves: bool = False  # the sampler's word on the next call's batch
     halving: bool = False  # the UNet call in progress runs one CFG half
-    hooks: Optional[SamplingHooks] = field(default=None, repr=False)
     handles: List[torch.utils.hooks.RemovableHandle] = field(default_factory=list, repr=False)
 
     def sampling_started(self, num_steps: int) -> None:
@@ -163,7 +160,7 @@ def _halve_batch(unet, args, kwargs):
     state.run.halved += 1
     dato = getattr(unet, "_dato", None)
     if dato is not None:  # a DaTo patch on this UNet: the call it sees is no longer a CFG batch
-        dato.cfg_halves = False
+        dato.model_call(cfg_halves=False)
     return tuple(first_half(a) for a in args), {k: first_half(v) for k, v in kwargs.items()}
 
 

@@ -1,5 +1,10 @@
-"""Small helpers of the patch: class-name checks, finding the UNet and where its attention starts."""
+"""Small helpers of the patches: class-name checks, finding the UNet and where its attention starts, the
+model's sampling hooks, and the cross-attention class swap that text pruning and T-GATE share."""
+from typing import Optional
+
 import torch
+
+from ldm.models.diffusion.hooks import SamplingHook, SamplingHooks
 
 
 def is_class(module: object, name: str) -> bool:
@@ -10,6 +15,24 @@ def is_class(module: object, name: str) -> bool:
 def is_diffusers_model(model: object) -> bool:
     """True for a diffusers UNet2DConditionModel or a pipeline holding one as `.unet` (checked by name)."""
     return is_class(model, "UNet2DConditionModel") or is_class(getattr(model, "unet", None), "UNet2DConditionModel")
+
+
+def model_family(model: object) -> str:
+    """'diffusers' (a pipeline or its UNet2DConditionModel), 'sgm' (a generative-models DiffusionEngine, SDXL)
+    or 'ldm' (a CompVis LatentDiffusion, SD 1.x / 2.x, or a bare UNetModel)."""
+    if is_diffusers_model(model):
+        return "diffusers"
+    if hasattr(model, "conditioner") and hasattr(model, "denoiser"):
+        return "sgm"
+    return "ldm"
+
+
+def any_unet(model: object) -> torch.nn.Module:
+    """The UNet of any model the patches take: a diffusers pipeline's `.unet` (or that UNet itself), else the
+    UNetModel `find_unet` finds."""
+    if is_diffusers_model(model):
+        return model if is_class(model, "UNet2DConditionModel") else model.unet
+    return find_unet(model)
 
 
 def find_unet(model: torch.nn.Module) -> torch.nn.Module:
@@ -26,6 +49,31 @@ def find_unet(model: torch.nn.Module) -> torch.nn.Module:
     return inner
 
 
+def sampling_hooks_of(model: torch.nn.Module) -> Optional[SamplingHooks]:
+    """The `sampling_hooks` through which a model's samplers announce runs, steps and UNet calls; None for a
+    bare UNetModel (its user drives the patch's state by hand). TypeError for a model without them: nothing
+    would tell the patch where a run and its steps begin."""
+    if is_class(model, "UNetModel"):
+        return None
+    hooks = getattr(model, "sampling_hooks", None)
+    if not isinstance(hooks, SamplingHooks):
+        raise TypeError(
+            f"{type(model).__name__} has no sampling_hooks: its samplers cannot tell the patch where a run and its "
+            f"steps begin, so every UNet call would compute in full. Sample it with this repository's ldm / sgm "
+            f"samplers (they announce runs and steps), or patch its UNet (model.model.diffusion_model) and drive "
+            f"the returned state by hand: state.sampling_started(num_steps) before a run, state.step_started(i) and "
+            f"state.model_call(cfg_halves) before the UNet calls of step i, state.sampling_finished() after it.")
+    return hooks
+
+
+def check_not_merged(unet: torch.nn.Module, blocks: list) -> None:
+    """Refuse to prune transformer blocks that tomesd patched: its block forward replaces the one DaTo prunes in."""
+    if any(is_class(block, "ToMeBlock") for block in blocks):
+        raise TypeError("the UNet's transformer blocks are patched by tomesd (ToMeSD), whose block forward replaces "
+                        "the one DaTo prunes in, so DaTo's pruning would be lost; DaTo and ToMeSD do not combine: "
+                        "remove it first (tomesd.remove_patch)")
+
+
 def _has_attention(block: torch.nn.Module) -> bool:
     return any(is_class(m, "SpatialTransformer") for m in block.modules())
 
@@ -34,7 +82,13 @@ def attention_downsample(model: torch.nn.Module) -> int:
     """How many times the latent is halved before the first input block with a SpatialTransformer: 1 for
     SD 1.x/2.x (attention at the latent resolution), 2 for SDXL (none at 128x128, the first at 64x64 for a
     1024x1024 image). Its token count is DaTo's N_max (spec 6); it is also the `max_downsample` that
-    `tomesd.apply_patch` needs to merge at that level (tomesd's default 1 merges nothing on SDXL)."""
+    `tomesd.apply_patch` needs to merge at that level (tomesd's default 1 merges nothing on SDXL). A diffusers
+    UNet's levels are its down blocks."""
+    if is_diffusers_model(model):
+        levels = [i for i, down in enumerate(any_unet(model).down_blocks) if getattr(down, "attentions", None)]
+        if not levels:
+            raise ValueError("the UNet has no attention in its down blocks")
+        return 2 ** levels[0]
     downsample = 1
     for block in find_unet(model).input_blocks:
         if _has_attention(block):
@@ -64,8 +118,8 @@ def cross_attention_layers(unet: torch.nn.Module) -> list:
 
 def patch_cross_attention(model: torch.nn.Module, attribute: str, state, make_class, purpose: str,
                           conflicts: dict) -> list:
-    """Give every `attn2` of the model's UNet the class make_class(its class) and `state` as `attribute`
-    (the UNet carries it too), and add `state` to the model's sampling hooks. Returns the layers, in module
+    """Give every `attn2` of the model's UNet the class make_class(its class) and `state` (a `HookedState`) as
+    `attribute` (the UNet carries it too); `state` joins the model's sampling hooks. Returns the layers, in module
     order. purpose: what the layers are patched to do (for the error message); conflicts: {attribute of
     another cross-attention patch: the error to raise when the UNet has it}."""
     unet = find_unet(model)
@@ -75,14 +129,13 @@ def patch_cross_attention(model: torch.nn.Module, attribute: str, state, make_cl
     layers = cross_attention_layers(unet)
     if not layers:
         raise ValueError(f"the UNet has no cross-attention (attn2) layers to {purpose}")
+    hooks = sampling_hooks_of(model)
     setattr(unet, attribute, state)
     for layer in layers:
         setattr(layer, attribute, state)
         layer.__class__ = make_class(layer.__class__)
-    hooks = getattr(model, "sampling_hooks", None)
     if hooks is not None:
-        hooks.add(state)
-        state.hooks = hooks
+        state.join_hooks(hooks)
     return layers
 
 
@@ -98,6 +151,19 @@ def unpatch_cross_attention(model: torch.nn.Module, attribute: str):
             module.__class__ = module._parent
             delattr(module, attribute)
     delattr(unet, attribute)
-    if state.hooks is not None:
-        state.hooks.remove(state)
+    state.leave_hooks()
     return state
+
+
+class HookedState(SamplingHook):
+    """A patch's state that listens to its model's sampling hooks (`hooks`: the ones it joined, or None)."""
+
+    hooks: Optional[SamplingHooks] = None
+
+    def join_hooks(self, hooks: SamplingHooks) -> None:
+        hooks.add(self)
+        self.hooks = hooks
+
+    def leave_hooks(self) -> None:
+        if self.hooks is not None and self in self.hooks:
+            self.hooks.remove(self)

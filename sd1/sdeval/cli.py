@@ -49,12 +49,13 @@ import torch
 
 from sdgen.cli import run
 from sdgen.images import atomic_output, check_output_file
+from sdgen.prompts import read_prompts
 from sdgen.runtime import UsageError
 
 from . import clip_score as clip_mod
 from . import imagereward as ir_mod
 from .images import INCEPTION_SIZE, RESIZE_RULE, list_images, unreadable_images
-from .prompts import prompts_for_images, read_prompts
+from .prompts import prompts_for_images
 
 METRICS = ("fid", "clip", "is", "imagereward")
 

@@ -6,9 +6,10 @@ run pays one-off costs: allocations, kernel selection, lazy initialisation); the
 every method, the order rotating between passes so that a disturbed machine disturbs them alike.
 
 For every method the report gives seconds per image (median, min), the speed-up over the original, UNet calls
-by kind, exact MACs and the ideal (MAC) speed-up, the time the cost table (`datosd.costs`, one table per ToMe
+by kind, exact MACs and the ideal (MAC) speed-up, the time the cost table (`sdgen.costs`, one table per ToMe
 ratio) predicts and its error, peak memory, and fidelity to the original (PSNR of decoded images, MSE of the
-final latents). Cost tables are stored by key (model, latent size, batch, device, dtype, threads, ToMe ratio);
+final latents). Cost tables are stored by key (model, latent size, batch, device, dtype, threads, and what the
+methods that change a call's cost add: the ToMe ratio);
 a stored entry is reused and replaced only on request (`remeasure`), and entries whose repeats spread more
 than NOISY_SPREAD are flagged.
 """
@@ -23,13 +24,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from datosd.costs import CostTable, count_entry_macs, entry_name, find_table, measure_table, spread, table_key
+from .costs import CostTable, count_entry_macs, entry_name, find_table, measure_table, spread, table_key
 from tqdm import tqdm
 
 from . import generate as gen
 from .compiled import EAGER, Execution
-from .methods import Method, MethodError, parse_method
+from .methods import REGISTRY, Method, MethodError, Registry, count_calls
 from .runtime import precision_name
+from .settings import RunSettings
 
 DEFAULT_PROMPTS = ["a photograph of an astronaut riding a horse", "a golden retriever on a beach at sunset",
                    "a bowl of fruit on a wooden table, still life", "a red sports car in the rain"]
@@ -44,14 +46,12 @@ CallType = Tuple[int, float]  # (cache depth, prune ratio) of one UNet call
 
 @dataclass
 class BenchEntry:
-    """One row of the benchmark: a registry method, how its UNet calls run (eager or compiled), the sampler and
-    step count its runs use, and what the runs measured (the untimed first run's seconds, seconds per image of
-    each timed repeat, calls by kind, peak memory, first latents)."""
+    """One row of the benchmark: a registry method, its run settings (the benchmark's, for the method), how its
+    UNet calls run (eager or compiled), and what the runs measured (the untimed first run's seconds, seconds
+    per image of each timed repeat, calls by kind, peak memory, first latents)."""
 
     method: Method
-    sampler: str
-    steps: int
-    requested_steps: int
+    run: RunSettings
     execution: Execution = EAGER
     first_run_seconds: Optional[float] = None
     seconds: List[float] = field(default_factory=list)
@@ -63,6 +63,15 @@ class BenchEntry:
     def name(self) -> str:
         return self.method.name if not self.execution.compiles else f"{self.method.name} [{self.execution.compile}]"
 
+    @property
+    def sampler(self) -> str:
+        return self.run.sampler
+
+    @property
+    def steps(self) -> int:
+        """The steps its runs really run."""
+        return self.run.sampler_steps
+
     def compile_seconds(self, batch: int) -> Optional[float]:
         """What compiling cost: the first run's time beyond a timed run's (None when eager or not timed)."""
         if not self.execution.compiles or self.first_run_seconds is None or not self.seconds:
@@ -70,55 +79,46 @@ class BenchEntry:
         return max(0.0, self.first_run_seconds - statistics.median(self.seconds) * batch)
 
     def call_plan(self) -> List[CallType]:
-        """(cache depth, prune ratio) of every UNet call of one run (`Method.call_plan`)."""
-        return self.method.call_plan(self.steps, self.sampler)
+        """(cache depth, prune ratio) of every UNet call of one run (`RunSettings.call_plan`)."""
+        return self.run.call_plan(self.method)
 
     def planned_calls(self) -> Dict[str, int]:
-        return self.method.call_counts(self.steps, self.sampler)
+        return count_calls(depth for depth, _ in self.call_plan())
 
     def note(self) -> str:
         """What a reader of the table must know about this row's step count or strategy ('' if nothing)."""
-        parts = []
-        if self.method.steps is not None and self.method.steps != self.requested_steps:
-            parts.append(f"runs {self.method.steps} steps: its name fixes the step count (--steps "
-                         f"{self.requested_steps} applies to the methods whose name has none)")
-        elif self.steps != self.method.run_steps(self.requested_steps):
-            parts.append(f"the {self.sampler} schedule runs {self.steps} steps for {self.requested_steps}")
-        strategy = self.method.strategy
-        if strategy is not None and "derivation" in strategy.meta:
-            parts.append(f"strategy {strategy.name}: {strategy.meta.get('derived_from')}'s "
-                         f"{strategy.meta['derivation']}, a {strategy.steps}-step stand-in")
-        return "; ".join(parts)
+        parts, forced, asked = [], self.method.forced_steps, self.run.asked_steps
+        if forced is not None and forced != asked:
+            parts.append(f"runs {forced} steps: its name fixes the step count (--steps {asked} applies to the "
+                         f"methods whose name has none)")
+        elif self.steps != self.run.steps:
+            parts.append(f"the {self.sampler} schedule runs {self.steps} steps for {asked}")
+        return "; ".join(parts + self.method.notes())
 
 
-def bench_entries(names: Sequence[str], steps: int, kind: str = "ldm", compile_mode: str = "none",
-                  channels_last: bool = False) -> List[BenchEntry]:
-    """The benchmark's rows, original first (added when missing): every name through the registry; `steps`
-    applies to every method whose name has no step count (ddim10 runs 10); `kind` is the model's ('ldm' samples
-    with PLMS, 'sgm' with EulerEDM). With a `compile_mode` other than 'none' every method has a second row,
-    compiled (all eager rows first). Raises MethodError / StrategyError (a DaTo strategy of another length)
-    before any model is built."""
+def bench_entries(names: Sequence[str], settings: RunSettings, compile_mode: str = "none",
+                  channels_last: bool = False, registry: Registry = REGISTRY) -> List[BenchEntry]:
+    """The benchmark's rows, original first (added when missing): every name through the registry, each with
+    `settings` (the benchmark's: its sampler, PLMS / EulerEDM, and step count apply to every method whose name
+    has none; ddim10 runs DDIM 10) resolved for it. With a `compile_mode` other than 'none' every method has a
+    second row, compiled (all eager rows first). Raises MethodError / StrategyError (a DaTo strategy of another
+    length) before any model is built."""
     methods: List[Method] = []
     for name in names:
         if name in RENAMED:
             raise MethodError(f"method {name!r} is now called {RENAMED[name]!r} (registry names, sdgen.methods)")
-        method = parse_method(name)
+        method = registry.parse(name)
         if any(m.name == method.name for m in methods):
             raise MethodError(f"method {method.name!r} is listed twice")
         methods.append(method)
     methods.sort(key=lambda m: not m.is_original)
     if not methods or not methods[0].is_original:
-        methods.insert(0, parse_method("original"))
-    entries = []
-    for method in methods:
-        sampler = method.run_sampler(BASE_SAMPLERS[kind])
-        gen.check_sampler(gen.ModelGeometry(4, 8, kind=kind), sampler)
-        run_steps = gen.sampler_steps(sampler, method.run_steps(steps))
-        method.check_steps(run_steps)
-        entries.append(BenchEntry(method, sampler, run_steps, steps, Execution(channels_last=channels_last)))
+        methods.insert(0, registry.parse("original"))
+    entries = [BenchEntry(method, settings.for_method(method), Execution(channels_last=channels_last))
+               for method in methods]
     if compile_mode != "none":
         compiled = Execution(compile_mode, channels_last=channels_last)
-        entries += [BenchEntry(e.method, e.sampler, e.steps, steps, compiled) for e in list(entries)]
+        entries += [BenchEntry(e.method, e.run, compiled) for e in list(entries)]
     return entries
 
 
@@ -160,18 +160,18 @@ class PeakMemory:
             self.peak_bytes = max(self.peak_bytes, self._rss())
 
 
-def run_method(model, entry: BenchEntry, cond: gen.Conditioning, x_T: torch.Tensor, *, scale: float,
-               precision: str, seed: int) -> Tuple[gen.SampleResult, int]:
+def run_method(model, entry: BenchEntry, cond: gen.Conditioning, x_T: torch.Tensor) -> Tuple[gen.SampleResult, int]:
     """One sampling run of `entry`, its method applied for this run only; returns (result, peak bytes)."""
-    with entry.method.apply(model, entry.steps, seed=seed, execution=entry.execution) as applied, \
+    run = entry.run
+    with entry.method.apply(model, run.sampler_steps, seed=run.seed, execution=entry.execution) as applied, \
             PeakMemory(gen.model_device(model)) as memory:
-        result = gen.sample_latents(model, cond, x_T, sampler=entry.sampler, steps=entry.steps, scale=scale,
-                                    seed=seed, method=applied, precision=precision)
+        result = gen.sample_latents(model, cond, x_T, sampler=run.sampler, steps=run.steps, scale=run.scale,
+                                    seed=run.seed, method=applied, precision=run.precision)
     return result, memory.peak_bytes
 
 
 def time_methods(model, entries: Sequence[BenchEntry], cond: gen.Conditioning, x_T: torch.Tensor, *,
-                 scale: float, precision: str, seed: int, repeats: int, progress: bool = True) -> None:
+                 repeats: int, progress: bool = True) -> None:
     """One untimed warm-up run per entry (a compiled entry compiles in it), then `repeats` passes over all
     entries, each pass starting one entry later (rotating order). Fills each entry's first-run seconds, seconds
     (per image), calls, peak memory and first latents."""
@@ -179,14 +179,14 @@ def time_methods(model, entries: Sequence[BenchEntry], cond: gen.Conditioning, x
     bar = tqdm(total=(repeats + 1) * len(entries), desc="benchmark", disable=not progress)
     for entry in entries:
         bar.set_description(f"benchmark: {entry.name}, untimed warm-up")
-        result, _ = run_method(model, entry, cond, x_T, scale=scale, precision=precision, seed=seed)
+        result, _ = run_method(model, entry, cond, x_T)
         entry.first_run_seconds = result.seconds
         bar.update()
     for repeat in range(repeats):
         shift = repeat % len(entries)
         for entry in list(entries[shift:]) + list(entries[:shift]):
             bar.set_description(f"benchmark: {entry.name}, repeat {repeat + 1}/{repeats}")
-            result, peak = run_method(model, entry, cond, x_T, scale=scale, precision=precision, seed=seed)
+            result, peak = run_method(model, entry, cond, x_T)
             entry.seconds.append(result.seconds / batch)
             entry.calls = result.calls or entry.planned_calls()
             entry.peak_memory_mb = max(entry.peak_memory_mb, peak / 2 ** 20)
@@ -196,37 +196,39 @@ def time_methods(model, entries: Sequence[BenchEntry], cond: gen.Conditioning, x
     bar.close()
 
 
-def call_types(entries: Sequence[BenchEntry]) -> Dict[Optional[float], Dict[str, CallType]]:
-    """{ToMe ratio (None: no ToMe): {entry name: (depth, ratio)}} of every UNet call the entries make."""
-    groups: Dict[Optional[float], Dict[str, CallType]] = {}
+def call_types(entries: Sequence[BenchEntry]) -> Dict[Optional[str], Dict[str, CallType]]:
+    """{cost group (`Method.cost_group`; None: the plain table): {entry name: (depth, ratio)}} of every UNet
+    call the entries make."""
+    groups: Dict[Optional[str], Dict[str, CallType]] = {}
     for entry in entries:
-        group = groups.setdefault(entry.method.tome_ratio, {})
+        group = groups.setdefault(entry.method.cost_group, {})
         for depth, ratio in entry.call_plan():
             group.setdefault(entry_name(depth, ratio), (depth, ratio))
     return groups
 
 
-def tome_applied(model: torch.nn.Module, ratio: Optional[float]):
-    """ToMeSD at `ratio` (the registry's tome-<r>) patched into `model` while the block runs; None: nothing."""
-    if ratio is None:
+def cost_patch(model: torch.nn.Module, method: Method):
+    """The components of `method` that change a call's cost (`Method.cost_components`) patched into `model`
+    while the block runs; nothing when it has none."""
+    if not method.cost_components:
         return nullcontext()
-    return parse_method(f"tome-{ratio:g}").apply(model, steps=1)  # ToMe alone has no step plan
+    return Method(method.cost_components).apply(model, steps=1)  # they have no step plan
 
 
-def cost_table_key(model, height: int, width: int, batch: int, precision: str,
-                   tome_ratio: Optional[float]) -> Dict[str, object]:
+def cost_table_key(model, height: int, width: int, batch: int, precision: str, method: Method,
+                   registry: Registry = REGISTRY) -> Dict[str, object]:
     """What a stored table is found by: `costs.table_key` (model, latent size, batch, device, dtype, threads,
-    torch) and the ToMe ratio patched while it was measured."""
+    torch) and the fields the cost-changing components of `method` add (`Registry.cost_key`)."""
     device = gen.model_device(model)
     unet = model.model.diffusion_model
     return dict(table_key(unet, height, width, batch, device, precision_name(precision, device)),
-                tome_ratio=tome_ratio)
+                **registry.cost_key(method))
 
 
 def cost_tables(model, entries: Sequence[BenchEntry], height: int, width: int, batch: int, precision: str,
-                repeats: int, path: Path, remeasure: bool = False,
-                progress: bool = True) -> Dict[Optional[float], CostTable]:
-    """The cost table of every ToMe ratio the entries use: seconds and exact MACs of every call type they make.
+                repeats: int, path: Path, remeasure: bool = False, progress: bool = True,
+                registry: Registry = REGISTRY) -> Dict[Optional[str], CostTable]:
+    """The cost table of every cost group the entries use: seconds and exact MACs of every call type they make.
 
     A table stored in `path` under the same key is reused: only the entries it lacks are timed (every needed
     entry with `remeasure`, replacing the stored ones), and only missing MAC counts are counted. What is
@@ -234,39 +236,35 @@ def cost_tables(model, entries: Sequence[BenchEntry], height: int, width: int, b
     """
     unet = model.model.diffusion_model
     tables = {}
-    for tome, needed in call_types(entries).items():
-        key = cost_table_key(model, height, width, batch, precision, tome)
+    for group, needed in call_types(entries).items():
+        method = next(e.method for e in entries if e.method.cost_group == group)
+        key = cost_table_key(model, height, width, batch, precision, method, registry)
         stored = find_table(path, key)
         to_time = sorted(call for name, call in needed.items()
                          if remeasure or stored is None or name not in stored.seconds)
         to_count = sorted(call for name, call in needed.items() if stored is None or name not in stored.macs)
         if to_time or to_count:
             fresh = CostTable(key=key)
-            with tome_applied(model, tome):
+            with cost_patch(model, method):
                 if to_time:
                     fresh = measure_table(model, height, width, batch, to_time, repeats=repeats,
-                                          precision="float32" if precision == "full" else "autocast",
-                                          progress=progress, count_macs=False)
+                                          precision=precision, progress=progress, count_macs=False)
                     fresh.key = key
                 if to_count:
                     fresh.macs = count_entry_macs(unet, height, width, batch, to_count)
             fresh.save(path)
             stored = fresh.merged_into(stored)
-        tables[tome] = stored
+        tables[group] = stored
     return tables
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """What every run of a benchmark shares. height, width: image size; cost_table: the JSON store of cost
-    tables; remeasure: time every needed cost-table entry again; predict_only: no end-to-end runs."""
+    """What every run of a benchmark shares: the run settings (image size, batch, scale, precision, seed; the
+    sampler and step count of the methods whose name has none), and the measuring: cost_table, the JSON store of
+    cost tables; remeasure: time every needed cost-table entry again; predict_only: no end-to-end runs."""
 
-    height: int
-    width: int
-    batch: int = 1
-    scale: float = 7.5
-    precision: str = "full"
-    seed: int = 42
+    run: RunSettings
     repeats: int = 3
     table_repeats: int = 3
     cost_table: Path = Path("costs.json")
@@ -275,26 +273,23 @@ class BenchSettings:
     predict_only: bool = False
 
 
-def run_benchmark(model, config, entries: Sequence[BenchEntry], settings: BenchSettings,
-                  progress: bool = True) -> Tuple[List[Dict[str, object]], Dict[Optional[float], CostTable]]:
+def run_benchmark(model, entries: Sequence[BenchEntry], settings: BenchSettings, progress: bool = True,
+                  registry: Registry = REGISTRY) -> Tuple[List[Dict[str, object]], Dict[Optional[str], CostTable]]:
     """Get the cost tables (seconds and MACs per call type), time every entry end to end (unless predict_only)
-    and decode the first latents of each. Returns (result rows, cost tables by ToMe ratio). config: the
-    model's config."""
-    _, h, w = shape = gen.latent_shape(gen.model_geometry(config), settings.height, settings.width)
-    batch = settings.batch
-    tables = cost_tables(model, entries, h, w, batch, settings.precision, settings.table_repeats,
-                         settings.cost_table, remeasure=settings.remeasure, progress=progress)
+    and decode the first latents of each. Returns (result rows, cost tables by cost group)."""
+    run = settings.run
+    _, h, w = shape = run.latent_shape
+    tables = cost_tables(model, entries, h, w, run.batch, run.precision, settings.table_repeats,
+                         settings.cost_table, remeasure=settings.remeasure, progress=progress, registry=registry)
     decoded = None
     if not settings.predict_only:
-        prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(batch)]
-        cond = gen.encode_prompts(model, prompts, settings.scale, settings.precision,
-                                  size=gen.SizeConditioning(settings.height, settings.width))
-        x_T = gen.start_noise([settings.seed + i for i in range(batch)], shape)
-        time_methods(model, entries, cond, x_T, scale=settings.scale, precision=settings.precision,
-                     seed=settings.seed, repeats=settings.repeats, progress=progress)
+        prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(run.batch)]
+        cond = gen.encode_prompts(model, prompts, run.scale, run.precision, size=run.size)
+        x_T = gen.start_noise([run.seed + i for i in range(run.batch)], shape)
+        time_methods(model, entries, cond, x_T, repeats=settings.repeats, progress=progress)
         if settings.decode:
-            decoded = {e.name: gen.decode(model, e.latents, settings.precision) for e in entries}
-    return result_rows(entries, tables, batch, decoded), tables
+            decoded = {e.name: gen.decode(model, e.latents, run.precision) for e in entries}
+    return result_rows(entries, tables, run.batch, decoded), tables
 
 
 # --- reporting --------------------------------------------------------------------------------------------
@@ -305,20 +300,20 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-def result_rows(entries: Sequence[BenchEntry], tables: Dict[Optional[float], CostTable], batch: int,
+def result_rows(entries: Sequence[BenchEntry], tables: Dict[Optional[str], CostTable], batch: int,
                 decoded: Optional[Dict[str, torch.Tensor]] = None) -> List[Dict[str, object]]:
     """One dict per entry (the .json rows and the table's cells); the first entry is the (eager) original.
     Speed-ups are over the eager original; `speedup_same_mode` is over the original run the same way."""
     original = entries[0]
     originals = {e.execution: e for e in entries if e.method.is_original}
-    macs = {e.name: tables[e.method.tome_ratio].plan_macs(e.call_plan()) for e in entries}
+    macs = {e.name: tables[e.method.cost_group].plan_macs(e.call_plan()) for e in entries}
     base = statistics.median(original.seconds) if original.seconds else None
     base_predicted = tables[None].plan_seconds(original.call_plan()) / batch
     rows = []
     for entry in entries:
-        # The cost table times plain eager calls: no prediction for cross-attention methods or compiled runs.
-        modelled = entry.method.text_prune is None and entry.method.tgate is None
-        predicted = (tables[entry.method.tome_ratio].plan_seconds(entry.call_plan()) / batch
+        # The cost table times plain eager calls: no prediction for methods it does not model or compiled runs.
+        modelled = entry.method.predicted
+        predicted = (tables[entry.method.cost_group].plan_seconds(entry.call_plan()) / batch
                      if modelled and not entry.execution.compiles else None)
         measured = statistics.median(entry.seconds) if entry.seconds else None
         ideal = macs[original.name] / macs[entry.name] if macs[entry.name] and modelled else None
@@ -329,7 +324,7 @@ def result_rows(entries: Sequence[BenchEntry], tables: Dict[Optional[float], Cos
         rows.append({
             "method": entry.name, "label": entry.method.label, "sampler": entry.sampler, "steps": entry.steps,
             "note": entry.note(), "strategy": strategy.to_dict() if strategy else None,
-            "tome_ratio": entry.method.tome_ratio, "seconds": entry.seconds, "median_s": measured,
+            "cost_group": entry.method.cost_group, "seconds": entry.seconds, "median_s": measured,
             "min_s": min(entry.seconds) if entry.seconds else None,
             "spread": spread(entry.seconds) if len(entry.seconds) > 1 else None,
             "execution": entry.execution.label, "compile_s": entry.compile_seconds(batch),
@@ -348,15 +343,15 @@ def result_rows(entries: Sequence[BenchEntry], tables: Dict[Optional[float], Cos
     return rows
 
 
-def spread_report(tables: Dict[Optional[float], CostTable], entries: Sequence[BenchEntry],
+def spread_report(tables: Dict[Optional[str], CostTable], entries: Sequence[BenchEntry],
                   threshold: float = NOISY_SPREAD) -> Tuple[List[str], List[str]]:
     """(lines giving the spread, (max - min) / median, of the repeats of every cost-table entry the entries use
     and of every method's timed runs; the measurements spreading more than `threshold`, e.g.
     'cost table entry d12_r0.50 45%')."""
     lines, flagged = [], []
-    for tome, needed in call_types(entries).items():
-        table = tables[tome]
-        where = "cost table" + (f" (ToMe {tome:g})" if tome is not None else "")
+    for group, needed in call_types(entries).items():
+        table = tables[group]
+        where = "cost table" + (f" ({group})" if group is not None else "")
         cells = []
         for name in sorted(needed):
             repeats = len(table.raw_seconds.get(name, []))

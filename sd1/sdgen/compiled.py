@@ -2,11 +2,11 @@
 exactly the work of one UNet call, and channels-last memory.
 
 What is compiled:
-- a DaTo or DeepCache patch (`datosd.patch`): the blocks of a call (`DatoState.compute`, a pure function of
-  its inputs). The step's cache depth and prune ratio, the DiffScore maps and the random base tokens are
-  decided before it runs (`DatoState.begin_call`), so the compiled region has no graph break and each
-  (depth, ratio, scores known or drawn) variant is compiled once per process, with static shapes (K = floor(r N)
-  is a constant of the variant). A depth-0 call returns the cache without entering it.
+- a DaTo or DeepCache patch (`datosd`, on an ldm / sgm UNet or a diffusers pipeline): the blocks of a call
+  (`DatoState.compute`, a pure function of its inputs). The step's cache depth and prune ratio, the DiffScore
+  maps and the random base tokens are decided before it runs (`DatoState.begin_call`), so the compiled region
+  has no graph break and each (depth, ratio, scores known or drawn) variant is compiled once per process, with
+  static shapes (K = floor(r N) is a constant of the variant). A depth-0 call returns the cache without entering it.
 - any other method (original, DDIM-N, ToMeSD, T-GATE, prompt-token pruning): the UNet's forward. Patches that
   draw random numbers or keep Python state inside the forward (tomesd's random partition) may split the graph;
   they still run correctly.
@@ -21,8 +21,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from datosd.patch import DatoState
-from datosd.utils import find_unet
+from datosd.state import DatoState
+from datosd.utils import any_unet
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 # Variants one UNet may compile before Dynamo falls back to eager: a searched strategy uses at most
@@ -112,19 +112,17 @@ class CompiledUNet:
 
     def __init__(self, model: torch.nn.Module, execution: Execution, dato_state: Optional[DatoState] = None,
                  fullgraph: bool = False):
-        self.unet = find_unet(model)
+        self.unet = any_unet(model)
         self.execution = execution
         self.dato_state = dato_state
-        self._eager_compute: Optional[Callable] = None
         self._removed = False
         if execution.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if not execution.compiles:
             return
         if dato_state is not None:
-            self._eager_compute = dato_state.compute
-            dato_state.compute = CompiledCall(dato_state.compute, execution, fullgraph)
-            dato_state.clone_outputs = execution.cuda_graphs
+            dato_state.use_compute(CompiledCall(dato_state.compute, execution, fullgraph),
+                                   clone_outputs=execution.cuda_graphs)
         else:
             self.unet.forward = CompiledCall(self.unet.forward, execution, fullgraph)
 
@@ -134,8 +132,7 @@ class CompiledUNet:
         self._removed = True
         if self.execution.compiles:
             if self.dato_state is not None:
-                self.dato_state.compute = self._eager_compute
-                self.dato_state.clone_outputs = False
+                self.dato_state.use_compute(None)
             else:
                 del self.unet.forward  # the instance attribute; the class's forward shows again
         if self.execution.channels_last:

@@ -1,11 +1,12 @@
 """Speed of DaTo against the diffusers baselines, in one process: `compare(...)` times the same pipeline as it is
-(original), with DeepCache's `DeepCacheSDHelper`, with `tomesd.apply_patch` and with `datosd.apply_patch`, the
-methods interleaved in every repeat, and returns each method's mean seconds and speed-up over the original.
+(original), with DeepCache's `DeepCacheSDHelper` (registry `deepcache-helper-n<N>-b<b>`), with tomesd
+(`tome-<r>`) and with datosd (`dato`), all applied through the method registry, the methods interleaved in every
+repeat, and returns each method's mean seconds and speed-up over the original.
 
     from sdgen.diffusers_bench import compare, format_table
     print(format_table(compare(steps=10, size=512, repeats=2)))
 
-The default pipeline is the full SD 1.5 architecture with random weights (`datosd.diffusers_models.sd15_pipeline`
+The default pipeline is the full SD 1.5 architecture with random weights (`sdgen.diffusers_models.sd15_pipeline`
 of the shipped v1-inference.yaml). A
 run is prompt encoding plus the denoising loop (`output_type="latent"`: no VAE decode, the same for every method).
 """
@@ -14,14 +15,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
+from datosd.strategy import DEFAULT_STRATEGY, Strategy
 
-from datosd.diffusers_models import sd15_pipeline
-from datosd.strategy import Strategy
-
-from .resources import DEFAULT_STRATEGY, packaged
+from .diffusers_models import sd15_pipeline
+from .methods import Method, MissingPackageError, dato_method, parse_method
+from .resources import packaged
 
 B1 = DEFAULT_STRATEGY
 SD15_CONFIG = packaged("configs", "stable-diffusion", "v1-inference.yaml")
@@ -52,43 +53,21 @@ def every_nth_step(strategy: Strategy, steps: int) -> Strategy:
     return strategy.every(strategy.steps // steps)
 
 
-def _methods(pipe, strategy: Strategy, deepcache: Tuple[int, int], tome_ratio: float, seed: int,
-             names: Sequence[str]) -> List[Tuple[BenchRow, Callable[[], Callable[[], None]]]]:
-    """(row, enable) per method; enable() patches the pipeline and returns the function that undoes it."""
-    import datosd
-
-    def original():
-        return lambda: None
-
-    def with_deepcache():
-        from DeepCache import DeepCacheSDHelper
-
-        helper = DeepCacheSDHelper(pipe=pipe)
-        helper.set_params(cache_interval=deepcache[0], cache_branch_id=deepcache[1])
-        helper.enable()
-        return helper.disable
-
-    def with_tomesd():
-        import tomesd
-
-        tomesd.apply_patch(pipe, ratio=tome_ratio)
-        return lambda: tomesd.remove_patch(pipe)
-
-    def with_dato():
-        datosd.apply_patch(pipe, strategy, seed=seed)
-        return lambda: datosd.remove_patch(pipe)
-
+def _methods(strategy: Strategy, deepcache: Tuple[int, int], tome_ratio: float,
+             names: Sequence[str]) -> List[Tuple[BenchRow, Method]]:
+    """(row, registry method) per method name of this benchmark: 'deepcache' is DeepCache's own helper."""
+    interval, branch = deepcache
     table = {
-        "original": (f"{strategy.steps} steps", original),
-        "deepcache": (f"DeepCacheSDHelper cache_interval={deepcache[0]}, cache_branch_id={deepcache[1]}",
-                      with_deepcache),
-        "tomesd": (f"tomesd.apply_patch ratio={tome_ratio}", with_tomesd),
-        "dato": (f"datosd.apply_patch {strategy.name}", with_dato),
+        "original": (f"{strategy.steps} steps", parse_method("original")),
+        "deepcache": (f"DeepCacheSDHelper cache_interval={interval}, cache_branch_id={branch}",
+                      parse_method(f"deepcache-helper-n{interval}-b{branch}")),
+        "tomesd": (f"tomesd.apply_patch ratio={tome_ratio}", parse_method(f"tome-{tome_ratio:g}")),
+        "dato": (f"datosd.apply_patch {strategy.name}", dato_method(strategy)),
     }
     unknown = set(names) - set(table)
     if unknown or "original" not in names:
         raise ValueError(f"methods must include 'original' and come from {METHODS}, got {list(names)}")
-    return [(BenchRow(name, table[name][0]), table[name][1]) for name in names]
+    return [(BenchRow(name, f"{table[name][0]} ({table[name][1].name})"), table[name][1]) for name in names]
 
 
 def compare(pipe: Any = None, *, steps: int = 50, size: int = 512, strategy: Union[Strategy, str, Path] = B1,
@@ -111,7 +90,7 @@ def compare(pipe: Any = None, *, steps: int = 50, size: int = 512, strategy: Uni
         strategy = every_nth_step(strategy, steps)
     pipe = sd15_pipeline(config_path, image_size=size) if pipe is None else pipe
     device = pipe.unet.device
-    plan = _methods(pipe, strategy, deepcache, tome_ratio, seed, methods)
+    plan = _methods(strategy, deepcache, tome_ratio, methods)
 
     def generate():
         generator = torch.Generator().manual_seed(seed)
@@ -122,20 +101,18 @@ def compare(pipe: Any = None, *, steps: int = 50, size: int = 512, strategy: Uni
                  latents=latents, output_type="latent")
 
     for repeat in range(warmup + repeats):
-        for row, enable in plan:
+        for row, method in plan:
             if row.skipped:
                 continue
             try:
-                disable = enable()
-            except ImportError as e:
+                applied = method.apply(pipe, steps, seed=seed)
+            except MissingPackageError as e:
                 row.skipped = f"not importable: {e}"
                 continue
-            try:
+            with applied:
                 started = _synchronized(device)
                 generate()
                 seconds = _synchronized(device) - started
-            finally:
-                disable()
             if repeat >= warmup:
                 row.seconds.append(seconds)
     rows = [row for row, _ in plan]

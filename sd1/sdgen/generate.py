@@ -15,6 +15,7 @@ of a run (DDIM eta noise, DaTo's random base tokens, tomesd's partition) from ge
 run's `seed`, so a seed gives the same images on any device, in any process, run after run.
 """
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -22,21 +23,19 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from omegaconf import OmegaConf
 
+from datosd.utils import model_family
 from ldm.checkpoint import CheckpointError
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.plms import PLMSSampler
-from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.util import instantiate_from_config, load_model_from_config, seeded_random_weights
 from sgm.inference import helpers as sdxl
 
 from .methods import AppliedMethod
 from .resources import DEMO_CONFIG, find_config
 from .runtime import UsageError, precision_scope, timed
+from .samplers import family_samplers, sampler_info
 
 DEMO_SEED = 0
 DEMO_LABEL = "random-weight tiny demo model (not Stable Diffusion weights)"
-SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler}  # SD 1.x / 2.x (CompVis)
-SGM_SAMPLERS = ("euler",)  # SDXL: EulerEDMSampler (generative-models)
 
 
 # --- models -----------------------------------------------------------------------------------------------
@@ -44,22 +43,32 @@ SGM_SAMPLERS = ("euler",)  # SDXL: EulerEDMSampler (generative-models)
 @dataclass(frozen=True)
 class ModelGeometry:
     """What a model config fixes: latent channels C, the VAE downsampling factor f, the UNet's levels (the
-    latent sides must halve evenly at each) and the model kind, 'ldm' (CompVis LatentDiffusion, SD 1.x/2.x)
-    or 'sgm' (generative-models DiffusionEngine, SDXL)."""
+    latent sides must halve evenly at each), its input-block count (DaTo's full depth: SD 1.x 12, SDXL 9) and
+    the model kind, 'ldm' (CompVis LatentDiffusion, SD 1.x/2.x) or 'sgm' (generative-models DiffusionEngine,
+    SDXL)."""
 
-    channels: int
-    factor: int
+    channels: int = 4
+    factor: int = 8
     levels: int = 4
     kind: str = "ldm"
+    blocks: int = 12
 
     @property
     def samplers(self) -> Tuple[str, ...]:
-        return SGM_SAMPLERS if self.kind == "sgm" else tuple(SAMPLERS)
+        return family_samplers(self.kind)
 
     @property
     def default_size(self) -> int:
         """The image side the model was trained at (SDXL 1024, SD 512)."""
         return 1024 if self.kind == "sgm" else 512
+
+
+def _input_blocks(unet) -> int:
+    """Input blocks of a UNet config: the input conv, num_res_blocks per level, a downsampler between levels."""
+    levels = len(unet.channel_mult)
+    res = unet.num_res_blocks
+    per_level = [int(res)] * levels if isinstance(res, int) else [int(r) for r in res]
+    return 1 + sum(per_level) + levels - 1
 
 
 def model_geometry(config) -> ModelGeometry:
@@ -68,14 +77,15 @@ def model_geometry(config) -> ModelGeometry:
     factor = 2 ** (len(params.first_stage_config.params.ddconfig.ch_mult) - 1)
     if "network_config" in params:
         unet = params.network_config.params
-        return ModelGeometry(int(unet.in_channels), factor, len(unet.channel_mult), kind="sgm")
+        return ModelGeometry(int(unet.in_channels), factor, len(unet.channel_mult), kind="sgm",
+                             blocks=_input_blocks(unet))
     unet = params.unet_config.params
-    return ModelGeometry(int(params.get("channels", 4)), factor, len(unet.channel_mult))
+    return ModelGeometry(int(params.get("channels", 4)), factor, len(unet.channel_mult), blocks=_input_blocks(unet))
 
 
 def is_sdxl(model) -> bool:
     """True for a generative-models DiffusionEngine (SDXL), False for a CompVis LatentDiffusion."""
-    return hasattr(model, "conditioner") and hasattr(model, "denoiser")
+    return model_family(model) == "sgm"
 
 
 def read_config(path) -> OmegaConf:
@@ -117,6 +127,39 @@ def load_model(config_path, ckpt, device="cpu", use_ema: bool = False, demo: boo
     check_model_files(config_path, ckpt)
     model = load_model_from_config(read_config(config_path), ckpt, use_ema=use_ema, verbose=verbose)
     return model.to(device).eval()
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model a job uses: `config` with the weights of `ckpt` (its EMA weights with `use_ema`), or, with
+    `demo`, `config` with seeded random weights. Small and picklable: every process builds its own copy."""
+
+    config: str
+    ckpt: str = ""
+    use_ema: bool = False
+    demo: bool = False
+
+    def check(self) -> None:
+        """Raise UsageError / CheckpointError when the config or checkpoint is missing (nothing is loaded)."""
+        check_model_files(self.config, self.ckpt, demo=self.demo)
+
+    def geometry(self) -> "ModelGeometry":
+        return model_geometry(read_config(self.config))
+
+    def load(self, device="cpu", verbose: bool = True) -> torch.nn.Module:
+        """The model on `device`, in eval mode (`load_model`)."""
+        return load_model(self.config, self.ckpt, device, use_ema=self.use_ema, demo=self.demo, verbose=verbose)
+
+    @property
+    def label(self) -> str:
+        """What made the images: the demo label or the checkpoint path (PNG text)."""
+        return DEMO_LABEL if self.demo else self.ckpt
+
+    def settings(self) -> Union[str, Dict[str, object]]:
+        """The model in a manifest's settings: the demo label, or the absolute checkpoint and config paths."""
+        if self.demo:
+            return DEMO_LABEL
+        return {"ckpt": os.path.abspath(self.ckpt), "config": os.path.abspath(self.config), "ema": self.use_ema}
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -208,21 +251,11 @@ def start_noise(seeds: Sequence[int], shape: Tuple[int, ...]) -> torch.Tensor:
 
 # --- sampling ---------------------------------------------------------------------------------------------
 
-def sampler_steps(sampler: str, steps: int) -> int:
-    """How many steps a sampler really runs for `steps` (CompVis's schedule adds some when `steps` does not
-    divide 1000; EulerEDM runs exactly `steps`)."""
-    if sampler in SGM_SAMPLERS:
-        return steps
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose from {', '.join((*SAMPLERS, *SGM_SAMPLERS))}")
-    return len(make_ddim_timesteps("uniform", steps, 1000, verbose=False))
-
-
 def check_sampler(model_or_geometry, sampler: str) -> None:
     """Raise UsageError when `sampler` does not belong to the model kind (SDXL: euler; SD: ddim, plms)."""
     kind = model_or_geometry.kind if isinstance(model_or_geometry, ModelGeometry) else (
         "sgm" if is_sdxl(model_or_geometry) else "ldm")
-    allowed = SGM_SAMPLERS if kind == "sgm" else tuple(SAMPLERS)
+    allowed = family_samplers(kind)
     if sampler not in allowed:
         model = "an SDXL model (EulerEDM)" if kind == "sgm" else "an SD 1.x/2.x model"
         raise UsageError(f"sampler {sampler!r} does not apply to {model}; use {' or '.join(allowed)}")
@@ -251,7 +284,8 @@ def sample_latents(model, cond: Conditioning, x_T: torch.Tensor, *, sampler: str
     device = model_device(model)
     if method is not None:
         method.reseed(seed)
-    if sampler in SGM_SAMPLERS:
+    info = sampler_info(sampler)
+    if info.family == "sgm":
         if eta != 0:
             raise UsageError("EulerEDM sampling is deterministic here (s_churn 0): eta must be 0")
         with torch.no_grad(), precision_scope(precision, device):
@@ -259,7 +293,7 @@ def sample_latents(model, cond: Conditioning, x_T: torch.Tensor, *, sampler: str
                                                                  steps, scale), device)
         return SampleResult(latents, seconds, method.call_counts() if method is not None else None)
     generator = torch.Generator().manual_seed(seed)
-    run = SAMPLERS[sampler](model)
+    run = info.sampler_class(model)
     with torch.no_grad(), precision_scope(precision, device):
         (latents, _), seconds = timed(lambda: run.sample(
             S=steps, conditioning=cond.cond, batch_size=x_T.shape[0], shape=list(x_T.shape[1:]), verbose=False,

@@ -1,4 +1,4 @@
-"""Per-UNet-call timing: DaTo's pruned and cached calls (the cost model's entries, `datosd.costs`) next to
+"""Per-UNet-call timing: DaTo's pruned and cached calls (the cost model's entries, `sdgen.costs`) next to
 ToMeSD (tomesd, through the method registry), interleaved over repeats in one process.
 
 A call is one UNet forward of a CFG batch (2B latents). DaTo calls are timed by `costs.time_entries` (two
@@ -9,11 +9,11 @@ import statistics
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from datosd.costs import entry_name, time_entries
-from datosd.patch import compute_blocks
+from datosd.caching import compute_blocks
 from ldm.models.diffusion.hooks import SamplingHooks
 
 from .compiled import CompiledCall, Execution
+from .costs import entry_name, time_entries
 from .methods import parse_method
 from .runtime import precision_scope, timed
 

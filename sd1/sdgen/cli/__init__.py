@@ -1,7 +1,11 @@
 """Command-line front ends (argument parsing plus library calls); scripts/*.py and the console commands
 call their `main`."""
+import json
 import sys
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from ..images import atomic_write_text
 
 INTERRUPTED_EXIT = 130
 
@@ -15,3 +19,10 @@ def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[
         hint = "; rerun the same command to resume" if resumable else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return INTERRUPTED_EXIT
+
+
+def write_result(path, data: Any) -> None:
+    """Write a measurement's numbers as JSON to `path` (its folder made, the file replaced in one rename) and say so."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(path), json.dumps(data, indent=1))
+    print(f"wrote {path}")

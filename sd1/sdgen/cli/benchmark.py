@@ -33,13 +33,12 @@ import sys
 from pathlib import Path
 
 import torch
-from datosd.costs import hardware_name
-from datosd.strategy import StrategyError
+from datosd.strategy import DEFAULT_STRATEGY, StrategyError
 from ldm.checkpoint import CheckpointError
 
 from .. import generate as gen
-from ..resources import DEFAULT_STRATEGY, find_config
 from ..benchmark import (
+    BASE_SAMPLERS,
     DEFAULT_METHODS,
     NOISY_SPREAD,
     BenchSettings,
@@ -50,9 +49,13 @@ from ..benchmark import (
     spread_report,
 )
 from ..compiled import COMPILE_MODES
+from ..costs import hardware_name
 from ..images import atomic_write_text, check_output_dir, check_output_file
-from ..methods import MethodError
+from ..methods import REGISTRY, MethodError, Registry
+from ..methods.caching import check_source
+from ..resources import find_config
 from ..runtime import UsageError, pick_device, precision_name, set_threads
+from ..settings import RunSettings, SettingFlags
 from . import run
 from .flags import DEFAULT_CONFIG
 
@@ -105,28 +108,30 @@ def method_names(opt) -> list:
     """--methods, then dato:FILE for every --strategy."""
     names = [m.strip() for m in opt.methods.split(",") if m.strip()]
     for path in opt.strategy:
-        if any(c in path for c in ",@+"):
-            raise UsageError(f"--strategy {path}: the path may not contain ',', '@' or '+'; rename it")
+        check_source(path, "--strategy")
         names.append(f"dato:{path}")
     return names
 
 
-def check_options(opt):
-    """Reject bad input before any model is built. Returns (entries, device, model config, cost-table path)."""
+FLAGS = SettingFlags(steps="--steps", batch="--batch")
+
+
+def check_options(opt, registry: Registry = REGISTRY):
+    """Reject bad input before any model is built. Returns (entries, run settings, device, model config,
+    cost-table path)."""
     if not (opt.demo or opt.random_weights or opt.ckpt):
         raise UsageError("give --ckpt, --random-weights or --demo")
-    for flag in ("steps", "batch", "table_repeats"):
-        if getattr(opt, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(opt, flag)}")
+    if opt.table_repeats < 1:
+        raise UsageError(f"--table-repeats must be at least 1, got {opt.table_repeats}")
     if opt.repeats < 1 and not opt.predict_only:
         raise UsageError(f"--repeats must be at least 1, got {opt.repeats}")
-    if opt.steps > 1000:
-        raise UsageError("--steps must be at most 1000 (the number of training timesteps)")
     config = gen.read_config(gen.DEMO_CONFIG if opt.demo else opt.config)
     geometry = gen.model_geometry(config)
-    gen.latent_shape(geometry, opt.H, opt.W)
-    entries = bench_entries(method_names(opt), opt.steps, kind=geometry.kind, compile_mode=opt.compile,
-                            channels_last=opt.channels_last)
+    settings = RunSettings.resolve(flags=FLAGS, sampler=BASE_SAMPLERS[geometry.kind], steps=opt.steps,
+                                   scale=opt.scale, precision=opt.precision, height=opt.H, width=opt.W,
+                                   batch=opt.batch, seed=opt.seed, geometry=geometry)
+    entries = bench_entries(method_names(opt), settings, compile_mode=opt.compile, channels_last=opt.channels_last,
+                            registry=registry)
     if opt.diffusers:
         if geometry.kind != "ldm" or not (opt.random_weights or opt.demo) or opt.predict_only or opt.H != opt.W:
             raise UsageError("--diffusers times an SD 1.x architecture with random weights end to end at a square "
@@ -138,7 +143,7 @@ def check_options(opt):
     check_output_dir(opt.outdir)
     cost_table = Path(opt.cost_table) if opt.cost_table else Path(opt.outdir) / "costs.json"
     check_output_file(cost_table, "--cost-table")
-    return entries, pick_device(opt.device), config, cost_table
+    return entries, settings, pick_device(opt.device), config, cost_table
 
 
 def load(opt, config, device):
@@ -150,20 +155,20 @@ def load(opt, config, device):
     return gen.load_model(opt.config, opt.ckpt, device), Path(opt.ckpt).name
 
 
-def main(argv=None) -> int:
+def main(argv=None, registry: Registry = REGISTRY) -> int:
+    """Run the benchmark with flags `argv` over the methods of `registry`."""
     opt = build_parser().parse_args(argv)
     try:
-        entries, device, config, cost_table = check_options(opt)
+        entries, run_settings, device, config, cost_table = check_options(opt, registry)
         threads = set_threads(opt.threads)
         model, model_label = load(opt, config, device)
     except (UsageError, MethodError, StrategyError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    settings = BenchSettings(height=opt.H, width=opt.W, batch=opt.batch, scale=opt.scale, precision=opt.precision,
-                             seed=opt.seed, repeats=opt.repeats, table_repeats=opt.table_repeats,
+    settings = BenchSettings(run=run_settings, repeats=opt.repeats, table_repeats=opt.table_repeats,
                              cost_table=cost_table, remeasure=opt.remeasure, decode=not opt.no_decode,
                              predict_only=opt.predict_only)
-    rows, tables = run_benchmark(model, config, entries, settings)
+    rows, tables = run_benchmark(model, entries, settings, registry=registry)
 
     lines, flagged = spread_report(tables, entries)
     print("\n" + "\n".join(lines))
@@ -213,7 +218,7 @@ def diffusers_rows(opt, config, entries, rows) -> str:
     and DaTo rows beside them."""
     from ..diffusers_bench import compare, format_table
 
-    dato = next((e for e in entries if e.method.strategy is not None and e.method.tome_ratio is None), None)
+    dato = next((e for e in entries if e.method.component("dato") is not None), None)
     strategy = dato.method.patch_strategy(dato.steps) if dato is not None else DEFAULT_STRATEGY
     results = compare(steps=opt.steps, size=opt.H, strategy=strategy, repeats=opt.repeats, warmup=1,
                       guidance_scale=opt.scale, seed=opt.seed,

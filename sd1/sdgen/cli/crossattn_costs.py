@@ -17,11 +17,9 @@ whose ratios survive a busy machine better than whole calls.
     python scripts/bench/crossattn_costs.py --layer_repeats 20 --threads 2
 """
 import argparse
-import json
 import statistics
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -29,11 +27,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from datosd import apply_text_pruning, apply_tgate, remove_text_pruning, remove_tgate
-from datosd.costs import context_width
 from datosd.text_pruning import TextPruneRun
 from datosd.text_tokens import KeptTokens
-from ..runtime import set_threads, timed
 from ldm.util import instantiate_from_config
+
+from ..costs import context_width
+from ..runtime import set_threads, timed
+from . import run, write_result
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 STEPS = 10  # the pretend run the patched calls belong to (warm-up 0.2: steps 0 and 1)
@@ -254,14 +254,10 @@ def main(argv=None):
             ratio = value / alone["77"]
             print(f"  attn2 layers alone at {count:>2s} tokens: {value:.3f} s ({ratio:.3f} x 77 tokens) -> "
                   f"call about {1 - share * (1 - ratio):.3f} x plain")
-    Path(opt.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opt.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {opt.out}")
+    write_result(opt.out, result)
 
 
 def cli() -> int:
-    from . import run
-
     return run(main)
 
 

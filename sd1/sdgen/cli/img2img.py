@@ -10,24 +10,22 @@ steps: without --strategy, --dato uses the last t_enc steps of b1 (the steps of 
 img2img visits) and says so; for another strategy use --method 'dato:FILE@last<t_enc>'.
 """
 import argparse
-import math
 import sys
 
 import torch
-from tqdm import tqdm, trange
-
-from ldm.checkpoint import CheckpointError
 
 from .. import generate as gen
-from ..images import SampleWriter, check_output_dir, load_init_image, to_uint8_images
-from ..methods import MethodError, parse_method
-from ..runtime import UsageError, pick_device, seed_everything
+from ..images import SampleWriter, check_output_dir, load_init_image
+from ..methods import REGISTRY, Registry
+from ..runtime import UsageError
+from ..settings import RunSettings, SettingFlags
 from . import run
-from .flags import (add_acceleration_args, add_model_args, execution_from_args, method_from_args, method_name_from_args,
-                    resolve_model_args)
+from .flags import add_acceleration_args, add_model_args, method_from_args, resolve_model_args
+from .sampling import checked_start, read_prompt_batches, sample_passes
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
+    """The flags; the method flags are those of `registry`'s kinds."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
                         help="the prompt to render")
@@ -53,71 +51,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file")
     parser.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     add_model_args(parser)
-    add_acceleration_args(parser)
+    add_acceleration_args(parser, registry)
     return parser
 
 
-def resolve_method(opt, t_enc: int):
-    """The method for a t_enc-step run: --dato without --strategy takes b1's last t_enc steps."""
+FLAGS = SettingFlags(steps="--ddim_steps", eta="--ddim_eta", batch="--n_samples")
+
+
+def resolve_method(opt, settings: RunSettings):
+    """The method of the flags for the run's steps: --dato without --strategy takes b1's last steps (the ones
+    of its 50-step schedule img2img visits), and says so."""
     method = method_from_args(opt)
-    if method.steps is not None:
-        raise UsageError(f"img2img samples with DDIM over --strength x --ddim_steps steps; {method.name} "
-                         f"sets its own sampler and steps")
-    if opt.dato and opt.strategy is None and method.strategy.steps != t_enc:
-        name = method_name_from_args(opt).replace("dato", f"dato@last{t_enc}", 1)
-        method = parse_method(name)
-        print(f"--dato: b1 is a 50-step strategy; this run of {t_enc} steps uses its last {t_enc} steps "
-              f"({method.name})")
-    method.check_steps(t_enc)
-    return method
+    steps = settings.sampler_steps
+    adapted = method.for_last_steps(steps)
+    if adapted.name != method.name:
+        print(f"{method.name}: this run of {steps} steps uses its last {steps} steps ({adapted.name})")
+    return adapted
 
 
 def check_options(opt):
-    """Reject bad input before anything is loaded or written. Returns (init image, batches, method, t_enc)."""
-    for name in ("ddim_steps", "n_iter", "n_samples"):
-        if getattr(opt, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(opt, name)}")
-    if opt.ddim_steps > 1000:
-        raise UsageError("--ddim_steps must be at most 1000 (the number of training timesteps)")
-    if not math.isfinite(opt.scale) or not math.isfinite(opt.ddim_eta) or opt.ddim_eta < 0:
-        raise UsageError("--scale must be a finite number and --ddim_eta a finite number >= 0")
+    """Reject bad input before anything is loaded or written. Returns (init image, batches, method, run
+    settings)."""
+    if opt.n_iter < 1:
+        raise UsageError(f"--n_iter must be at least 1, got {opt.n_iter}")
     geometry = gen.model_geometry(gen.read_config(opt.config))
     gen.check_geometry(geometry, opt.C, opt.f)
     init_image = load_init_image(opt.init_img, multiple=gen.latent_multiple(geometry), flag="--init-img")
-    total = gen.sampler_steps("ddim", opt.ddim_steps)
-    t_enc = min(gen.img2img_steps(opt.strength, opt.ddim_steps), total)
-    if opt.from_file:
-        try:
-            with open(opt.from_file, encoding="utf-8") as f:
-                prompts = [line.rstrip("\n") for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as err:
-            raise UsageError(f"--from-file {opt.from_file}: cannot read it ({err})") from None
-        if not prompts:
-            raise UsageError(f"--from-file {opt.from_file} holds no prompt")
-        batches = gen.batches(prompts, opt.n_samples)
-    else:
-        batches = [opt.n_samples * [opt.prompt]]
-    method = resolve_method(opt, t_enc)
+    settings = RunSettings.resolve(flags=FLAGS, sampler="ddim", steps=opt.ddim_steps, scale=opt.scale,
+                                   eta=opt.ddim_eta, precision=opt.precision, height=init_image.shape[-2],
+                                   width=init_image.shape[-1], batch=opt.n_samples, seed=opt.seed,
+                                   strength=opt.strength, geometry=geometry)
+    batches = read_prompt_batches(opt)
+    method = resolve_method(opt, settings)
+    settings = settings.for_method(method, FLAGS)
     gen.check_model_files(opt.config, opt.ckpt, demo=opt.demo)
     check_output_dir(opt.outdir)
-    return init_image, batches, method, t_enc
+    return init_image, batches, method, settings
 
 
-def main(argv=None, model=None) -> int:
+def main(argv=None, model=None, registry: Registry = REGISTRY) -> int:
     """Run img2img with command-line flags `argv`; `model`, when given, is used instead of loading one
     (a driver transforming many images loads it once)."""
-    opt = resolve_model_args(build_parser().parse_args(argv))
-    try:
-        init_image, batches, method, t_enc = check_options(opt)
-        device = pick_device(opt.device)
-        if model is None:
-            model = gen.load_model(opt.config, opt.ckpt, device, use_ema=opt.ema, demo=opt.demo)
-    except (UsageError, CheckpointError, MethodError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    opt = resolve_model_args(build_parser(registry).parse_args(argv))
+    started = checked_start(opt, check_options, model)
+    if started is None:
         return 2
-    seed_everything(opt.seed)
-    if opt.demo:
-        print(f"*** {gen.DEMO_LABEL}: images are noise-like by design ***")
+    (init_image, batches, method, settings), model = started
+    t_enc = settings.sampler_steps
     print(f"img2img runs {t_enc} of {opt.ddim_steps} DDIM steps (strength {opt.strength})")
     print(f"method: {method.name} = {method.label}")
     png_text = {"init_img": opt.init_img, "strength": opt.strength, "seed": opt.seed, "steps": opt.ddim_steps,
@@ -128,22 +108,17 @@ def main(argv=None, model=None) -> int:
     init_latent = gen.encode_image(model, init_image, opt.seed, opt.precision)
     latent_shape = tuple(init_latent.shape[1:])
     fixed_noise = torch.randn((opt.n_samples, *latent_shape), generator=noise_generator)
-    run_index = 0
-    with method.apply(model, t_enc, seed=opt.seed, execution=execution_from_args(opt)) as applied:
-        for _ in trange(opt.n_iter, desc="Sampling"):
-            for prompts in tqdm(batches, desc="data"):
-                batch = len(prompts)
-                cond = gen.encode_prompts(model, prompts, opt.scale, opt.precision)
-                noise = fixed_noise[:batch] if opt.fixed_code else torch.randn((batch, *latent_shape),
-                                                                              generator=noise_generator)
-                result = gen.img2img_latents(model, init_latent.expand(batch, -1, -1, -1), cond, noise,
-                                             steps=opt.ddim_steps, encode_steps=t_enc, scale=opt.scale,
-                                             eta=opt.ddim_eta, seed=opt.seed + run_index, method=applied,
-                                             precision=opt.precision)
-                writer.add(to_uint8_images(gen.decode(model, result.latents, opt.precision)), result.seconds)
-                run_index += 1
-    writer.finish(opt.n_rows if opt.n_rows > 0 else opt.n_samples)
-    return 0
+
+    def transform_batch(prompts, applied, seed):
+        batch = len(prompts)
+        cond = gen.encode_prompts(model, prompts, opt.scale, opt.precision)
+        noise = fixed_noise[:batch] if opt.fixed_code else torch.randn((batch, *latent_shape),
+                                                                      generator=noise_generator)
+        return gen.img2img_latents(model, init_latent.expand(batch, -1, -1, -1), cond, noise, steps=opt.ddim_steps,
+                                   encode_steps=t_enc, scale=opt.scale, eta=opt.ddim_eta, seed=seed, method=applied,
+                                   precision=opt.precision)
+
+    return sample_passes(model, method, settings, opt, batches, writer, transform_batch)
 
 
 def cli() -> int:

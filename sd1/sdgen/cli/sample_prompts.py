@@ -27,24 +27,27 @@ image can change by about one grey level when it lands in a different batch, and
 of DaTo and ToMeSD follow the batch's first image.
 """
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import torch
 from ldm.checkpoint import CheckpointError
-from sdeval.prompts import read_prompts
 
 from .. import generate as gen
-from ..methods import MethodError
-from ..prompt_set import PromptSetJob, check_job, run_prompt_set
+from ..generate import ModelRef
+from ..methods import REGISTRY, MethodError, Registry
+from ..image_jobs import check_job, run_image_job
+from ..prompt_set import PromptSetJob
+from ..prompts import read_prompts
 from ..runtime import UsageError, pick_device, seed_everything
+from ..settings import RunSettings, SettingFlags
 from ..sharding import dist_info_from_env
 from . import run
 from .flags import add_acceleration_args, add_model_args, execution_from_args, method_from_args, resolve_model_args
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
+    """The flags; the method flags are those of `registry`'s kinds."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from-file", "--from_file", dest="from_file", type=str, required=True,
                    help="prompt file, one prompt per line (e.g. data/imagenet-class-prompts.txt)")
@@ -66,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches per process left out of the timing (GPU warm-up); they are still saved")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     add_model_args(p)
-    add_acceleration_args(p)
+    add_acceleration_args(p, registry)
     return p
+
+
+FLAGS = SettingFlags(sampler="--plms", steps="--ddim_steps", batch="--batch_size")
 
 
 def job_from_args(opt) -> PromptSetJob:
@@ -76,40 +82,34 @@ def job_from_args(opt) -> PromptSetJob:
         opt.H = 128 if opt.demo else 512
     if opt.W is None:
         opt.W = 128 if opt.demo else 512
-    for name in ("ddim_steps", "repeats", "batch_size"):
-        if getattr(opt, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(opt, name)}")
+    if opt.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {opt.repeats}")
     if opt.limit is not None and opt.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {opt.limit}")
     if opt.warmup_batches < 0:
         raise UsageError(f"--warmup_batches must be 0 or more, got {opt.warmup_batches}")
-    if opt.ddim_steps > 1000:
-        raise UsageError("--ddim_steps must be at most 1000 (the number of training timesteps)")
-    if not math.isfinite(opt.scale):
-        raise UsageError(f"--scale must be a finite number, got {opt.scale}")
     if opt.seed < 0:
         raise UsageError(f"--seed must be 0 or more (image k uses seed + k), got {opt.seed}")
-    geometry = gen.model_geometry(gen.read_config(opt.config))
+    model = ModelRef(opt.config, opt.ckpt, opt.ema, opt.demo)
+    geometry = model.geometry()
     gen.check_geometry(geometry, opt.C, opt.f)
-    gen.latent_shape(geometry, opt.H, opt.W)
+    run = RunSettings(sampler="plms" if opt.plms else "ddim", steps=opt.ddim_steps, scale=opt.scale,
+                      precision=opt.precision, height=opt.H, width=opt.W, batch=opt.batch_size, seed=opt.seed,
+                      geometry=geometry)
+    run.validate(FLAGS)
     try:
         prompts = read_prompts(opt.from_file)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"--from-file: {err}") from None
-    gen.check_model_files(opt.config, opt.ckpt, demo=opt.demo)
+    model.check()
     method = method_from_args(opt)
-    sampler = method.run_sampler("plms" if opt.plms else "ddim")
-    ddim_steps = method.run_steps(opt.ddim_steps)
     return PromptSetJob(outdir=Path(opt.outdir), prompts=tuple(prompts), prompt_file=opt.from_file, method=method,
-                        model_args=(opt.config, opt.ckpt, opt.ema, opt.demo), repeats=opt.repeats, limit=opt.limit,
-                        seed=opt.seed, sampler=sampler, ddim_steps=ddim_steps,
-                        steps=gen.sampler_steps(sampler, ddim_steps), scale=opt.scale, height=opt.H, width=opt.W,
-                        precision=opt.precision, batch_size=opt.batch_size, warmup_batches=opt.warmup_batches,
-                        geometry=geometry, execution=execution_from_args(opt))
+                        model=model, run=run.for_method(method, FLAGS), repeats=opt.repeats, limit=opt.limit,
+                        warmup_batches=opt.warmup_batches, execution=execution_from_args(opt))
 
 
-def main(argv=None) -> int:
-    opt = resolve_model_args(build_parser().parse_args(argv))
+def main(argv=None, registry: Registry = REGISTRY) -> int:
+    opt = resolve_model_args(build_parser(registry).parse_args(argv))
     try:
         job = job_from_args(opt)
         info = dist_info_from_env()
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         print(f"{job.total} images ({len(job.prompts)} prompts x {job.repeats} repeats"
               f"{'' if job.limit is None else f', limit {job.limit}'}) in {job.outdir}, {info.world} process(es); "
               f"method: {job.method.name} = {job.method.label}")
-    run_prompt_set(job, info, device, progress=not opt.no_progress)
+    run_image_job(job, info, device, progress=not opt.no_progress)
     return 0
 
 

@@ -8,14 +8,14 @@ Fidelity is the relative error of the final latent against the unpatched run, sa
     python scripts/bench/text_pruning_tiny.py --out outputs/bench/text_pruning_tiny.json
 """
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
 from datosd import apply_text_pruning, apply_tgate, remove_text_pruning, remove_tgate
 from ldm.models.diffusion.ddim import DDIMSampler
+
 from ..generate import build_demo_model
+from . import run, write_result
 
 GOLDEN_SEED = 1234  # tests/golden_weights.py REDRAW_SEED
 PROMPTS = [
@@ -84,14 +84,10 @@ def main(argv=None):
             rows[name] = row
             print(f"  {name:36s} latent rel. error {error:.4f}{summary}")
         result["prompts"][prompt] = {"tokens": words, "methods": rows}
-    Path(opt.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opt.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {opt.out}")
+    write_result(opt.out, result)
 
 
 def cli() -> int:
-    from . import run
-
     return run(main)
 
 

@@ -9,25 +9,24 @@ acceleration flags).
         --ckpt sd_xl_base_1.0.safetensors --scale 7.0 --dato
 """
 import argparse
-import math
-import os
 import sys
 
 import torch
-from ldm.checkpoint import CheckpointError
-from tqdm import tqdm, trange
 
 from .. import generate as gen
-from ..images import SampleWriter, check_output_dir, to_uint8_images
-from ..methods import MethodError
-from ..runtime import UsageError, pick_device, seed_everything
+from ..images import SampleWriter, check_output_dir
+from ..methods import REGISTRY, Registry
+from ..runtime import UsageError
+from ..settings import RunSettings, SettingFlags
 from . import run
-from .flags import add_acceleration_args, add_model_args, execution_from_args, method_from_args, resolve_model_args
+from .flags import add_acceleration_args, add_model_args, method_from_args, resolve_model_args
+from .sampling import checked_start, read_prompt_batches, sample_passes
 
 DEMO_SIZE = 128
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
+    """The flags; the method flags are those of `registry`'s kinds."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
                         help="the prompt to render")
@@ -64,41 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     sdxl.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None,
                       help="target_size_as_tuple (default: --H --W)")
     add_model_args(parser)
-    add_acceleration_args(parser)
+    add_acceleration_args(parser, registry)
     return parser
 
 
-def read_prompt_batches(opt) -> list:
-    """List of prompt batches: n_samples copies of --prompt, or the lines of --from-file in chunks."""
-    if not opt.from_file:
-        return [opt.n_samples * [opt.prompt]]
-    if not os.path.isfile(opt.from_file):
-        raise UsageError(f"--from-file {opt.from_file} does not exist")
-    try:
-        with open(opt.from_file, "r", encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"--from-file {opt.from_file}: cannot read it ({err})") from None
-    if not prompts:
-        raise UsageError(f"--from-file {opt.from_file} holds no prompt")
-    return gen.batches(prompts, opt.n_samples)
-
-
-def pick_sampler(opt, geometry, method) -> str:
+def pick_sampler(opt, geometry) -> str:
     """plms / ddim for SD 1.x/2.x (CompVis flags); EulerEDM for SDXL, where those flags do not apply."""
     if geometry.kind == "sgm":
         if opt.plms or opt.ddim_eta != 0:
             raise UsageError("an SDXL config samples with EulerEDM (generative-models): --plms and --ddim_eta do "
                              "not apply; drop them")
-        sampler = method.run_sampler("euler")
-    else:
-        given = [f"--{name}" for name in ("original_size", "crop_coords_top_left", "target_size")
-                 if getattr(opt, name) is not None]
-        if given:
-            raise UsageError(f"{', '.join(given)}: SDXL size conditioning; this config is not an SDXL one")
-        sampler = method.run_sampler("plms" if opt.plms else "ddim")
-    gen.check_sampler(geometry, sampler)
-    return sampler
+        return "euler"
+    given = [f"--{name}" for name in ("original_size", "crop_coords_top_left", "target_size")
+             if getattr(opt, name) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: SDXL size conditioning; this config is not an SDXL one")
+    return "plms" if opt.plms else "ddim"
 
 
 def size_conditioning(opt) -> gen.SizeConditioning:
@@ -107,68 +87,53 @@ def size_conditioning(opt) -> gen.SizeConditioning:
                                 target_size=opt.target_size and tuple(opt.target_size))
 
 
+FLAGS = SettingFlags(sampler="--plms", steps="--ddim_steps", eta="--ddim_eta", batch="--n_samples")
+
+
 def check_options(opt):
-    """Reject bad input before anything is loaded or written. Returns (batches, method, steps, sampler,
-    latent shape)."""
+    """Reject bad input before anything is loaded or written. Returns (batches, method, run settings)."""
     geometry = gen.model_geometry(gen.read_config(opt.config))
     if opt.H is None:
         opt.H = DEMO_SIZE if opt.demo else geometry.default_size
     if opt.W is None:
         opt.W = DEMO_SIZE if opt.demo else geometry.default_size
-    for name in ("ddim_steps", "n_iter", "n_samples"):
-        if getattr(opt, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(opt, name)}")
-    if not math.isfinite(opt.scale) or not math.isfinite(opt.ddim_eta) or opt.ddim_eta < 0:
-        raise UsageError("--scale must be a finite number and --ddim_eta a finite number >= 0")
-    if opt.plms and opt.ddim_eta != 0:
-        raise UsageError("PLMS sampling is deterministic: --ddim_eta must be 0 with --plms")
-    if opt.ddim_steps > 1000:
-        raise UsageError("--ddim_steps must be at most 1000 (the number of training timesteps)")
+    if opt.n_iter < 1:
+        raise UsageError(f"--n_iter must be at least 1, got {opt.n_iter}")
     gen.check_geometry(geometry, opt.C, opt.f)
-    shape = gen.latent_shape(geometry, opt.H, opt.W)
+    settings = RunSettings.resolve(flags=FLAGS, sampler=pick_sampler(opt, geometry), steps=opt.ddim_steps,
+                                   scale=opt.scale, eta=opt.ddim_eta, precision=opt.precision, height=opt.H,
+                                   width=opt.W, batch=opt.n_samples, seed=opt.seed, geometry=geometry)
     batches = read_prompt_batches(opt)
     method = method_from_args(opt)
-    sampler = pick_sampler(opt, geometry, method)
-    steps = gen.sampler_steps(sampler, method.run_steps(opt.ddim_steps))
-    method.check_steps(steps)
+    settings = settings.for_method(method, FLAGS)
     gen.check_model_files(opt.config, opt.ckpt, demo=opt.demo)
     check_output_dir(opt.outdir)
-    return batches, method, steps, sampler, shape
+    return batches, method, settings
 
 
-def main(argv=None) -> int:
-    opt = resolve_model_args(build_parser().parse_args(argv))
-    try:
-        batches, method, steps, sampler, shape = check_options(opt)
-        device = pick_device(opt.device)
-        model = gen.load_model(opt.config, opt.ckpt, device, use_ema=opt.ema, demo=opt.demo)
-    except (UsageError, CheckpointError, MethodError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+def main(argv=None, registry: Registry = REGISTRY) -> int:
+    opt = resolve_model_args(build_parser(registry).parse_args(argv))
+    started = checked_start(opt, check_options)
+    if started is None:
         return 2
-    seed_everything(opt.seed)
-    if opt.demo:
-        print(f"*** {gen.DEMO_LABEL}: images are noise-like by design ***")
+    (batches, method, settings), model = started
     print(f"method: {method.name} = {method.label}")
-    png_text = {"prompt_source": opt.from_file or opt.prompt, "seed": opt.seed, "steps": steps,
-                "sampler": sampler, "scale": opt.scale, "eta": opt.ddim_eta, "method": method.name,
+    png_text = {"prompt_source": opt.from_file or opt.prompt, "seed": opt.seed, "steps": settings.sampler_steps,
+                "sampler": settings.sampler, "scale": opt.scale, "eta": opt.ddim_eta, "method": method.name,
                 "model": gen.DEMO_LABEL if opt.demo else opt.ckpt}
     writer = SampleWriter(opt.outdir, png_text, skip_save=opt.skip_save, skip_grid=opt.skip_grid)
     noise = torch.Generator().manual_seed(opt.seed)  # x_T of every batch, drawn in order on the CPU
+    shape = settings.latent_shape
     fixed_code = torch.randn((opt.n_samples, *shape), generator=noise) if opt.fixed_code else None
-    run_index = 0
-    with method.apply(model, steps, seed=opt.seed, execution=execution_from_args(opt)) as applied:
-        for _ in trange(opt.n_iter, desc="Sampling"):
-            for prompts in tqdm(batches, desc="data"):
-                batch = len(prompts)
-                cond = gen.encode_prompts(model, prompts, opt.scale, opt.precision, size=size_conditioning(opt))
-                x_T = fixed_code[:batch] if fixed_code is not None else torch.randn((batch, *shape), generator=noise)
-                result = gen.sample_latents(model, cond, x_T, sampler=sampler, steps=steps, scale=opt.scale,
-                                            eta=opt.ddim_eta, seed=opt.seed + run_index, method=applied,
-                                            precision=opt.precision)
-                writer.add(to_uint8_images(gen.decode(model, result.latents, opt.precision)), result.seconds)
-                run_index += 1
-    writer.finish(opt.n_rows if opt.n_rows > 0 else opt.n_samples)
-    return 0
+
+    def sample_batch(prompts, applied, seed):
+        cond = gen.encode_prompts(model, prompts, opt.scale, opt.precision, size=size_conditioning(opt))
+        batch = len(prompts)
+        x_T = fixed_code[:batch] if fixed_code is not None else torch.randn((batch, *shape), generator=noise)
+        return gen.sample_latents(model, cond, x_T, sampler=settings.sampler, steps=settings.steps, scale=opt.scale,
+                                  eta=opt.ddim_eta, seed=seed, method=applied, precision=opt.precision)
+
+    return sample_passes(model, method, settings, opt, batches, writer, sample_batch)
 
 
 def cli() -> int:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
-from datosd.costs import hardware_name, unet_inputs
+from ..costs import hardware_name, unet_inputs
 from ldm.util import instantiate_from_config
 
 from .. import generate as gen

@@ -20,6 +20,8 @@ class PLMSSampler(ScheduledSampler):
     step happen inside `step_started(0)`."""
 
     progress_desc = "PLMS Sampler"
+    first_step_model_calls = 2  # the pseudo improved-Euler step
+    takes_eta = False
 
     def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0.0, verbose=True):
         if ddim_eta != 0:

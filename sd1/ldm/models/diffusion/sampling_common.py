@@ -105,6 +105,8 @@ class ScheduledSampler:
     """
 
     progress_desc = "Sampler"
+    first_step_model_calls = 1  # UNet calls (each with the whole CFG batch) in step 0; one in every later step
+    takes_eta = True  # whether eta > 0 (stochastic sampling) is defined
 
     def __init__(self, model, schedule="linear", device=None):
         self.model = model

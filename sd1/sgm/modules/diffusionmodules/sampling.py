@@ -34,6 +34,9 @@ class BaseDiffusionSampler:
     """The schedule (`discretization_config`), the guider (`guider_config`, default none) and the device the
     sigmas live on (a CUDA device falls back to the CPU when there is none)."""
 
+    first_step_model_calls = 1  # denoiser calls (each with the whole CFG batch) in step 0; one in every later step
+    takes_eta = False  # s_churn 0 here: deterministic
+
     def __init__(self, discretization_config: ConfigLike, num_steps: Optional[int] = None,
                  guider_config: Optional[ConfigLike] = None, verbose: bool = False, device: str = "cuda"):
         self.num_steps = num_steps

@@ -23,7 +23,7 @@ def require_diffusers():
     try:
         import diffusers
     except ImportError as e:
-        raise ImportError('datosd\'s diffusers support needs diffusers: pip install -e ".[diffusers]"') from e
+        raise ImportError('the diffusers pipelines need diffusers: pip install -e ".[diffusers]"') from e
     return diffusers
 
 

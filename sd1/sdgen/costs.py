@@ -3,7 +3,8 @@
 A UNet call's cost depends only on its cache depth and prune ratio (for a given model, latent size, batch,
 device, dtype and thread count), so a run's sampling time is the sum of its calls' entries, the calls being
 `Strategy.call_plan`. The table is measured once, interleaved over repeats, and stored as JSON keyed by what
-it depends on; the search and the benchmark share it. Each entry keeps its raw repeats, so a disturbed
+it depends on; the search and the benchmark share it. It times the patch as a user of `datosd` does: through
+the returned state's methods. Each entry keeps its raw repeats, so a disturbed
 measurement shows as a large spread ((max - min) / median).
 """
 import hashlib
@@ -21,9 +22,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .patch import FULL_DEPTH, apply_patch, remove_patch
-from .strategy import Strategy
-from .utils import find_unet
+from datosd.patch import apply_patch, remove_patch
+from datosd.strategy import MAX_DEPTH, Strategy
+from datosd.utils import find_unet
+
+from .runtime import precision_name, precision_scope
+from .samplers import first_step_calls
 
 SEARCH_DEPTHS = (0, 1, 12)  # spec 1
 SEARCH_RATIOS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)  # spec 1, plus "no pruning"
@@ -31,7 +35,7 @@ SEARCH_RATIOS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)  # spec 1, plus "no pruning"
 
 def entry_name(depth: int, ratio: float) -> str:
     """Table key of a call: 'd0' (nothing runs, the ratio is moot) or e.g. 'd12_r0.50'."""
-    depth = min(int(depth), FULL_DEPTH)
+    depth = min(int(depth), MAX_DEPTH)
     return "d0" if depth == 0 else f"d{depth}_r{ratio:.2f}"
 
 
@@ -90,13 +94,14 @@ class CostTable:
             raise KeyError(f"the cost table has no MAC count for {sorted(set(missing))}")
         return sum(self.macs[entry_name(d, r)] for d, r in plan)
 
-    def predict(self, strategy: Strategy, sampler: str = "plms") -> float:
-        """Predicted UNet time of one sampling run of `strategy` under `sampler` (seconds)."""
-        return self.plan_seconds(strategy.call_plan(sampler))
+    def predict(self, strategy: Strategy, sampler: str = "plms", n_blocks: int = MAX_DEPTH) -> float:
+        """Predicted UNet time of one sampling run of `strategy` under `sampler` (seconds) on a UNet of
+        `n_blocks` input blocks."""
+        return self.plan_seconds(strategy.call_plan(first_step_calls(sampler), n_blocks))
 
-    def predict_macs(self, strategy: Strategy, sampler: str = "plms") -> int:
+    def predict_macs(self, strategy: Strategy, sampler: str = "plms", n_blocks: int = MAX_DEPTH) -> int:
         """Exact MACs of one sampling run's UNet calls."""
-        return self.plan_macs(strategy.call_plan(sampler))
+        return self.plan_macs(strategy.call_plan(first_step_calls(sampler), n_blocks))
 
     def spread(self, name: str) -> float:
         """`spread` of an entry's repeats: large when the machine was disturbed while it was measured."""
@@ -173,7 +178,7 @@ def table_key(unet: torch.nn.Module, height: int, width: int, batch: int, device
 
 def _calibration_strategy(entries: Sequence[Tuple[int, float]]) -> Strategy:
     """Two full warm-up steps (they fill the caches and the two DiffScore maps), then one step per entry."""
-    depths = [FULL_DEPTH, FULL_DEPTH] + [d for d, _ in entries]
+    depths = [MAX_DEPTH, MAX_DEPTH] + [d for d, _ in entries]
     ratios = [0.0, 0.0] + [r for _, r in entries]
     return Strategy(depths, ratios, name="calibration")
 
@@ -210,11 +215,10 @@ def time_entries(unet: torch.nn.Module, entries: Sequence[Tuple[int, float]], x:
     timed call per (depth, ratio) entry, in the given order. Returns {entry name: seconds}.
 
     x, t, cond: UNet inputs and conditioning keywords (`unet_inputs`); autocast: the precision context of the calls.
-    compute: what runs the blocks of a call instead of `patch.compute_blocks` (e.g. a compiled version of it).
+    compute: what runs the blocks of a call instead of `datosd.caching.compute_blocks` (e.g. a compiled version).
     """
     state = apply_patch(unet, _calibration_strategy(entries))
-    if compute is not None:
-        state.compute = compute
+    state.use_compute(compute)
     seconds = {}
     try:
         state.sampling_started(len(entries) + 2)
@@ -245,33 +249,26 @@ def table_entries(depths: Iterable[int] = SEARCH_DEPTHS,
             name = entry_name(depth, ratio)
             if name not in seen:
                 seen.add(name)
-                entries.append((min(int(depth), FULL_DEPTH), 0.0 if depth == 0 else float(ratio)))
+                entries.append((min(int(depth), MAX_DEPTH), 0.0 if depth == 0 else float(ratio)))
     return entries
 
 
 def measure_table(model: torch.nn.Module, height: int, width: int, batch: int = 1,
                   entries: Optional[Sequence[Tuple[int, float]]] = None, repeats: int = 3,
-                  precision: str = "float32", seed: int = 0, progress: bool = True,
+                  precision: str = "full", seed: int = 0, progress: bool = True,
                   count_macs: bool = True) -> CostTable:
     """Measure seconds per UNet call for every entry, interleaved over `repeats` passes in shuffled order.
 
     height, width: latent size; batch: images per call (the UNet sees 2 * batch with guidance).
-    precision: 'float32' or 'autocast' (float16 on CUDA, bfloat16 on CPU).
+    precision: 'full' (float32) or 'autocast' (float16 on CUDA, bfloat16 on CPU).
     """
     unet = find_unet(model)
     if getattr(unet, "_dato", None) is not None:
         raise ValueError("measure the cost table on an unpatched model (remove_patch first)")
     entries = list(entries or table_entries())
     device = next(unet.parameters()).device
-    autocast_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    if precision == "autocast":
-        autocast = torch.autocast(device.type, dtype=autocast_dtype)
-        dtype_name = str(autocast_dtype).replace("torch.", "")
-    elif precision == "float32":
-        autocast, dtype_name = nullcontext(), "float32"
-    else:
-        raise ValueError(f"precision must be 'float32' or 'autocast', got {precision!r}")
-    table = CostTable(key=table_key(unet, height, width, batch, device, dtype_name))
+    autocast = precision_scope(precision, device)
+    table = CostTable(key=table_key(unet, height, width, batch, device, precision_name(precision, device)))
     x, t, cond = unet_inputs(unet, height, width, batch, device)
     order = random.Random(seed)
     bar = None
