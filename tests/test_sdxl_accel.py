@@ -258,3 +258,46 @@ def test_depths_9_to_11_are_full_steps_in_kinds_summaries_and_counts(engine, con
                                     scale=7.0, method=applied)
         assert [call.kind for call in applied.dato_state.calls] == ["full"] * 4 + ["partial"] * 2
     assert result.calls == planned
+
+
+def test_text_pruning_protects_bos_and_eos_of_the_sdxl_prompts(engine):
+    """The SDXL conditioner's prompts are registered: every context row (uncond zeros included) finds its prompt,
+    with no warning, and each conditional row keeps its BOS and first EOS; both text towers put them at the same
+    of the 77 shared positions (the cross-attention context concatenates their hidden states along channels)."""
+    import warnings
+
+    from datosd import apply_text_pruning, remove_text_pruning
+    from datosd.text_tokens import protected_positions
+
+    prompts = ["a red fox", "a blue bird sitting on a branch in a snowy forest at dawn"]
+    towers = [e for e in engine.conditioner.embedders if callable(getattr(e, "tokenize", None))]
+    assert len(towers) == 2
+    expected = [protected_positions(tower.tokenize(prompts)) for tower in towers]
+    assert torch.equal(expected[0], expected[1])
+    eos = [int(row.nonzero()[1]) for row in expected[0]]
+    assert eos == [4, 14]
+    keys = []  # (to_k input (B, m, D), context (B, M, D)) of every attn2 after the warm-up
+    layers = [m.attn2 for m in engine.model.diffusion_model.modules() if type(m).__name__.endswith("TransformerBlock")]
+    context = {}
+    handles = [layer.register_forward_pre_hook(lambda m, a, kw: context.update(c=kw["context"]), with_kwargs=True)
+               for layer in layers]
+    handles += [layer.to_k.register_forward_pre_hook(lambda m, a: keys.append((a[0], context["c"])))
+                for layer in layers]
+    state = apply_text_pruning(engine, keep=6, warmup=0.25)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            c, uc = get_conditioning(engine, prompts, height=128, width=128)
+            x_T = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+            sample_latents(engine, c, uc, x_T, num_steps=4, cfg_scale=7.0)
+    finally:
+        remove_text_pruning(engine)
+        for handle in handles:
+            handle.remove()
+    assert state.kept_counts() == [(0, None), (1, [6] * 4), (2, [6] * 4), (3, [6] * 4)]
+    pruned = [(k, ctx) for k, ctx in keys if k.shape[1] == 6]
+    assert len(pruned) == 3 * len(layers)
+    for k, ctx in pruned:
+        for row, position in enumerate(eos):  # rows [uncond x2; cond x2]
+            for kept in (0, position):
+                assert (k[2 + row] == ctx[2 + row, kept]).all(dim=-1).any()
