@@ -11,7 +11,7 @@ from conftest import REPO_ROOT
 from datosd import Strategy, apply_patch, remove_patch
 from sdgen.costs import count_entry_macs, plain_unet_macs
 from datosd.utils import attention_depth, attention_downsample
-from helpers import golden_sdxl_model
+from helpers import golden_sdxl_model, tgate_gated_halves
 from sgm.inference.helpers import decode_latents, get_conditioning, latent_shape, sample_latents
 
 BLOCKS = [f"input_blocks.{k}" for k in range(9)] + ["middle_block"] + [f"output_blocks.{j}" for j in range(9)]
@@ -301,3 +301,18 @@ def test_text_pruning_protects_bos_and_eos_of_the_sdxl_prompts(engine):
         for row, position in enumerate(eos):  # rows [uncond x2; cond x2]
             for kept in (0, position):
                 assert (k[2 + row] == ctx[2 + row, kept]).all(dim=-1).any()
+
+
+def test_cfg_mean_tgate_runs_the_unconditional_half_whose_output_the_conditional_half_would_not_give(engine, cond):
+    """After the gate, "cfg_mean" runs the unconditional half (as the released pipelines run the negative prompt
+    and its added conditions) and copies it; on SDXL the vector y differs between the halves, so the conditional
+    half run alone gives another output: guidance cancels by choice, not because the halves agree."""
+    c, uc = cond
+    x = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(3)).repeat(2, 1, 1, 1)
+    context, y = torch.cat([uc["crossattn"][:1], c["crossattn"][:1]]), torch.cat([uc["vector"][:1], c["vector"][:1]])
+    assert not torch.equal(y[0], y[1])
+    batch, conditional = tgate_gated_halves(engine.model.diffusion_model, x, torch.tensor([500, 500]),
+                                            {"context": context, "y": y})
+    assert torch.equal(batch[0], batch[1])
+    error = ((conditional[0] - batch[1]).norm() / batch[1].norm()).item()
+    assert error > 1e-3  # 0.02 on the tiny SDXL
