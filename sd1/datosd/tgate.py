@@ -179,11 +179,13 @@ class TGateState(HookedState):
             return COMPUTE
         return attention_plan(self.run.step, self.options)[0]
 
-    def keep_self(self, layer: int, output: torch.Tensor) -> None:
-        """Keep a self-attention layer's output (a reference, no copy): the mean of the CFG halves at gate step
-        m - 1 in "cfg_mean" mode, else the output itself."""
-        gate_step = self.run.step == self.options.gate_step - 1
-        self.run.self_cache[layer] = self._kept(output.detach(), self.cfg_batch and gate_step)
+    def computed_self(self, layer: int, output: torch.Tensor, keep: bool) -> None:
+        """A self-attention layer computed `output`; keep it (a reference, no copy) when asked: the mean of the
+        CFG halves at gate step m - 1 in "cfg_mean" mode, else the output itself."""
+        self.run.self_computed += 1
+        if keep:
+            gate_step = self.run.step == self.options.gate_step - 1
+            self.run.self_cache[layer] = self._kept(output.detach(), self.cfg_batch and gate_step)
 
     def kept_self(self, layer: int, batch: int, tokens: int) -> Optional[torch.Tensor]:
         """The kept output a self-attention layer returns for a (batch, tokens, C) query; None when it has none
@@ -251,9 +253,7 @@ def _scheduled_self_attention_class(attention_class: type) -> type:
                 if kept is not None:
                     return kept
             out = super().forward(x, context=context, mask=mask)
-            state.run.self_computed += 1
-            if action == CACHE:
-                state.keep_self(self._tgate_layer, out)
+            state.computed_self(self._tgate_layer, out, keep=action == CACHE)
             return out
 
     return ScheduledSelfAttention
