@@ -1,12 +1,22 @@
 """The supported diffusers range: an unsupported version is refused in one line before anything is patched, the
-extras pin that range."""
+extras pin that range, and the diffusers tests pass under its oldest minor as well as under the newest (the one
+installed, which the rest of the suite runs)."""
 import ast
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
 
 import pytest
 
 from conftest import REPO_ROOT
 from datosd.diffusers_version import (DIFFUSERS_REQUIREMENT, NEWEST_DIFFUSERS, OLDEST_DIFFUSERS,
                                       check_diffusers_version, diffusers_minor)
+
+# The oldest supported diffusers with the transformers / huggingface_hub of its time, made by this script.
+PREPARE = ".ci/prepare_diffusers_oldest.sh"
+OLDEST_DIR = REPO_ROOT / ".ci" / "diffusers-oldest"
+DIFFUSERS_TESTS = ["tests/test_diffusers_patch.py", "tests/test_diffusers_bench.py"]
 
 
 def setup_extras():
@@ -70,3 +80,29 @@ def test_apply_patch_refuses_an_unsupported_diffusers_before_patching(monkeypatc
     state = datosd.apply_patch(pipe, Strategy.full(4))
     assert pipe.unet._dato is state
     datosd.remove_patch(pipe)
+
+
+def oldest_environment():
+    """The environment of a Python that imports the prepared oldest diffusers stack and this checkout's code."""
+    if not (OLDEST_DIR / "diffusers").is_dir():
+        pytest.skip(f"the oldest supported diffusers is not prepared: run {PREPARE} (it installs it from PyPI into "
+                    f"{OLDEST_DIR.relative_to(REPO_ROOT)}; .ci/run does)")
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(OLDEST_DIR), str(REPO_ROOT / "sd1"), *inherited]))
+
+
+def test_the_diffusers_tests_pass_under_the_oldest_supported_diffusers(tmp_path):
+    env = oldest_environment()
+    probe = subprocess.run([sys.executable, "-c", "import diffusers, transformers; "
+                            "print(diffusers.__version__, diffusers.__file__, transformers.__version__)"],
+                           env=env, capture_output=True, text=True, check=True)
+    version, location, transformers_version = probe.stdout.split()
+    assert diffusers_minor(version) == OLDEST_DIFFUSERS and location.startswith(str(OLDEST_DIR))
+    assert transformers_version.startswith("4.")
+    report = tmp_path / "junit.xml"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", f"--junitxml={report}", *DIFFUSERS_TESTS],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"under diffusers {version}:\n{run.stdout[-4000:]}{run.stderr[-2000:]}"
+    suites = list(ElementTree.parse(report).getroot().iter("testsuite"))
+    counts = {key: sum(int(suite.get(key)) for suite in suites) for key in ("tests", "failures", "errors", "skipped")}
+    assert counts["tests"] >= 20 and counts["failures"] == counts["errors"] == counts["skipped"] == 0, counts
