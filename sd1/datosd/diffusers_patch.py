@@ -44,6 +44,7 @@ import torch
 from ldm.models.diffusion.hooks import SamplingHooks
 
 from .caching import caching_forward, compute_blocks, pruned, token_selection
+from .diffusers_version import check_diffusers_version
 from .state import DatoConfig, DatoOptions, DatoState
 from .strategy import StrategyError, StrategyLike, load_strategy
 from .utils import check_not_merged, is_class
@@ -126,6 +127,7 @@ def apply_patch(pipe_or_unet: Any, strategy: StrategyLike = None, prune_ratio: f
     Arguments as `datosd.apply_patch`. With a pipeline, its scheduler drives the steps (module docstring); with a
     bare UNet, call the state's hooks yourself (no strategy step set: every call computes everything).
     """
+    check_diffusers_version()
     unet, pipe = unet_and_pipeline(pipe_or_unet)
     layout = UNetLayout.of(unet)
     config = DatoConfig(strategy=load_strategy(strategy), options=DatoOptions(**options), prune_ratio=prune_ratio,

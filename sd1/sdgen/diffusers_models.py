@@ -27,6 +27,14 @@ def require_diffusers():
     return diffusers
 
 
+def _single_file_utils():
+    """diffusers' single-file conversion module (`diffusers.loaders.single_file_utils`)."""
+    require_diffusers()
+    from diffusers.loaders import single_file_utils
+
+    return single_file_utils
+
+
 def clip_tokenizer(max_length: int = 77):
     """transformers' CLIPTokenizer over open_clip's copy of the CLIP BPE vocabulary (the SD 1.x tokenizer, offline)."""
     from open_clip.tokenizer import SimpleTokenizer
@@ -72,16 +80,28 @@ def diffusers_configs(ldm_config: Any, image_size: int) -> Dict[str, Dict[str, A
 
     ldm_config: the whole config (with `model.params`); image_size: the pixel size the sample size is set from.
     """
-    require_diffusers()
-    from diffusers.loaders.single_file_utils import (create_unet_diffusers_config_from_ldm,
-                                                     create_vae_diffusers_config_from_ldm)
-
+    single_file = _single_file_utils()
     config = _plain(ldm_config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # diffusers marks the explicit image_size as deprecated
-        unet = create_unet_diffusers_config_from_ldm(config, {}, image_size=image_size)
-        vae = create_vae_diffusers_config_from_ldm(config, {}, image_size=image_size)
+        if hasattr(single_file, "create_unet_diffusers_config_from_ldm"):
+            unet = single_file.create_unet_diffusers_config_from_ldm(config, {}, image_size=image_size)
+            vae = single_file.create_vae_diffusers_config_from_ldm(config, {}, image_size=image_size)
+        else:  # diffusers 0.27: the same functions under the names they had before 0.28
+            unet = single_file.create_unet_diffusers_config(config, image_size)
+            vae = single_file.create_vae_diffusers_config(config, image_size)
     return {"unet": unet, "vae": vae}
+
+
+def _clip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The CLIP text encoder's weights of an ldm checkpoint, under transformers' names, as diffusers converts them."""
+    single_file = _single_file_utils()
+    if hasattr(single_file, "convert_ldm_clip_checkpoint"):
+        return single_file.convert_ldm_clip_checkpoint(dict(state_dict))
+    # diffusers 0.27 strips these prefixes only inside create_text_encoder_from_ldm_clip_checkpoint, which fetches
+    # the text config from the hub; 0.28 moved the same loop into convert_ldm_clip_checkpoint
+    return {key[len(prefix):]: value for key, value in state_dict.items()
+            for prefix in single_file.LDM_CLIP_PREFIX_TO_REMOVE if key.startswith(prefix)}
 
 
 def _text_encoder(ldm_config: Mapping[str, Any]):
@@ -101,17 +121,15 @@ def pipeline_from_ldm(ldm_config: Any, state_dict: Mapping[str, torch.Tensor], i
     (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`), with the
     CompVis DDIM scheduler. state_dict: the LatentDiffusion's keys (`model.diffusion_model.*`, ...)."""
     diffusers = require_diffusers()
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
-
+    single_file = _single_file_utils()
     config = _plain(ldm_config)
     configs = diffusers_configs(config, image_size)
     unet = diffusers.UNet2DConditionModel(**configs["unet"])
-    unet.load_state_dict(convert_ldm_unet_checkpoint(dict(state_dict), configs["unet"]), strict=True)
+    unet.load_state_dict(single_file.convert_ldm_unet_checkpoint(dict(state_dict), configs["unet"]), strict=True)
     vae = diffusers.AutoencoderKL(**configs["vae"])
-    vae.load_state_dict(convert_ldm_vae_checkpoint(dict(state_dict), configs["vae"]), strict=True)
+    vae.load_state_dict(single_file.convert_ldm_vae_checkpoint(dict(state_dict), configs["vae"]), strict=True)
     text_encoder = _text_encoder(config)
-    text_state = {k: v for k, v in convert_ldm_clip_checkpoint(dict(state_dict)).items() if "position_ids" not in k}
+    text_state = {k: v for k, v in _clip_state_dict(state_dict).items() if "position_ids" not in k}
     if not hasattr(text_encoder, "text_model"):  # transformers 5 dropped the text_model level
         text_state = {k.removeprefix("text_model."): v for k, v in text_state.items()}
     text_encoder.load_state_dict(text_state, strict=True)
