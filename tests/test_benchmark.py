@@ -166,3 +166,30 @@ def test_unet_calls_on_the_demo_config(tmp_path, capsys):
                                 "tome_d12_r0.50"}
     assert all(len(v) == 2 for v in data["raw"].values()) and data["threads"] == 1 and data["latent"] == [8, 8]
     assert "ratio 0.5: DaTo / ToMeSD time" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, reason", [
+    ('{"entries": [', "Expecting value"),
+    ("[1, 2]", ""),
+    ("\xff\xfe not text", ""),
+])
+def test_a_cost_table_that_is_not_one_is_refused_before_anything_is_built(tmp_path, capsys, recorder, content,
+                                                                           reason):
+    table = tmp_path / "costs.json"
+    table.write_bytes(content.encode("latin-1"))
+    outdir = tmp_path / "out"
+    assert benchmark.main([*SMALL, "--methods", "original", "--cost-table", str(table), "--outdir", str(outdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --cost-table {table} is not a cost-table JSON file (") and reason in err
+    assert err.count("\n") == 1 and recorder == [] and not outdir.exists()
+    assert table.read_bytes() == content.encode("latin-1")
+
+
+def test_a_size_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, capsys, recorder, monkeypatch):
+    monkeypatch.setattr(benchmark, "load", lambda *a, **k: pytest.fail("model built"))
+    outdir = tmp_path / "out"
+    assert benchmark.main([*SMALL, "--methods", "original", "--H", "99968", "--W", "99968", "--outdir",
+                           str(outdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: a run at 99968x99968 with --batch 1 (UNet rows doubled for guidance) needs at least")
+    assert recorder == [] and not outdir.exists()
