@@ -13,6 +13,34 @@ def golden_model():
     return load_model_from_config(OmegaConf.load(str(GOLDEN_CONFIG)), str(GOLDEN_WEIGHTS))
 
 
+def tgate_gated_halves(unet, x, t, cond):
+    """A UNet under "cfg_mean" T-GATE with gate step 1, driven by hand: step 0 on the CFG batch fills the caches,
+    then at gated step 1 (the CFG batch, x and t with equal halves; cond: its conditioning keywords, halves
+    [uncond; cond]) -> (the CFG batch's output (2B, ...), the conditional half's output run alone (B, ...))."""
+    import torch
+
+    from datosd import apply_tgate, remove_tgate
+
+    state = apply_tgate(unet, gate_step=1)
+    half = x.shape[0] // 2
+    try:
+        with torch.no_grad():
+            state.sampling_started(2)
+            state.step_started(0)
+            state.model_call(True)
+            unet(x, t, **cond)
+            state.step_started(1)
+            state.model_call(True)
+            batch = unet(x, t, **cond)
+            assert state.run.halved == 1
+            state.model_call(False)
+            conditional = unet(x[half:], t[half:], **{k: v[half:] for k, v in cond.items()})
+            state.sampling_finished()
+    finally:
+        remove_tgate(unet)
+    return batch, conditional
+
+
 def tiny_unet_config(**overrides):
     """The golden UNet config with some parameters changed."""
     config = OmegaConf.load(str(GOLDEN_CONFIG)).model.params.unet_config

@@ -8,8 +8,9 @@ import torch
 
 from ldm.models.diffusion.hooks import SamplingHook
 from sdgen import generate
-from sdgen.benchmark import bench_entries
+from sdgen.benchmark import bench_entries, spread_report
 from sdgen.cli import benchmark, unet_calls
+from sdgen.costs import CostTable
 from sdgen.methods import AppliedMethod, MethodError
 from sdgen.runtime import set_threads
 from sdgen.settings import RunSettings
@@ -111,8 +112,9 @@ def test_warm_up_then_rotating_timed_runs(tmp_path, recorder):
 def test_cost_table_reused_and_replaced_only_with_remeasure(tmp_path, recorder):
     args = [*SMALL, "--predict-only", "--outdir", str(tmp_path), "--name", "p"]
     assert benchmark.main([*args, "--methods", "original,deepcache-n3"]) == 0
-    # One timing pass and one MAC-counting pass, each two full calls, then one call per entry (d12_r0.00, d1_r0.00).
-    assert recorder[0].calls_outside_runs == 2 * 4 and recorder[0].runs == []
+    # One untimed pass, one timing pass and one MAC-counting pass, each two full calls, then one call per entry
+    # (d12_r0.00, d1_r0.00).
+    assert recorder[0].calls_outside_runs == 3 * 4 and recorder[0].runs == []
     first = json.loads((tmp_path / "costs.json").read_text())[0]
     assert set(first["macs"]) == {"d12_r0.00", "d1_r0.00"}
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
@@ -123,13 +125,14 @@ def test_cost_table_reused_and_replaced_only_with_remeasure(tmp_path, recorder):
     assert json.loads((tmp_path / "costs.json").read_text())[0] == first
 
     assert benchmark.main([*args, "--methods", "original,deepcache-n3-d2"]) == 0
-    assert recorder[2].calls_outside_runs == 2 * 3  # only the missing d2_r0.00, timed and counted
+    assert recorder[2].calls_outside_runs == 3 * 3  # only the missing d2_r0.00, run untimed, timed and counted
     merged = json.loads((tmp_path / "costs.json").read_text())[0]
     assert set(merged["seconds"]) == set(merged["macs"]) == {"d12_r0.00", "d1_r0.00", "d2_r0.00"}
     assert all(merged["raw_seconds"][k] == first["raw_seconds"][k] for k in ("d12_r0.00", "d1_r0.00"))
 
     assert benchmark.main([*args, "--methods", "original", "--remeasure"]) == 0
-    assert recorder[3].calls_outside_runs == 3  # d12_r0.00 timed again and replaced (its MACs are stored)
+    assert recorder[3].calls_outside_runs == 2 * 3  # d12_r0.00 run untimed, timed again and replaced (its MACs
+    # are stored)
     remeasured = json.loads((tmp_path / "costs.json").read_text())[0]
     assert remeasured["raw_seconds"]["d1_r0.00"] == first["raw_seconds"]["d1_r0.00"]
     assert remeasured["raw_seconds"]["d12_r0.00"] != first["raw_seconds"]["d12_r0.00"]
@@ -166,6 +169,18 @@ def test_unet_calls_on_the_demo_config(tmp_path, capsys):
                                 "tome_d12_r0.50"}
     assert all(len(v) == 2 for v in data["raw"].values()) and data["threads"] == 1 and data["latent"] == [8, 8]
     assert "ratio 0.5: DaTo / ToMeSD time" in capsys.readouterr().out
+
+
+def test_spread_report_flags_a_one_repeat_table_out_of_line_with_its_macs():
+    entries = bench_entries(["deepcache-n3"], RunSettings(sampler="plms", steps=5))
+    macs = {"d12_r0.00": 100_000, "d1_r0.00": 5_000}
+    cold = CostTable(key={}, seconds={"d12_r0.00": 2.0, "d1_r0.00": 4.0}, raw_seconds={"d12_r0.00": [2.0],
+                     "d1_r0.00": [4.0]}, macs=macs)
+    lines, flagged = spread_report({None: cold}, entries)
+    assert lines == ["cost table, spread of each entry's repeats: d12_r0.00 (1 repeat), d1_r0.00 (1 repeat)"]
+    assert flagged == ["cost table entries d12_r0.00 / d1_r0.00: 0.50x the time for 20.00x the MACs"]
+    steady = CostTable(key={}, seconds={"d12_r0.00": 2.0, "d1_r0.00": 0.4}, macs=macs)
+    assert spread_report({None: steady}, entries)[1] == []
 
 
 @pytest.mark.parametrize("content, reason", [

@@ -1,7 +1,10 @@
 """The per-step cost table: predictions add up the entries of the call plan, MAC counts agree with independent
-counts, stored tables merge by key, and a noisy entry is flagged by its spread."""
+counts, stored tables merge by key, every entry runs untimed before it is timed, and a noisy entry is flagged by
+its spread, a cold or disturbed one also by times out of line with the MACs."""
 import pytest
 import torch
+
+import sdgen.costs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -118,3 +121,60 @@ def test_time_entries_times_each_entry_once_after_two_full_steps(unet):
     assert set(seconds) == {"d1_r0.50", "d12_r0.30"}
     assert calls == [(12, 0.0), (12, 0.0), (1, 0.5), (12, 0.3)]  # 2 untimed full steps, then the entries in order
     assert getattr(unet, "_dato", None) is None
+
+
+class ColdStartUnet:
+    """An injected clock (sdgen.costs' `time`) that only a UNet call advances: by `steady[(depth, ratio)]` seconds,
+    plus `cold` the first time a (depth, ratio) runs, as one-off costs (kernel selection, allocations, casts)
+    make the first call of each shape and dtype slow."""
+
+    def __init__(self, unet, steady, cold):
+        self.now, self.steady, self.cold, self.seen, self.planned = 0.0, steady, cold, set(), []
+        self.handle = unet.register_forward_pre_hook(self.call)
+
+    def call(self, module, args):
+        planned = module._dato.planned()
+        self.planned.append(planned)
+        self.now += self.steady[planned] + (self.cold if planned not in self.seen else 0.0)
+        self.seen.add(planned)
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_every_entry_runs_untimed_before_it_is_timed(unet, monkeypatch):
+    steady = {(12, 0.0): 2.0, (12, 0.5): 1.5, (12, 0.7): 1.25, (1, 0.0): 0.25, (0, 0.0): 0.0}
+    clock = ColdStartUnet(unet, steady, cold=10.0)
+    monkeypatch.setattr(sdgen.costs, "time", clock)
+    entries = [(12, 0.5), (1, 0.0), (12, 0.7), (0, 0.0), (12, 0.0)]
+    try:
+        table = measure_table(unet, 8, 8, batch=1, entries=entries, repeats=1, progress=False, count_macs=False)
+    finally:
+        clock.handle.remove()
+    assert table.seconds == {entry_name(*entry): steady[entry] for entry in entries}
+    assert table.raw_seconds == {entry_name(*entry): [steady[entry]] for entry in entries}
+    # One untimed pass (2 full steps, every entry), then the timed pass (2 full steps, every entry, shuffled).
+    assert clock.planned[:7] == [(12, 0.0), (12, 0.0), *entries]
+    assert len(clock.planned) == 14 and sorted(clock.planned[9:]) == sorted(entries)
+
+
+def test_times_out_of_line_with_the_macs_are_flagged_with_one_repeat():
+    """The measured case of issue 22: full calls at r = 0, 0.5, 0.6 of nearly equal MACs timed 21.5, 11.6 and
+    5.3 s (one repeat each, so no spread to see)."""
+    macs = {"d12_r0.00": 100_000, "d12_r0.50": 96_000, "d12_r0.60": 95_000, "d1_r0.00": 5_000}
+    cold = CostTable(key={}, seconds={"d12_r0.00": 21.5, "d12_r0.50": 11.6, "d12_r0.60": 5.3, "d1_r0.00": 1.0},
+                     raw_seconds={"d12_r0.00": [21.5], "d12_r0.50": [11.6], "d12_r0.60": [5.3], "d1_r0.00": [1.0]},
+                     macs=macs)
+    assert cold.noisy_entries(0.2) == {}
+    mismatches = cold.mac_mismatches()
+    assert [(big, small) for big, small, _, _ in mismatches] == [
+        ("d12_r0.00", "d12_r0.50"), ("d12_r0.00", "d12_r0.60"), ("d12_r0.50", "d12_r0.60")]
+    assert mismatches[1][2:] == (pytest.approx(21.5 / 5.3), pytest.approx(100 / 95))
+    assert cold.mac_mismatches(names=["d12_r0.00", "d1_r0.00"]) == []  # 21.5x the time for 20x the MACs: in line
+    steady = CostTable(key={}, seconds={"d12_r0.00": 6.0, "d12_r0.50": 5.5, "d12_r0.60": 5.6, "d1_r0.00": 0.5},
+                       macs=macs)
+    assert steady.mac_mismatches() == []
+    # A smaller call clearly slower than a bigger one is out of line too; d0 (no MACs) is never compared.
+    slow_small = CostTable(key={}, seconds={"d12_r0.00": 6.0, "d1_r0.00": 9.5, "d0": 3.0},
+                           macs={"d12_r0.00": 100_000, "d1_r0.00": 5_000, "d0": 0})
+    assert slow_small.mac_mismatches() == [("d12_r0.00", "d1_r0.00", pytest.approx(6.0 / 9.5), 20.0)]

@@ -5,9 +5,11 @@ import pytest
 import torch
 import yaml
 
+import datosd
 from dato_tables.spec import PAPER_FILE
 from datosd.strategy import Strategy, StrategyError
 from helpers import golden_model
+from ldm.models.diffusion.hooks import SamplingHook
 from sdgen import generate as gen
 from sdgen.methods import MethodError, parse_method
 from datosd.strategy import STRATEGY_DIR
@@ -127,6 +129,9 @@ def test_eta_noise_comes_from_the_seed(model, cond):
     ("textprune-0.25-t0.010-dynamic", "textprune-0.25-t0.01-dynamic"),
     ("tgate-20", "tgate-20"),
     ("tgate-10-perhalf+dato", "dato+tgate-10-perhalf"),
+    ("tgate-10-sa", "tgate-10-sa"),
+    ("tgate-10-sa-w2-p5-f1", "tgate-10-sa"),  # the released schedule's values are its defaults
+    ("tgate-10-sa-p3-perhalf+deepcache-n3", "deepcache-n3+tgate-10-sa-p3-perhalf"),
     ("textprune-0.2-k10+deepcache-n3", "deepcache-n3+textprune-0.2-k10"),
 ])
 def test_cross_attention_methods_parse(name, canonical):
@@ -137,6 +142,9 @@ def test_cross_attention_methods_parse(name, canonical):
     ("textprune-0.2-k20+tgate-10", "use one"),
     ("textprune-0.2-k1", "keep must be an integer >= 2"),
     ("textprune-0-k20", "warmup must be in (0, 1]"),
+    ("dato+tgate-10-sa", "which DaTo's pruned tokens would not match"),
+    ("tgate-10-sa+tome-0.5", "which ToMeSD's merged tokens would not match"),
+    ("tgate-10-sa-p0", "sp_interval must be an integer >= 1"),
 ])
 def test_bad_cross_attention_methods_are_refused(name, message):
     with pytest.raises(MethodError, match=re.escape(message)):
@@ -165,6 +173,38 @@ def test_tgate_through_the_registry_gates_after_its_step(model, cond):
         parse_method("tgate-4").apply(model, 4)
 
 
+def test_tgate_self_attention_schedule_through_the_registry(model, cond):
+    """tgate-3-sa-w0-p2 at 4 DDIM steps: self-attention cached at step 0 (the warm-up's end), reused at step 1,
+    cached at gate step - 1 = 2 and (fi_interval 1) at step 3; cross-attention computed at steps 0-2 only."""
+    method = parse_method("tgate-3-sa-w0-p2")
+    (component,) = method.components
+    assert component.options.self_attention == datosd.SelfAttentionSchedule(warm_up=0, sp_interval=2)
+    blocks = [m for m in model.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    steps = {"attn1": [], "attn2": []}
+    recorder = StepRecorder()
+    model.sampling_hooks.add(recorder)
+    handles = [getattr(b, kind).to_q.register_forward_hook(lambda *a, kind=kind: steps[kind].append(recorder.step))
+               for b in blocks for kind in steps]
+    try:
+        with method.apply(model, 4, seed=0) as applied:
+            gen.sample_latents(model, cond, gen.start_noise([0, 1], (4, 16, 16)), sampler="ddim", steps=4, seed=0,
+                               method=applied)
+    finally:
+        model.sampling_hooks.remove(recorder)
+        for handle in handles:
+            handle.remove()
+    assert sorted(set(steps["attn1"])) == [0, 2, 3] and len(steps["attn1"]) == 3 * len(blocks)
+    assert sorted(set(steps["attn2"])) == [0, 1, 2] and len(steps["attn2"]) == 3 * len(blocks)
+    assert not any(hasattr(m, "_tgate") for m in model.modules())
+
+
+class StepRecorder(SamplingHook):
+    step = None
+
+    def step_started(self, step):
+        self.step = step
+
+
 def test_cross_attention_flags_map_to_names():
     from sdgen.cli import txt2img
     from sdgen.cli.flags import method_name_from_args
@@ -175,6 +215,11 @@ def test_cross_attention_flags_map_to_names():
     assert name("--prune_text", "--text_threshold", "0.01", "--text_mode", "dynamic", "--text_warmup", "0.3") == \
         "textprune-0.3-t0.01-dynamic"
     assert name("--dato", "--tgate_step", "20") == "dato+tgate-20"
+    assert name("--tgate_step", "10", "--tgate_self_attn") == "tgate-10-sa"
+    assert name("--tgate_step", "10", "--tgate_self_attn", "--tgate_warm_up", "0", "--tgate_sp_interval", "1",
+                "--tgate_cache", "per_half") == "tgate-10-sa-w0-p1-perhalf"
+    with pytest.raises(ValueError, match="--tgate_sp_interval set.* add --tgate_self_attn"):
+        name("--tgate_step", "10", "--tgate_sp_interval", "3")
     with pytest.raises(ValueError, match="needs --text_threshold T or --text_keep K"):
         name("--prune_text")
     with pytest.raises(ValueError, match="add --prune_text"):

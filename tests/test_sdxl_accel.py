@@ -11,7 +11,7 @@ from conftest import REPO_ROOT
 from datosd import Strategy, apply_patch, remove_patch
 from sdgen.costs import count_entry_macs, plain_unet_macs
 from datosd.utils import attention_depth, attention_downsample
-from helpers import golden_sdxl_model
+from helpers import golden_sdxl_model, tgate_gated_halves
 from sgm.inference.helpers import decode_latents, get_conditioning, latent_shape, sample_latents
 
 BLOCKS = [f"input_blocks.{k}" for k in range(9)] + ["middle_block"] + [f"output_blocks.{j}" for j in range(9)]
@@ -258,3 +258,61 @@ def test_depths_9_to_11_are_full_steps_in_kinds_summaries_and_counts(engine, con
                                     scale=7.0, method=applied)
         assert [call.kind for call in applied.dato_state.calls] == ["full"] * 4 + ["partial"] * 2
     assert result.calls == planned
+
+
+def test_text_pruning_protects_bos_and_eos_of_the_sdxl_prompts(engine):
+    """The SDXL conditioner's prompts are registered: every context row (uncond zeros included) finds its prompt,
+    with no warning, and each conditional row keeps its BOS and first EOS; both text towers put them at the same
+    of the 77 shared positions (the cross-attention context concatenates their hidden states along channels)."""
+    import warnings
+
+    from datosd import apply_text_pruning, remove_text_pruning
+    from datosd.text_tokens import protected_positions
+
+    prompts = ["a red fox", "a blue bird sitting on a branch in a snowy forest at dawn"]
+    towers = [e for e in engine.conditioner.embedders if callable(getattr(e, "tokenize", None))]
+    assert len(towers) == 2
+    expected = [protected_positions(tower.tokenize(prompts)) for tower in towers]
+    assert torch.equal(expected[0], expected[1])
+    eos = [int(row.nonzero()[1]) for row in expected[0]]
+    assert eos == [4, 14]
+    keys = []  # (to_k input (B, m, D), context (B, M, D)) of every attn2 after the warm-up
+    layers = [m.attn2 for m in engine.model.diffusion_model.modules() if type(m).__name__.endswith("TransformerBlock")]
+    context = {}
+    handles = [layer.register_forward_pre_hook(lambda m, a, kw: context.update(c=kw["context"]), with_kwargs=True)
+               for layer in layers]
+    handles += [layer.to_k.register_forward_pre_hook(lambda m, a: keys.append((a[0], context["c"])))
+                for layer in layers]
+    state = apply_text_pruning(engine, keep=6, warmup=0.25)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            c, uc = get_conditioning(engine, prompts, height=128, width=128)
+            x_T = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+            sample_latents(engine, c, uc, x_T, num_steps=4, cfg_scale=7.0)
+    finally:
+        remove_text_pruning(engine)
+        for handle in handles:
+            handle.remove()
+    assert state.kept_counts() == [(0, None), (1, [6] * 4), (2, [6] * 4), (3, [6] * 4)]
+    pruned = [(k, ctx) for k, ctx in keys if k.shape[1] == 6]
+    assert len(pruned) == 3 * len(layers)
+    for k, ctx in pruned:
+        for row, position in enumerate(eos):  # rows [uncond x2; cond x2]
+            for kept in (0, position):
+                assert (k[2 + row] == ctx[2 + row, kept]).all(dim=-1).any()
+
+
+def test_cfg_mean_tgate_runs_the_unconditional_half_whose_output_the_conditional_half_would_not_give(engine, cond):
+    """After the gate, "cfg_mean" runs the unconditional half (as the released pipelines run the negative prompt
+    and its added conditions) and copies it; on SDXL the vector y differs between the halves, so the conditional
+    half run alone gives another output: guidance cancels by choice, not because the halves agree."""
+    c, uc = cond
+    x = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(3)).repeat(2, 1, 1, 1)
+    context, y = torch.cat([uc["crossattn"][:1], c["crossattn"][:1]]), torch.cat([uc["vector"][:1], c["vector"][:1]])
+    assert not torch.equal(y[0], y[1])
+    batch, conditional = tgate_gated_halves(engine.model.diffusion_model, x, torch.tensor([500, 500]),
+                                            {"context": context, "y": y})
+    assert torch.equal(batch[0], batch[1])
+    error = ((conditional[0] - batch[1]).norm() / batch[1].norm()).item()
+    assert error > 1e-3  # 0.02 on the tiny SDXL

@@ -6,7 +6,7 @@ from .patch import apply_patch, remove_patch
 from .state import RELEASED_CODE_PARITY, DatoConfig, DatoOptions, DatoState
 from .strategy import Strategy, StrategyError, StrategySummary, load_strategy, shipped_strategies
 from .text_pruning import TextPruneOptions, TextPruneState, apply_text_pruning, remove_text_pruning
-from .tgate import TGateOptions, TGateState, apply_tgate, remove_tgate
+from .tgate import SelfAttentionSchedule, TGateOptions, TGateState, apply_tgate, attention_plan, remove_tgate
 
 __all__ = [
     "apply_patch",
@@ -32,4 +32,6 @@ __all__ = [
     "remove_tgate",
     "TGateOptions",
     "TGateState",
+    "SelfAttentionSchedule",
+    "attention_plan",
 ]

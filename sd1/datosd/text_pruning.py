@@ -16,8 +16,11 @@ every batch row separately, so the two CFG halves keep their own token sets.
 - Never pruned: BOS and the first EOS of each prompt. SD 1.x pads the prompt with EOS to 77 tokens; those
   padding positions carry real attention mass, but keeping them all would leave nothing to prune for a
   short prompt, so they are ranked by importance like words. Which positions are BOS/EOS is read from the
-  token ids of the prompts the model's text encoder embedded (a hook on `cond_stage_model`), matched to the
-  context rows by value; `TextPruneState.register_prompts` adds embeddings made elsewhere. An unmatched row
+  token ids of the prompts the model embedded, matched to the context rows by value: a hook on an ldm model's
+  `cond_stage_model`, or on an SDXL DiffusionEngine's `conditioner` (its "crossattn" output; SDXL's two text
+  towers, CLIP ViT-L and OpenCLIP bigG, tokenize with the same CLIP BPE to the same 77 positions, and the
+  conditioner concatenates their hidden states along the channels, so one tower's token ids give the
+  positions of both). `TextPruneState.register_prompts` adds embeddings made elsewhere. An unmatched row
   protects BOS only (with a warning).
 
 `apply_text_pruning(model, keep=20)` swaps the class of every `attn2` (tomesd manner, `_parent` kept), so it
@@ -263,26 +266,65 @@ def _cross_attention(attn, x: torch.Tensor, context: torch.Tensor, kept: Optiona
     return attn.to_out(out)
 
 
+def _prompt_texts(text) -> Optional[List[str]]:
+    """The prompts an embedder was given, as a list of strings (None when they are not text)."""
+    if isinstance(text, str):
+        return [text]
+    if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        return list(text)
+    return None
+
+
 def _encoder_hook(state: TextPruneState):
-    """Forward hook of the text encoder: registers the token ids of every list of prompts it embeds."""
+    """Forward hook of an ldm text encoder (`cond_stage_model`): registers the token ids of every list of
+    prompts it embeds. Its output (B, M, D) is the cross-attention context."""
 
     def hook(module, args, output):
-        text = args[0] if args else None
-        if isinstance(text, str):
-            text = [text]
-        if not (torch.is_tensor(output) and output.dim() == 3 and isinstance(text, (list, tuple))
-                and all(isinstance(t, str) for t in text)):
+        text = _prompt_texts(args[0]) if args else None
+        if text is None or not (torch.is_tensor(output) and output.dim() == 3):
             return
-        tokens = module.tokenize(list(text))
+        tokens = module.tokenize(text)
         if tuple(tokens.shape) == tuple(output.shape[:2]):
             state.register_prompts(output, tokens)
 
     return hook
 
 
+def _conditioner_hook(state: TextPruneState, tower: torch.nn.Module):
+    """Forward hook of an sgm `GeneralConditioner`: registers the prompts of the batch key that `tower` (a text
+    embedder with `tokenize`) reads, by that tower's token ids, for the "crossattn" context (B, M, D) of the
+    output (every text tower's M positions are the same positions, see the module docstring)."""
+
+    def hook(module, args, output):
+        text = _prompt_texts(args[0].get(tower.input_key)) if args and isinstance(args[0], dict) else None
+        context = output.get("crossattn") if isinstance(output, dict) else None
+        if text is None or not (torch.is_tensor(context) and context.dim() == 3):
+            return
+        tokens = tower.tokenize(text)
+        if tuple(tokens.shape) == tuple(context.shape[:2]):
+            state.register_prompts(context, tokens)
+
+    return hook
+
+
+def _register_prompt_hook(model: torch.nn.Module, state: TextPruneState) -> None:
+    """Hook what embeds the model's prompts (ldm: `cond_stage_model`; sgm: the first text tower of its
+    `conditioner`); a bare UNet has nothing to hook."""
+    encoder = getattr(model, "cond_stage_model", None)
+    if encoder is not None and callable(getattr(encoder, "tokenize", None)):
+        state.encoder_hook = encoder.register_forward_hook(_encoder_hook(state))
+        return
+    conditioner = getattr(model, "conditioner", None)
+    towers = [embedder for embedder in getattr(conditioner, "embedders", ())
+              if callable(getattr(embedder, "tokenize", None)) and getattr(embedder, "input_key", None) is not None]
+    if towers:
+        state.encoder_hook = conditioner.register_forward_hook(_conditioner_hook(state, towers[0]))
+
+
 def apply_text_pruning(model: torch.nn.Module, options: Optional[TextPruneOptions] = None,
                        **kwargs) -> TextPruneState:
-    """Prune prompt tokens in the cross-attention of a LatentDiffusion (or its UNetModel), in place.
+    """Prune prompt tokens in the cross-attention of a LatentDiffusion, an SDXL DiffusionEngine (or their
+    UNetModel), in place.
 
     options: a TextPruneOptions, or its fields as keywords (warmup, threshold, keep, mode).
     """
@@ -296,9 +338,8 @@ def apply_text_pruning(model: torch.nn.Module, options: Optional[TextPruneOption
     patch_cross_attention(model, "_text_prune", state, _pruned_cross_attention_class, "prune", {
         "_tgate": "this model has T-GATE applied, which also replaces the cross-attention layers; "
                   "remove it (datosd.remove_tgate) before applying text pruning"})
-    encoder = getattr(model, "cond_stage_model", None) if model is not unet else None
-    if encoder is not None and callable(getattr(encoder, "tokenize", None)):
-        state.encoder_hook = encoder.register_forward_hook(_encoder_hook(state))
+    if model is not unet:
+        _register_prompt_hook(model, state)
     return state
 
 

@@ -116,6 +116,11 @@ def cross_attention_layers(unet: torch.nn.Module) -> list:
     return [module.attn2 for module in unet.modules() if is_class(module, "BasicTransformerBlock")]
 
 
+def self_attention_layers(unet: torch.nn.Module) -> list:
+    """The `attn1` (self-attention) of every BasicTransformerBlock, in module order (input, middle, output)."""
+    return [module.attn1 for module in unet.modules() if is_class(module, "BasicTransformerBlock")]
+
+
 def patch_cross_attention(model: torch.nn.Module, attribute: str, state, make_class, purpose: str,
                           conflicts: dict) -> list:
     """Give every `attn2` of the model's UNet the class make_class(its class) and `state` (a `HookedState`) as

@@ -11,7 +11,8 @@ ratio) predicts and its error, peak memory, and fidelity to the original (PSNR o
 final latents). Cost tables are stored by key (model, latent size, batch, device, dtype, threads, and what the
 methods that change a call's cost add: the ToMe ratio);
 a stored entry is reused and replaced only on request (`remeasure`), and entries whose repeats spread more
-than NOISY_SPREAD are flagged.
+than NOISY_SPREAD, or whose times are out of line with their MACs (`CostTable.mac_mismatches`, which a table of
+one repeat shows too), are flagged.
 """
 import math
 import os
@@ -359,7 +360,8 @@ def spread_report(tables: Dict[Optional[str], CostTable], entries: Sequence[Benc
                   threshold: float = NOISY_SPREAD) -> Tuple[List[str], List[str]]:
     """(lines giving the spread, (max - min) / median, of the repeats of every cost-table entry the entries use
     and of every method's timed runs; the measurements spreading more than `threshold`, e.g.
-    'cost table entry d12_r0.50 45%')."""
+    'cost table entry d12_r0.50 45%', and the pairs of those cost-table entries whose times are out of line with
+    their MACs, e.g. 'cost table entries d12_r0.00 / d12_r0.60: 4.06x the time for 1.05x the MACs')."""
     lines, flagged = [], []
     for group, needed in call_types(entries).items():
         table = tables[group]
@@ -371,6 +373,8 @@ def spread_report(tables: Dict[Optional[str], CostTable], entries: Sequence[Benc
         lines.append(f"{where}, spread of each entry's repeats: " + ", ".join(cells))
         flagged += [f"{where} entry {name} {value:.0%}"
                     for name, value in table.noisy_entries(threshold, sorted(needed)).items()]
+        flagged += [f"{where} entries {big} / {small}: {time_ratio:.2f}x the time for {mac_ratio:.2f}x the MACs"
+                    for big, small, time_ratio, mac_ratio in table.mac_mismatches(names=needed)]
     timed = [(e.name, spread(e.seconds)) for e in entries if len(e.seconds) > 1]
     if timed:
         lines.append("timed runs, spread of each method's repeats: "

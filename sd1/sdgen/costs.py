@@ -4,8 +4,10 @@ A UNet call's cost depends only on its cache depth and prune ratio (for a given 
 device, dtype and thread count), so a run's sampling time is the sum of its calls' entries, the calls being
 `Strategy.call_plan`. The table is measured once, interleaved over repeats, and stored as JSON keyed by what
 it depends on; the search and the benchmark share it. It times the patch as a user of `datosd` does: through
-the returned state's methods. Each entry keeps its raw repeats, so a disturbed
-measurement shows as a large spread ((max - min) / median).
+the returned state's methods. Every entry runs once untimed before it is timed (the first call of each shape
+and dtype pays one-off costs: kernel selection, allocations, weight casts). Each entry keeps its raw repeats,
+so a disturbed measurement shows as a large spread ((max - min) / median), and, even with one repeat, as
+times out of line with the entries' MACs (`CostTable.mac_mismatches`).
 """
 import hashlib
 import json
@@ -31,6 +33,7 @@ from .samplers import first_step_calls
 
 SEARCH_DEPTHS = (0, 1, 12)  # spec 1
 SEARCH_RATIOS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)  # spec 1, plus "no pruning"
+MAC_TOLERANCE = 1.5  # how far an entry pair's time ratio may stray from its MAC ratio (`CostTable.mac_mismatches`)
 
 
 def entry_name(depth: int, ratio: float) -> str:
@@ -111,6 +114,25 @@ class CostTable:
         """{entry: spread} of the entries (all, or `names`) whose repeats spread more than `threshold`."""
         names = sorted(self.raw_seconds) if names is None else names
         return {name: self.spread(name) for name in names if self.spread(name) > threshold}
+
+    def mac_mismatches(self, tolerance: float = MAC_TOLERANCE, names: Optional[Iterable[str]] = None
+                       ) -> List[Tuple[str, str, float, float]]:
+        """The pairs of entries (all, or among `names`) whose times are out of line with their MACs: a cold or
+        disturbed measurement that one repeat's spread cannot show. (bigger, smaller, time ratio, MAC ratio) for
+        every pair, `bigger` having more MACs, where the bigger call took more than `tolerance` x the MAC ratio
+        of the smaller one's time (a bigger call is not that much less efficient per MAC) or less than
+        1 / `tolerance` of it (nor clearly faster). Entries without seconds or MACs, or of no MACs (d0), are not
+        compared."""
+        names = sorted(self.seconds) if names is None else sorted(names)
+        sized = sorted(((self.macs[n], self.seconds[n], n) for n in names
+                        if self.macs.get(n, 0) > 0 and self.seconds.get(n, 0) > 0), key=lambda e: (-e[0], e[2]))
+        mismatches = []
+        for i, (big_macs, big_seconds, big) in enumerate(sized):
+            for small_macs, small_seconds, small in sized[i + 1:]:
+                time_ratio, mac_ratio = big_seconds / small_seconds, big_macs / small_macs
+                if time_ratio > tolerance * mac_ratio or time_ratio < 1 / tolerance:
+                    mismatches.append((big, small, time_ratio, mac_ratio))
+        return mismatches
 
     def merged_into(self, stored: Optional["CostTable"]) -> "CostTable":
         """`stored` (same key) with this table's entries added; this table's entries replace stored ones of
@@ -257,7 +279,8 @@ def measure_table(model: torch.nn.Module, height: int, width: int, batch: int = 
                   entries: Optional[Sequence[Tuple[int, float]]] = None, repeats: int = 3,
                   precision: str = "full", seed: int = 0, progress: bool = True,
                   count_macs: bool = True) -> CostTable:
-    """Measure seconds per UNet call for every entry, interleaved over `repeats` passes in shuffled order.
+    """Measure seconds per UNet call for every entry, interleaved over `repeats` passes in shuffled order,
+    after one untimed pass in which every entry runs once (its one-off costs are not timed).
 
     height, width: latent size; batch: images per call (the UNet sees 2 * batch with guidance).
     precision: 'full' (float32) or 'autocast' (float16 on CUDA, bfloat16 on CPU).
@@ -275,14 +298,15 @@ def measure_table(model: torch.nn.Module, height: int, width: int, batch: int = 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=repeats * (len(entries) + 2), desc="cost table")
+        bar = tqdm(total=(repeats + 1) * (len(entries) + 2), desc="cost table, untimed pass")
+    on_call = bar.update if bar is not None else None
+    time_entries(unet, entries, x, t, cond, autocast, on_call=on_call)
     for repeat in range(repeats):
         shuffled = list(entries)
         order.shuffle(shuffled)
         if bar is not None:
             bar.set_description(f"cost table, pass {repeat + 1}/{repeats}")
-        seconds = time_entries(unet, shuffled, x, t, cond, autocast,
-                               on_call=bar.update if bar is not None else None)
+        seconds = time_entries(unet, shuffled, x, t, cond, autocast, on_call=on_call)
         for name, value in seconds.items():
             table.raw_seconds.setdefault(name, []).append(value)
     if bar is not None:

@@ -14,7 +14,8 @@ stand-in, e.g. dato@every5 (b1's every 5th step) for --steps 10.
 
 The cost tables are stored in OUTDIR/costs.json (or --cost-table), keyed by model, latent size, batch,
 device, dtype, threads and ToMe ratio; a stored entry is reused, and measured again only with --remeasure.
-The spread of each entry's repeats is printed, and entries spreading more than 20% are flagged.
+The spread of each entry's repeats is printed, and entries spreading more than 20% are flagged, as are pairs
+of entries whose time ratio strays from their MAC ratio by more than 1.5x (seen even with one repeat).
 
     # full-size SD 1.5 architecture with random weights (speed does not depend on weight values)
     python scripts/benchmark.py --random-weights --steps 10 --repeats 2 \\
@@ -50,7 +51,7 @@ from ..benchmark import (
     spread_report,
 )
 from ..compiled import COMPILE_MODES
-from ..costs import hardware_name
+from ..costs import MAC_TOLERANCE, hardware_name
 from ..images import atomic_write_text, check_output_dir, check_output_file
 from ..methods import REGISTRY, MethodError, Registry
 from ..methods.caching import check_source
@@ -176,7 +177,8 @@ def main(argv=None, registry: Registry = REGISTRY) -> int:
 
     lines, flagged = spread_report(tables, entries)
     print("\n" + "\n".join(lines))
-    flag_note = (f"spread (max - min) / median above {NOISY_SPREAD:.0%}, the machine was likely disturbed: "
+    flag_note = (f"spread (max - min) / median above {NOISY_SPREAD:.0%}, or cost-table times out of line with the "
+                 f"MACs by more than {MAC_TOLERANCE:g}x, the machine was likely disturbed: "
                  + ", ".join(flagged) + "; rerun (--remeasure measures the cost-table entries again)")
     if flagged:
         print(f"warning: {flag_note}", file=sys.stderr)

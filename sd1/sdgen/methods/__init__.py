@@ -3,7 +3,7 @@ resolve method names and flags here.
 
 Names are components joined with '+'; every kind (kind.py) owns its grammar, and `REGISTRY.grammar()` lists
 them: original, ddim<N>, tome-<r>, deepcache-n<N>[-d<d>], dato[:<strategy>][@<derivation>...][,<option>...]
-(options: parity and the fields of datosd.DatoOptions), textprune-..., tgate-<m>[-perhalf], and for diffusers
+(options: parity and the fields of datosd.DatoOptions), textprune-..., tgate-<m>[-sa...][-perhalf], and for diffusers
 pipelines deepcache-helper-n<N>[-b<b>] (DeepCache's own helper).
 
 e.g. `deepcache-n3+tome-0.5` (the paper's naive combination), `dato:b1`, `dato:b1@last37`,
