@@ -181,3 +181,30 @@ def test_spread_report_flags_a_one_repeat_table_out_of_line_with_its_macs():
     assert flagged == ["cost table entries d12_r0.00 / d1_r0.00: 0.50x the time for 20.00x the MACs"]
     steady = CostTable(key={}, seconds={"d12_r0.00": 2.0, "d1_r0.00": 0.4}, macs=macs)
     assert spread_report({None: steady}, entries)[1] == []
+
+
+@pytest.mark.parametrize("content, reason", [
+    ('{"entries": [', "Expecting value"),
+    ("[1, 2]", ""),
+    ("\xff\xfe not text", ""),
+])
+def test_a_cost_table_that_is_not_one_is_refused_before_anything_is_built(tmp_path, capsys, recorder, content,
+                                                                           reason):
+    table = tmp_path / "costs.json"
+    table.write_bytes(content.encode("latin-1"))
+    outdir = tmp_path / "out"
+    assert benchmark.main([*SMALL, "--methods", "original", "--cost-table", str(table), "--outdir", str(outdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --cost-table {table} is not a cost-table JSON file (") and reason in err
+    assert err.count("\n") == 1 and recorder == [] and not outdir.exists()
+    assert table.read_bytes() == content.encode("latin-1")
+
+
+def test_a_size_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, capsys, recorder, monkeypatch):
+    monkeypatch.setattr(benchmark, "load", lambda *a, **k: pytest.fail("model built"))
+    outdir = tmp_path / "out"
+    assert benchmark.main([*SMALL, "--methods", "original", "--H", "99968", "--W", "99968", "--outdir",
+                           str(outdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: a run at 99968x99968 with --batch 1 (UNet rows doubled for guidance) needs at least")
+    assert recorder == [] and not outdir.exists()

@@ -89,3 +89,21 @@ def test_missing_init_image(tmp_path, capsys):
     result = run(capsys, "--demo", "--init-img", str(tmp_path / "none.png"), "--outdir", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "none.png does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--n_samples", "100000"], "a run at 64x128 with --n_samples 100000 (UNet rows doubled for guidance) needs at "
+                                "least "),
+    (["--seed", "18446744073709551617"], "--seed must be in 0..18446744073709551615"),
+    (["--prompt", "a cat", "--from-file", "prompts.txt"], "--prompt and --from-file were both given"),
+])
+def test_sizes_seeds_and_prompts_that_cannot_run_are_refused_before_the_model(tmp_path, capsys, monkeypatch,
+                                                                               init_image, extra, message):
+    (tmp_path / "prompts.txt").write_text("a dog\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(IMG2IMG.gen, "load_model", lambda *a, **k: pytest.fail("model built"))
+    result = run(capsys, *common(init_image, tmp_path / "out"), *extra)
+    assert result.returncode == 2 and result.stderr.count("error:") == 1 and message in result.stderr, result.stderr
+    if "needs at least" in message:
+        assert "lower the --init-img size or --n_samples" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -213,3 +213,105 @@ def test_blank_prompt_line_and_changed_settings_are_refused(base_run, prompt_fil
                       "--scale", "3.0", "--outdir", str(base_run))
     assert result.returncode == 2 and "other settings (differing: scale" in result.stderr
     assert digests(base_run) == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--H", "99968", "--W", "99968"], "a run at 99968x99968 with --batch_size 1 (UNet rows doubled for guidance) "
+                                       "needs at least "),
+    (["--batch_size", "1000000", "--repeats", "200000"], "a run at 64x64 with --batch_size 1000000"),
+    (["--seed", "18446744073709551611", "--repeats", "2", "--limit", "6"],
+     "--seed must be in 0..18446744073709551610 (this run uses seeds --seed to --seed + 5)"),
+    (["--seed", "-1"], "--seed must be in 0..18446744073709551611"),
+])
+def test_sizes_and_seeds_that_cannot_run_are_refused_before_the_model(prompt_file, tmp_path, capsys, monkeypatch,
+                                                                      extra, message):
+    monkeypatch.setattr(prompt_set.gen, "load_model", lambda *a, **k: pytest.fail("model built"))
+    outdir = tmp_path / "never"
+    result = run_here(capsys, *TINY, "--from-file", str(prompt_file), "--outdir", str(outdir), *extra)
+    assert result.returncode == 2 and result.stderr.count("error:") == 1 and message in result.stderr, result.stderr
+    assert not outdir.exists()
+
+
+def test_a_checkpoint_of_the_wrong_shape_is_one_line_and_leaves_no_folder(prompt_file, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import GOLDEN_CONFIG, GOLDEN_WEIGHTS
+    from sdgen.cli import run as run_cli
+
+    weights = load_file(str(GOLDEN_WEIGHTS))
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    weights[key] = torch.zeros(weights[key].shape[0] + 1, *weights[key].shape[1:])
+    save_file(weights, str(tmp_path / "wrong.safetensors"))
+    outdir = tmp_path / "new" / "images"
+    args = ["--config", str(GOLDEN_CONFIG), "--ckpt", str(tmp_path / "wrong.safetensors"), *TINY[1:],
+            "--from-file", str(prompt_file), "--limit", "1", "--outdir", str(outdir)]
+    assert run_cli(SAMPLE.main, args, resumable=True) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint does not fit the model config:") and "Traceback" not in err
+    assert f"{key}: checkpoint [33, 32, 3, 3] vs config [32, 32, 3, 3]" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_nan_latents_fail_before_any_image_is_written(prompt_file, tmp_path, capsys):
+    from conftest import GOLDEN_CONFIG
+    from sdgen.cli import run as run_cli
+    from test_txt2img import nan_checkpoint
+
+    ckpt = nan_checkpoint(tmp_path / "nan.safetensors")
+    outdir = tmp_path / "out"
+    args = ["--config", str(GOLDEN_CONFIG), "--ckpt", str(ckpt), *TINY[1:], "--from-file", str(prompt_file),
+            "--limit", "2", "--outdir", str(outdir)]
+    assert run_cli(SAMPLE.main, args, resumable=True) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "NaN or infinite values" in err and "Traceback" not in err
+    assert not outdir.exists() or not list(outdir.glob("*.png"))
+    assert not (outdir / "manifest.json").exists()
+
+
+def test_an_empty_or_truncated_png_is_made_again_on_resume(base_run, prompt_file, tmp_path, capsys):
+    outdir = tmp_path / "resume"
+    outdir.mkdir()
+    for name in [*names(6), "manifest.json"]:
+        (outdir / name).write_bytes((base_run / name).read_bytes())
+    (outdir / "000002.png").write_bytes(b"")
+    (outdir / "000004.png").write_bytes((base_run / "000004.png").read_bytes()[:100])
+    result = run_here(capsys, *TINY, "--from-file", str(prompt_file), "--repeats", "2", "--limit", "6",
+                      "--outdir", str(outdir))
+    assert result.returncode == 0, result.stderr
+    assert "2 image(s) are not complete PNG files and are made again: 000002.png, 000004.png" in result.stdout
+    assert "generated 2 images, 6 of 6" in result.stdout
+    for name in names(6):
+        assert (outdir / name).read_bytes() == (base_run / name).read_bytes(), name
+    m = manifest(outdir)
+    assert [r["generated"] for r in m["runs"]] == [6, 2] and m["count"] == 6 and m["complete"]
+
+
+def test_runs_sharing_a_folder_each_add_their_run_to_the_manifest(prompt_file, tmp_path, monkeypatch):
+    """Run B starts and ends while run A samples (both found the folder empty): A's manifest keeps B's run."""
+    import torch
+
+    from sdgen.image_jobs import run_image_job
+    from sdgen.sharding import DistInfo
+
+    outdir = tmp_path / "shared"
+    parse = lambda limit: SAMPLE.job_from_args(SAMPLE.resolve_model_args(SAMPLE.build_parser().parse_args(  # noqa
+        [*TINY, "--from-file", str(prompt_file), "--limit", str(limit), "--outdir", str(outdir)])))
+    job_a, job_b = parse(2), parse(3)
+    make_images = prompt_set.PromptSetJob.make_images
+    order = []
+
+    def make_a_while_b_runs(self, model, todo, progress=True):
+        if self.limit == 2:
+            order.append("A samples")
+            run_image_job(job_b, DistInfo(), torch.device("cpu"), progress=False)
+            order.append("B done")
+        return make_images(self, model, todo, progress)
+
+    monkeypatch.setattr(prompt_set.PromptSetJob, "make_images", make_a_while_b_runs)
+    run_image_job(job_a, DistInfo(), torch.device("cpu"), progress=False)
+    assert order == ["A samples", "B done"]
+    m = manifest(outdir)
+    assert [r["generated"] for r in m["runs"]] == [3, 2]  # B's run, then A's (it made 000000 and 000001 again)
+    assert m["count"] == 2 and m["total"] == 2 and m["complete"]
+    assert sorted(p.name for p in outdir.iterdir()) == [*names(3), "manifest.json"]

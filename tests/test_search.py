@@ -399,3 +399,53 @@ def test_pareto_front_and_choice():
     assert choose(front, 0.16).quality == 3.0  # 3 + 16 < 1 + 80 < 0 + 160
     # normalized: both objectives scaled to [0, 1] over the front
     assert choose(front, 0.5, "normalized").quality == 0.0  # 0 + 0.5 beats 1/3 + 0.5 * 4/9 and 1 + 0
+
+
+HOLD_LOCK = ("import sys, time\nfrom sdgen.locks import exclusive_lock\n"
+             "with exclusive_lock(sys.argv[1], wait=False):\n    print('held', flush=True)\n    time.sleep(300)\n")
+
+
+def test_a_second_search_in_one_run_dir_is_refused_and_a_dead_ones_lock_taken_over(baseline, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import os
+
+    run_dir = tmp_path / "busy"
+    shutil.copytree(baseline["run_dir"], run_dir)
+    args = search_args(run_dir, baseline["cost_table"])
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "sd1"))
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir / "search.lock")], env=env,
+                             stdout=subprocess.PIPE, text=True)  # stands for a search running there
+    try:
+        assert other.stdout.readline().strip() == "held"
+        before = query(run_dir, "SELECT COUNT(*) FROM invocations")
+        with monkeypatch.context() as patched:
+            _refuse_work(patched)
+            assert main(args, mode="depth") == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert line == (f"error: --run-dir {run_dir} is already in use by PID {other.pid} (another search runs "
+                        f"there); wait for it to end, or pick another --run-dir")
+        assert query(run_dir, "SELECT COUNT(*) FROM invocations") == before
+        other.send_signal(signal.SIGKILL)  # the other search dies: its lock file stays, its lock goes
+        other.wait(timeout=30)
+        assert (run_dir / "search.lock").read_text().strip() == str(other.pid)
+        assert main(args, mode="depth") == 0  # resumes: every evaluation is in the store
+        assert "0 evaluations performed" in capsys.readouterr().out
+        assert not (run_dir / "search.lock").exists()
+    finally:
+        other.kill()
+        other.wait(timeout=30)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_store_is_one_line_before_the_model_is_built(baseline, tmp_path, capsys, monkeypatch, damage):
+    run_dir = tmp_path / damage
+    shutil.copytree(baseline["run_dir"], run_dir)
+    store = run_dir / "evals.sqlite"
+    data = store.read_bytes()
+    store.write_bytes(bytes(range(256)) * 64 if damage == "garbage" else data[:len(data) // 2])
+    damaged = store.read_bytes()
+    _refuse_work(monkeypatch)
+    assert main(search_args(run_dir, baseline["cost_table"]), mode="depth") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {store} is not a readable SQLite database (") and "move it away" in line
+    assert store.read_bytes() == damaged and not (run_dir / "search.lock").exists()

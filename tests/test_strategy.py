@@ -150,3 +150,39 @@ def test_b1_table_order_is_b1_reversed():
     assert table_order.cache_depth == b1.cache_depth[::-1]
     assert table_order.prune_ratio == b1.prune_ratio[::-1]
     assert table_order.cache_depth[:10] == [1, 1, 1, 1, 1, 1, 1, 1, 12, 1]
+
+
+def test_unknown_keys_are_refused_naming_the_known_ones(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("steps: 2\ncache_depth: [12, 1]\nprune_ratio: [0.5, 0.5]\ncache_dept: [12, 0]\n")
+    with pytest.raises(StrategyError) as e:
+        Strategy.load(path)
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and "unknown key(s) cache_dept" in message
+    assert "steps, cache_depth, prune_ratio" in message and "sampler" in message
+    # the metadata keys the shipped files, the search and the derivations write are kept
+    searched = Strategy([12, 1], [0.5, 0.4], name="searched-depth",
+                        meta={"sampler": "plms", "sampler_steps_arg": 2, "source": "dato_search", "w_M": 0.1,
+                              "quality": {"kind": "fidelity", "value": 1.0}, "latency_ms": 3.0, "select": "raw"})
+    searched.last(1).save(tmp_path / "derived.yaml")
+    back = Strategy.load(tmp_path / "derived.yaml")
+    assert back.meta == dict(searched.meta, derived_from="searched-depth", derivation="last 1 steps")
+
+
+def test_a_folder_or_a_binary_file_is_named_in_one_line(tmp_path):
+    from datosd.strategy import find_strategy, load_strategy
+
+    folder = tmp_path / "strategies"
+    folder.mkdir()
+    for call in (find_strategy, load_strategy, Strategy.load):
+        with pytest.raises(StrategyError) as e:
+            call(folder)
+        assert str(e.value).startswith(f"strategy {folder} is a folder, not a strategy file")
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"\x00\x01steps: 2\n")
+    for path in (binary, nul):
+        with pytest.raises(StrategyError) as e:
+            load_strategy(path)
+        assert str(e.value).startswith(f"strategy file {path} is not a text YAML file") and "\n" not in str(e.value)

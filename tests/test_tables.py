@@ -476,3 +476,29 @@ def test_collect_puts_smoke_numbers_next_to_the_paper(table5_smoke, tmp_path, ca
         assert b[8] == f"{rows[0]['latency'] / r['latency']:.2f}x"
     assert body[rows[0]["label"]][3] == "17.45" and body[rows[-1]["label"]][9] == "3.96x"
     assert report.main([str(tmp_path / "missing")]) == 2
+
+
+def test_dry_and_smoke_runs_check_the_settings_as_a_real_run_does(tmp_path, capsys):
+    """H=100 is refused by a real run of SD 1.5 (sides must be multiples of 64): a dry run and a smoke run say
+    the same; a smoke run that replaces a valid setting by its own says so."""
+    env = _real_files(tmp_path)
+    env["H"] = "100"
+    problems = {}
+    for name, options in (("real", Options()), ("dry", Options(dry_run=True)), ("smoke", Options(smoke=True,
+                                                                                               dry_run=True))):
+        with pytest.raises(PlanError) as err:
+            make_plan(SPECS, SPECS.tables["table1_imagenet_sd15"], options, env)
+        problems[name] = [p for p in err.value.problems if "100x" in p]
+    expected = ["image size 100x512 is not supported: H/W must be positive multiples of 64 (latent sides multiples of "
+                "8, as the UNet downsamples 3 times), e.g. 512x512."]
+    assert problems == {"real": expected, "dry": expected, "smoke": expected}
+    assert cli.main(["table1_imagenet_sd15", "--smoke", "--dry-run"], env={"H": "100"}) == 2
+    assert expected[0] in capsys.readouterr().err
+    plan = make_plan(SPECS, SPECS.tables["table1_imagenet_sd15"], Options(smoke=True, dry_run=True),
+                     {"H": "128", "SEED": "3"})
+    assert plan.values["height"] == 64 and plan.values["seed"] == 3
+    assert plan.notes == ("H=128 is replaced by the smoke run's 64",)
+    assert "# note: H=128 is replaced by the smoke run's 64" in cli.describe_plan(plan)
+    with pytest.raises(PlanError, match=r"SEED must be in 0..18446744073709549616 \(this run uses seeds SEED to "
+                                        r"SEED \+ 1999\)"):
+        dry_plan("table1_imagenet_sd15", {"SEED": str(2 ** 64 - 1)})  # images 0..1999 need seeds up to SEED + 1999

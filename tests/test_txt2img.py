@@ -184,3 +184,82 @@ def test_parity_preset_is_recorded_in_the_png(tmp_path, capsys):
 
     with Image.open(tmp_path / "out/samples/00000.png") as image:
         assert image.text["method"] == "dato@last3,parity"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--H", "99968", "--W", "99968"], "a run at 99968x99968 with --n_samples 1 (UNet rows doubled for guidance) "
+                                       "needs at least "),
+    (["--n_samples", "100000000"], "a run at 64x64 with --n_samples 100000000 (UNet rows doubled for guidance) "
+                                   "needs at least "),
+    (["--seed", "18446744073709551617"], "--seed must be in 0..18446744073709551615: torch's generators take seeds "
+                                         "up to 2**64 - 1, got 18446744073709551617"),
+    (["--seed", "18446744073709551615", "--n_iter", "2"], "--seed must be in 0..18446744073709551614 (this run "
+                                                           "uses seeds --seed to --seed + 1)"),
+    (["--prompt", "a cat", "--from-file", str(REPO_ROOT / "data" / "imagenet-class-prompts.txt")],
+     "--prompt and --from-file were both given"),
+])
+def test_sizes_seeds_and_prompts_that_cannot_run_are_refused_before_the_model(tmp_path, capsys, monkeypatch, flags,
+                                                                               message):
+    monkeypatch.setattr(TXT2IMG.gen, "load_model", lambda *a, **k: pytest.fail("model built"))
+    result = run_here(capsys, *TINY, *flags, "--outdir", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.count("error:") == 1 and message in result.stderr, result.stderr
+    if "needs at least" in message:
+        assert "GiB" in result.stderr and "available" in result.stderr and "weights not counted" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_largest_seed_runs(tmp_path, capsys):
+    result = run_here(capsys, *TINY, "--seed", "18446744073709551615", "--outdir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    with Image.open(tmp_path / "out/samples/00000.png") as image:
+        assert image.text["seed"] == "18446744073709551615"
+
+
+def test_a_method_with_its_own_steps_says_so_and_long_prompts_warn_once(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    long = "a watercolor painting of " + "a harbour with boats, " * 20
+    prompts.write_text(f"a cat\n{long}\n")
+    result = run_here(capsys, *TINY, "--n_iter", "2", "--method", "ddim2", "--plms", "--from-file", str(prompts),
+                      "--outdir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "note: ddim2 sets its own sampling: it runs the ddim sampler, not plms (--plms) and 2 steps, not " \
+           "--ddim_steps 3\n" in result.stdout
+    from ldm.modules.encoders.modules import CLIPTokenizerHF
+
+    tokens = len(CLIPTokenizerHF().encode(long)) + 2
+    assert result.stderr.count("warning:") == 1  # once per run, not once per batch or pass
+    assert (f"warning: 1 of 2 prompts are longer than the text encoder's 77 tokens (the longest has {tokens} "
+            f"tokens)") in result.stderr
+    from PIL import Image
+
+    with Image.open(tmp_path / "out/samples/00003.png") as image:  # 2 passes x 2 prompts
+        assert image.text["steps"] == "2" and image.text["sampler"] == "ddim"
+
+
+def nan_checkpoint(path):
+    """The golden tiny model's weights with the UNet's last conv NaN: every sample is NaN."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import GOLDEN_WEIGHTS
+
+    weights = load_file(str(GOLDEN_WEIGHTS))
+    weights["model.diffusion_model.out.2.weight"] = torch.full_like(weights["model.diffusion_model.out.2.weight"],
+                                                                    float("nan"))
+    save_file(weights, str(path))
+    return path
+
+
+def test_nan_latents_fail_in_one_line_and_write_no_image(tmp_path, capsys):
+    from conftest import GOLDEN_CONFIG
+    from sdgen.cli import run as run_cli
+
+    ckpt = nan_checkpoint(tmp_path / "nan.safetensors")
+    args = ["--config", str(GOLDEN_CONFIG), "--ckpt", str(ckpt), *TINY[1:], "--outdir", str(tmp_path / "out")]
+    assert run_cli(TXT2IMG.main, args) == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert "error: sampling ended in 256 NaN or infinite values of 256 latents, which decode to a blank image" in err
+    assert not (tmp_path / "out").exists()

@@ -40,7 +40,10 @@ settings, device). The algorithm is re-run from its seed with pymoo's ask/tell i
 already stored is served from the file, so restarting the same command (after a crash or Ctrl-C) replays the
 finished generations without computing anything and continues where it stopped (a raised ``--gens`` extends
 a finished search). The run directory remembers its settings in ``search.json``: a rerun with other settings
-is refused, naming the differences, unless ``--new-search`` starts a new search there (``dato_search.rundir``).
+is refused, naming the differences, unless ``--new-search`` starts a new search there (``dato_search.rundir``);
+one search at a time holds it (a lock on ``RUN_DIR/search.lock``: a second one is refused with the PID of the
+first, and the lock of a search that died is taken over), and a damaged ``evals.sqlite`` is refused before the
+model is built.
 Counts of evaluations performed and served from the store are logged, kept per run in the ``invocations``
 table and per candidate in the ``asks`` table.
 

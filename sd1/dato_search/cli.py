@@ -23,6 +23,7 @@ from datosd.strategy import StrategyError
 from ldm.checkpoint import CheckpointError
 from sdgen.cli import run
 from sdgen.cli.flags import add_model_args, resolve_model_args
+from sdgen.prompts import long_prompt_warning
 from sdgen.runtime import UsageError, set_threads
 
 from .objectives import QUALITIES, ObjectiveError
@@ -125,10 +126,12 @@ def _raise_exit(signum: int, frame: Any) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None, mode: str = "depth") -> int:
-    """Parse, check (one error line, exit 2, before anything is loaded or written) and run the search."""
+    """Parse, check (one error line, exit 2, before anything is loaded or written), claim the run directory
+    (`rundir.claimed`) and run the search."""
     from .backends import BackendError, DaskBackend
     from .run import run_record, run_search
-    from .rundir import check_rerun
+    from .rundir import check_rerun, claimed
+    from .store import STORE_FILE, EvalStore
 
     argv = list(sys.argv[1:] if argv is None else argv)
     opt = resolve_model_args(build_parser(mode).parse_args(argv))
@@ -136,26 +139,30 @@ def main(argv: Optional[Sequence[str]] = None, mode: str = "depth") -> int:
     previous_handler = None
     dask = None
     try:
-        try:
-            settings = resolve_settings(opt, argv)
-            check_rerun(settings, run_record(settings), opt.new_search)
+        settings = resolve_settings(opt, argv)
+        check_rerun(settings, run_record(settings), opt.new_search)
+        EvalStore.check(settings.run_dir / STORE_FILE)
+        with claimed(settings.run_dir):
             if settings.uses_dask:
                 dask = DaskBackend(settings.workers, settings.scheduler)
             set_threads(settings.threads)
             model = settings.model.load(torch.device(settings.device), verbose=False)
-        except (SearchUsageError, ObjectiveError, StrategyError, UsageError, CheckpointError, BackendError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        if settings.model.demo:
-            print("*** random-weight tiny demo model: the strategies it finds say nothing about Stable Diffusion ***")
-        if threading.current_thread() is threading.main_thread():
-            # a terminated search unwinds: its Dask cluster and its store are closed
-            previous_handler = signal.signal(signal.SIGTERM, _raise_exit)
-        started = time.perf_counter()
-        backend, dask = dask, None  # run_search closes it
-        outcome = run_search(settings, model, new_search=opt.new_search, dask=backend)
+            if settings.model.demo:
+                print("*** random-weight tiny demo model: the strategies it finds say nothing about Stable "
+                      "Diffusion ***")
+            if (warning := long_prompt_warning(settings.sampling.prompts)) is not None:
+                print(f"warning: {warning}", file=sys.stderr)
+            if threading.current_thread() is threading.main_thread():
+                # a terminated search unwinds: its Dask cluster and its store are closed, its lock released
+                previous_handler = signal.signal(signal.SIGTERM, _raise_exit)
+            started = time.perf_counter()
+            backend, dask = dask, None  # run_search closes it
+            outcome = run_search(settings, model, new_search=opt.new_search, dask=backend)
         print(f"search took {time.perf_counter() - started:.1f} s; results in {outcome.run_dir}")
         return 0
+    except (SearchUsageError, ObjectiveError, StrategyError, UsageError, CheckpointError, BackendError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if dask is not None:
             dask.close()

@@ -104,7 +104,9 @@ class CandidateSampler:
     def sample(self, strategy: Optional[Strategy], n_batches: Optional[int] = None) -> Tuple[torch.Tensor, float]:
         """Sample every image (or the first ``n_batches`` batches) with ``strategy`` (None: the unpatched model).
 
-        Returns: (latents: (N, C, h, w) float32 on the CPU, sampler seconds summed over the batches).
+        Returns: (latents: (N, C, h, w) float32 on the CPU, sampler seconds summed over the batches). The
+        unaccelerated run must end in finite latents (NonFiniteLatents); a candidate's NaN latents are returned,
+        for the objective to score them +inf.
         """
         set_threads(self.threads)  # per calling thread with OpenMP: set it where sampling runs
         spec, run = self.sampling, self.sampling.run
@@ -116,7 +118,7 @@ class CandidateSampler:
                 x_T = gen.start_noise([spec.seeds[k] for k in batch], self.shape)
                 result = gen.sample_latents(self.model, cond, x_T, sampler=run.sampler, steps=run.steps,
                                             scale=run.scale, eta=0.0, seed=spec.seeds[batch.start], method=method,
-                                            precision=run.precision)
+                                            precision=run.precision, check_finite=strategy is None)
                 latents.append(result.latents.float().cpu())
                 seconds += result.seconds
         return torch.cat(latents), seconds

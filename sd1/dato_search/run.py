@@ -18,7 +18,7 @@ from .objectives import build_objective
 from .report import RunLog
 from .rundir import SETTINGS_FILE, check_rerun, settings_record
 from .settings import SearchSettings
-from .store import EvalStore, sampling_context, search_context
+from .store import STORE_FILE, EvalStore, sampling_context, search_context
 
 
 def run_record(settings: SearchSettings) -> dict:
@@ -61,7 +61,7 @@ def run_search(settings: SearchSettings, model: torch.nn.Module, new_search: boo
             backend = DaskBackend(settings.workers, settings.scheduler)
         settings.run_dir.mkdir(parents=True, exist_ok=True)
         log = RunLog(settings.run_dir / "search.log")
-        store = EvalStore(settings.run_dir / "evals.sqlite", search_context(settings))
+        store = EvalStore(settings.run_dir / STORE_FILE, search_context(settings))
         atomic_write_text(settings.run_dir / SETTINGS_FILE, json.dumps(record, indent=1))
         invocation = store.start_invocation(settings.argv)
         stored_before = store.count()

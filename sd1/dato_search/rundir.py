@@ -8,13 +8,19 @@ in the directory; the stored evaluations whose key (model, sampling, objectives)
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+from sdgen.images import made_folder
+from sdgen.locks import LockHeld, exclusive_lock
 
 from .identity import model_identity
 from .loop import OPERATORS
 from .settings import SearchSettings, SearchUsageError
 
 SETTINGS_FILE = "search.json"
+LOCK_FILE = "search.lock"
 # What a resumed search must share with the stored one (besides --gens, which may only grow).
 COMPARED = ("mode", "pop", "seed", "space", "operators", "sampling", "quality", "latency", "w_M", "select",
             "model", "device", "threads")
@@ -88,3 +94,18 @@ def check_rerun(settings: SearchSettings, record: Dict[str, Any], new_search: bo
             f"its own settings to resume it, pass --new-search to start a new search there (stored evaluations "
             f"with the same model, sampling and objectives are reused), or pick another --run-dir")
     return diffs
+
+
+@contextmanager
+def claimed(run_dir: Path) -> Iterator[Path]:
+    """Hold the run directory for one search (made if missing, removed again if this search fails before
+    writing into it): an exclusive lock on RUN_DIR/search.lock, so that a second search there is refused
+    (SearchUsageError, naming the PID that holds it) instead of both writing one store. The lock of a search
+    that died is taken over."""
+    with made_folder(run_dir), ExitStack() as lock:
+        try:
+            lock.enter_context(exclusive_lock(Path(run_dir) / LOCK_FILE, wait=False))
+        except LockHeld as held:
+            raise SearchUsageError(f"--run-dir {run_dir} is already in use by PID {held.pid or '?'} (another "
+                                   f"search runs there); wait for it to end, or pick another --run-dir") from None
+        yield Path(run_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 from datosd.strategy import DEFAULT_STRATEGY, MAX_DEPTH, Strategy, StrategyError, find_strategy
-from sdgen.costs import load_tables
+from sdgen.benchmark import check_cost_table
 from sdgen.generate import ModelRef
 from sdgen.images import check_output_dir
 from sdgen.prompts import read_prompts
@@ -30,7 +30,7 @@ LATENCIES = ("table", "measured")
 SELECTS = ("raw", "normalized")
 DEFAULT_DEPTH_SPACE = "0,1,12"  # spec 1
 DEFAULT_RATIO_SPACE = "0.3,0.4,0.5,0.6,0.7"  # spec 1
-FLAGS = SettingFlags(batch="--batch-size")
+FLAGS = SettingFlags(batch="--batch-size", seed="--sample-seed")
 
 
 class SearchUsageError(ValueError):
@@ -195,7 +195,8 @@ def resolve_settings(opt: argparse.Namespace, argv: Sequence[str] = ()) -> Searc
     try:
         run = RunSettings.resolve(flags=FLAGS, sampler=opt.sampler, steps=opt.steps, scale=float(opt.scale),
                                   precision=opt.precision, height=height, width=width,
-                                  batch=min(opt.batch_size, opt.n_prompts), geometry=model.geometry())
+                                  batch=min(opt.batch_size, opt.n_prompts), seed=opt.sample_seed,
+                                  seed_count=opt.n_prompts, device=str(device), geometry=model.geometry())
     except UsageError as err:
         raise SearchUsageError(str(err)) from None
     space = _space(opt, run.sampler_steps)
@@ -212,11 +213,11 @@ def resolve_settings(opt: argparse.Namespace, argv: Sequence[str] = ()) -> Searc
     run_dir = Path(opt.run_dir) if opt.run_dir else Path("outputs") / f"search-{opt.mode}"
     check_output_dir(run_dir, "--run-dir")
     cost_table = Path(opt.cost_table) if opt.cost_table else None
-    if cost_table is not None and cost_table.exists():
+    if cost_table is not None:
         try:
-            load_tables(cost_table)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise SearchUsageError(f"--cost-table {cost_table} is not a cost-table JSON file ({err})") from None
+            check_cost_table(cost_table)
+        except UsageError as err:
+            raise SearchUsageError(str(err)) from None
     return SearchSettings(mode=opt.mode, run_dir=run_dir, pop=opt.pop, gens=opt.gens, seed=opt.seed, space=space,
                           sampling=sampling, quality=quality, model=model, device=device.type, latency=opt.latency,
                           table_repeats=opt.table_repeats, cost_table=cost_table, prompt_source=prompt_source,

@@ -15,9 +15,10 @@ from datosd.strategy import Strategy
 
 from .evaluator import EvalResult
 from .identity import model_identity, sha256_json
-from .settings import SearchSettings
+from .settings import SearchSettings, SearchUsageError
 
 CONTEXT_VERSION = 1  # bump when the meaning of a stored evaluation changes
+STORE_FILE = "evals.sqlite"
 
 
 def _device_label(device: str) -> str:
@@ -92,6 +93,26 @@ class EvalStore:
     ``invocations`` (one row per run of the command: evaluations performed / served from the store),
     ``asks`` (every candidate NSGA-II asked for, and whether it was 'evaluated' or 'cached'), ``contexts``.
     """
+
+    @staticmethod
+    def check(path: Path) -> None:
+        """Raise SearchUsageError (one line) unless the file `path`, when it exists, is a whole SQLite database (an
+        integrity check, read-only: a garbage or truncated file is refused before any work)."""
+        path = Path(path)
+        if not path.exists():
+            return
+        try:
+            db = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+            try:
+                found = [row[0] for row in db.execute("PRAGMA quick_check")]
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as err:
+            found = [str(err)]
+        if found != ["ok"]:
+            raise SearchUsageError(f"{path} is not a readable SQLite database ({'; '.join(found[:2])}); move it "
+                                   f"away to start the search over without its stored evaluations, or pick another "
+                                   f"--run-dir")
 
     def __init__(self, path: Path, context: Dict[str, Any]) -> None:
         self.path = Path(path)

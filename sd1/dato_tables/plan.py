@@ -14,7 +14,9 @@ from sdeval.images import list_images
 from sdgen import generate as gen
 from sdgen.generate import ModelGeometry, ModelRef
 from sdgen.methods import Method, MethodError, parse_method
-from sdgen.prompts import read_prompts
+from sdgen.prompt_set import image_count
+from sdgen.prompts import long_prompt_warning, read_prompts
+from sdgen.runtime import pick_device
 from sdgen.resources import DEMO_CONFIG, DEMO_SDXL_CONFIG, packaged
 from sdgen.settings import RunSettings, SettingFlags
 
@@ -268,12 +270,7 @@ def _model(specs: Specs, spec: TableSpec, env: Mapping[str, str], paths: _Paths,
     if options.smoke:
         return ModelPlan(kind=model.kind, config=str(DEMO_CONFIGS[model.kind]), ckpt="", demo=True)
     ckpt = paths.get(model.checkpoint) or ""
-    config = env.get(model.config_env) or model.config_default
-    if not options.dry_run:
-        try:
-            gen.read_config(config)
-        except (ValueError, OSError) as err:
-            problems.append(f"{model.config_env}: {err}")
+    config = env.get(model.config_env) or model.config_default  # read (and checked) by _run_settings
     return ModelPlan(kind=model.kind, config=config, ckpt=ckpt, demo=False)
 
 
@@ -315,6 +312,47 @@ def _check_counts(plan_total: int, evaluation: EvalPlan, source: SourcePlan, pro
                         f"run makes {plan_total}")
 
 
+def _run_settings(values: Mapping[str, Any], config: str, config_env: str, sampler: str, img2img: bool, total: int,
+                  device: str, problems: List[str]) -> RunSettings:
+    """The table's run settings for the model of `config`, checked as every front end checks them
+    (`RunSettings.problems`, added to `problems`): a real run, a dry run and a smoke run alike."""
+    found: List[str] = []
+    geometry = ModelGeometry()
+    try:
+        geometry = gen.model_geometry(gen.read_config(config))
+    except (ValueError, OSError) as err:
+        found.append(f"{config_env}: {err}")
+    run = RunSettings(sampler="ddim" if img2img else sampler, steps=values["steps"], scale=values["scale"],
+                      precision=values["precision"], height=values["height"], width=values["width"],
+                      batch=values["batch_size"], seed=values["seed"], seed_count=max(total, 1),
+                      strength=values["strength"] if img2img else None, geometry=geometry,
+                      device=str(pick_device(device)))
+    found += run.problems(FLAGS) if not found else []
+    problems += [p for p in found if p not in problems]
+    return run
+
+
+def _smoke_replacements(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str, str],
+                        smoke_values: Mapping[str, Any], problems: List[str]) -> List[str]:
+    """A smoke run replaces some settings by its own (a tiny size, few images): those set in the environment
+    are still checked as a real run of the table's model checks them (added to `problems`), and each one
+    replaced is returned as a note."""
+    found: List[str] = []
+    values = resolve_settings(specs, spec, dataclasses.replace(options, smoke=False), env, found)
+    notes = []
+    for name in (*specs.common_settings, *spec.settings):
+        s = specs.settings[name]
+        if s.smoke is not None and env.get(s.env) and values[name] != smoke_values[name]:
+            notes.append(f"{s.env}={env[s.env]} is replaced by the smoke run's {smoke_values[name]}")
+    model = specs.models[spec.model]
+    values["height"] = values["height"] or model.size
+    values["width"] = values["width"] or model.size
+    _run_settings(values, env.get(model.config_env) or model.config_default, model.config_env, spec.sampler,
+                  specs.datasets[spec.dataset].is_img2img, 1, "auto", found)
+    problems += [p for p in found if p not in problems]
+    return notes
+
+
 def make_plan(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str, str]) -> TablePlan:
     """Everything a run of `spec` will do; PlanError lists every problem found. A smoke run without an
     output folder gets a new temp folder (made once the settings are known to be right)."""
@@ -331,28 +369,22 @@ def make_plan(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str,
     size = 64 if options.smoke else specs.models[spec.model].size
     values["height"] = values["height"] or size
     values["width"] = values["width"] or size
-    geometry = ModelGeometry(kind=model.kind)
-    if not options.dry_run or options.smoke:
-        try:
-            geometry = gen.model_geometry(gen.read_config(model.config))
-            gen.latent_shape(geometry, values["height"], values["width"])
-        except (ValueError, OSError) as err:
-            problems.append(f"H/W: {err}")
+    device = "cpu" if options.smoke else "auto"
     source = _source(specs, spec, values, paths, smoke_dir, options, problems)
     if source.is_img2img:
-        values["encode_steps"] = _encode_steps(values, problems)
-    run = RunSettings(sampler="ddim" if source.is_img2img else spec.sampler, steps=values["steps"],
-                      scale=values["scale"], precision=values["precision"], height=values["height"],
-                      width=values["width"], batch=values["batch_size"], seed=values["seed"],
-                      strength=values["strength"] if source.is_img2img else None, geometry=geometry)
+        values["encode_steps"] = _encode_steps(values, [])  # a strength that runs no step: _run_settings says so
+        total = len(source.init_images) if values["limit"] is None else min(len(source.init_images), values["limit"])
+    else:
+        total = image_count(len(source.prompts), source.repeats, values["limit"])
+    notes: List[str] = []
+    if options.smoke:
+        notes = _smoke_replacements(specs, spec, options, env, values, problems)
+    if (warning := long_prompt_warning(source.prompts[:total])) is not None:
+        notes.append(warning)
+    run = _run_settings(values, model.config, specs.models[spec.model].config_env, spec.sampler, source.is_img2img,
+                        total, device, problems)
     evaluation = _evaluation(specs, spec, values, source, paths, smoke_dir, options)
     rows = _row_plans(specs, spec, values, table_dir, run, options, problems)
-    if source.is_img2img:
-        total = len(source.init_images)
-    else:
-        total = len(source.prompts) * source.repeats
-    if values["limit"] is not None:
-        total = min(total, values["limit"])
     _check_counts(total, evaluation, source, problems)
     if not options.smoke and not options.dry_run:
         problems += check_inputs(evaluation.metrics, evaluation.reference, evaluation.clip_arch,
@@ -360,6 +392,6 @@ def make_plan(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str,
     if problems:
         raise PlanError(problems)
     return TablePlan(spec=spec, out_dir=out_dir, table_dir=table_dir, model=model, source=source,
-                     evaluation=evaluation, rows=rows, values=values, run=run,
-                     device="cpu" if options.smoke else "auto", total=total,
-                     smoke=options.smoke, dry_run=options.dry_run, placeholders=tuple(paths.placeholders))
+                     evaluation=evaluation, rows=rows, values=values, run=run, device=device, total=total,
+                     smoke=options.smoke, dry_run=options.dry_run, placeholders=tuple(paths.placeholders),
+                     notes=tuple(notes))

@@ -7,7 +7,9 @@ A strategy is stored as YAML (the shipped ones in ``datosd/strategies/``, linked
     cache_depth: [1, 1, ..., 0]      # one int in 0..12 per step, in sampler order (i = 0 noisiest)
     prune_ratio: [0.7, 0.5, ..., 0.5]  # one float in [0, 1) per step
 
-Extra keys (``sampler``, ``model``, ``source``, ...) are kept in ``Strategy.meta``.
+Besides those, a file may hold the metadata keys of ``METADATA_KEYS`` (``sampler``, ``model``, ``source``, ...),
+kept in ``Strategy.meta``; any other key is refused (a misspelt ``cache_dept`` would otherwise be kept as
+metadata while the step lists it meant to set are missing or wrong).
 Every ``Strategy`` is validated on construction (spec 7.9); a bad one raises
 ``StrategyError`` before any sampling starts.
 """
@@ -21,13 +23,17 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
-__all__ = ["DEFAULT_STRATEGY", "MAX_DEPTH", "STRATEGY_DIR", "Strategy", "StrategyError", "StrategyLike",
+__all__ = ["DEFAULT_STRATEGY", "MAX_DEPTH", "METADATA_KEYS", "STRATEGY_DIR", "Strategy", "StrategyError", "StrategyLike",
            "StrategySummary", "call_kind", "find_strategy", "load_strategy", "shipped_strategies"]
 
 # spec 1/2: the largest depth a strategy holds; it computes every block of any UNet (SD 1.x has 12 input
 # blocks, SDXL 9: a depth at or above the model's block count is a full step, `n_blocks` below)
 MAX_DEPTH = 12
 _RESERVED_KEYS = ("name", "steps", "cache_depth", "prune_ratio")
+# What a strategy file may say about itself (kept in Strategy.meta): the shipped files' keys, those the search
+# writes into best.yaml, and those the derived strategies (last, every, with_ratio) record.
+METADATA_KEYS = ("sampler", "model", "source", "derived_from", "derivation", "sampler_steps_arg", "quality",
+                 "latency_ms", "w_M", "select")
 STRATEGY_DIR = Path(__file__).resolve().parent / "strategies"  # the shipped strategies (package data)
 DEFAULT_STRATEGY = STRATEGY_DIR / "b1.yaml"
 
@@ -233,6 +239,13 @@ class Strategy:
                 "keys steps, cache_depth, prune_ratio", "See configs/dato/b1.yaml for the format.",
             )
         name = data.get("name", name)
+        unknown = [str(key) for key in data if key not in _RESERVED_KEYS and key not in METADATA_KEYS]
+        if unknown:
+            raise _fail(
+                name, f"unknown key(s) {', '.join(unknown)}",
+                f"the keys {', '.join(_RESERVED_KEYS)} and optionally the metadata keys {', '.join(METADATA_KEYS)}",
+                "Fix the spelling or remove the key(s).",
+            )
         missing = [key for key in ("steps", "cache_depth", "prune_ratio") if key not in data]
         if missing:
             raise _fail(
@@ -268,11 +281,15 @@ class Strategy:
     def load(cls, path: PathLike) -> "Strategy":
         """Read a strategy YAML file; the name defaults to the file's stem."""
         path = Path(path)
-        with path.open("r", encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise StrategyError(f"strategy file {path} is not valid YAML: {e}") from e
+        if path.is_dir():
+            raise _folder_error(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, yaml.reader.ReaderError):
+            raise StrategyError(f"strategy file {path} is not a text YAML file (it holds bytes that are not "
+                                f"text); give a strategy YAML such as configs/dato/b1.yaml") from None
+        except yaml.YAMLError as e:
+            raise StrategyError(f"strategy file {path} is not valid YAML: {e}") from e
         try:
             return cls.from_dict(data, name=path.stem)
         except StrategyError as e:
@@ -316,11 +333,18 @@ def shipped_strategies() -> List[str]:
     return sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml"))
 
 
+def _folder_error(path: Path) -> StrategyError:
+    return StrategyError(f"strategy {path} is a folder, not a strategy file; give a YAML file in it, or one of the "
+                         f"shipped strategies: {', '.join(shipped_strategies())}")
+
+
 def find_strategy(name_or_path: PathLike) -> Path:
     """A strategy file: the path itself, or the file of a shipped strategy name ('b1'). StrategyError if none."""
     given = Path(name_or_path)
     if given.is_file():
         return given
+    if given.is_dir():
+        raise _folder_error(given)
     shipped = STRATEGY_DIR / f"{name_or_path}.yaml"
     if given.suffix == "" and len(given.parts) == 1 and shipped.is_file():
         return shipped

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from .costs import CostTable, count_entry_macs, entry_name, find_table, measure_table, spread, table_key
+from .costs import CostTable, count_entry_macs, entry_name, find_table, load_tables, measure_table, spread, table_key
 from tqdm import tqdm
 
 from . import generate as gen
 from .compiled import EAGER, Execution
 from .methods import REGISTRY, Method, MethodError, Registry, count_calls
-from .runtime import precision_name
+from .runtime import UsageError, precision_name
 from .settings import RunSettings
 
 DEFAULT_PROMPTS = ["a photograph of an astronaut riding a horse", "a golden retriever on a beach at sunset",
@@ -214,6 +214,18 @@ def cost_patch(model: torch.nn.Module, method: Method):
     if not method.cost_components:
         return nullcontext()
     return Method(method.cost_components).apply(model, steps=1)  # they have no step plan
+
+
+def check_cost_table(path: Path, flag: str = "--cost-table") -> None:
+    """Raise UsageError (one line) when the file `path` exists but is not a store of cost tables, which would
+    otherwise fail once the model is built and the first table is looked up."""
+    if not Path(path).exists():
+        return
+    try:
+        load_tables(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UsageError(f"{flag} {path} is not a cost-table JSON file ({err}); fix or remove it, or give another "
+                         f"{flag}") from None
 
 
 def cost_table_key(model, height: int, width: int, batch: int, precision: str, method: Method,

@@ -45,13 +45,19 @@ class ModelGeometry:
     """What a model config fixes: latent channels C, the VAE downsampling factor f, the UNet's levels (the
     latent sides must halve evenly at each), its input-block count (DaTo's full depth: SD 1.x 12, SDXL 9) and
     the model kind, 'ldm' (CompVis LatentDiffusion, SD 1.x/2.x) or 'sgm' (generative-models DiffusionEngine,
-    SDXL)."""
+    SDXL); and for the memory a run needs (`sdgen.memory`), per UNet level (highest resolution first) its
+    channels, ResBlocks and whether it has attention, and the input channels of the VAE decoder's first
+    full-resolution block. The defaults are SD 1.x's."""
 
     channels: int = 4
     factor: int = 8
     levels: int = 4
     kind: str = "ldm"
     blocks: int = 12
+    level_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+    level_res_blocks: Tuple[int, ...] = (2, 2, 2, 2)
+    level_attention: Tuple[bool, ...] = (True, True, True, False)
+    decoder_channels: int = 256
 
     @property
     def samplers(self) -> Tuple[str, ...]:
@@ -63,24 +69,35 @@ class ModelGeometry:
         return 1024 if self.kind == "sgm" else 512
 
 
-def _input_blocks(unet) -> int:
-    """Input blocks of a UNet config: the input conv, num_res_blocks per level, a downsampler between levels."""
-    levels = len(unet.channel_mult)
+def _res_blocks(unet) -> Tuple[int, ...]:
+    """ResBlocks per level of a UNet config (num_res_blocks: one int or one per level)."""
     res = unet.num_res_blocks
-    per_level = [int(res)] * levels if isinstance(res, int) else [int(r) for r in res]
-    return 1 + sum(per_level) + levels - 1
+    return (int(res),) * len(unet.channel_mult) if isinstance(res, int) else tuple(int(r) for r in res)
+
+
+def _unet_geometry(unet) -> Dict[str, object]:
+    """The ModelGeometry fields of a UNet config: levels, input blocks (the input conv, num_res_blocks per level,
+    a downsampler between levels), and per level its channels, ResBlocks and attention (ds = 2**level in
+    attention_resolutions)."""
+    res = _res_blocks(unet)
+    levels = len(unet.channel_mult)
+    attention = tuple(2 ** level in [int(r) for r in unet.attention_resolutions] for level in range(levels))
+    return dict(levels=levels, blocks=1 + sum(res) + levels - 1, level_res_blocks=res, level_attention=attention,
+                level_channels=tuple(int(unet.model_channels) * int(m) for m in unet.channel_mult))
 
 
 def model_geometry(config) -> ModelGeometry:
     """ModelGeometry of a model config (an OmegaConf with `model`): CompVis or generative-models layout."""
     params = config.model.params
-    factor = 2 ** (len(params.first_stage_config.params.ddconfig.ch_mult) - 1)
+    vae = params.first_stage_config.params.ddconfig
+    factor = 2 ** (len(vae.ch_mult) - 1)
+    decoder_channels = int(vae.ch) * int(vae.ch_mult[1 if len(vae.ch_mult) > 1 else 0])
     if "network_config" in params:
         unet = params.network_config.params
-        return ModelGeometry(int(unet.in_channels), factor, len(unet.channel_mult), kind="sgm",
-                             blocks=_input_blocks(unet))
-    unet = params.unet_config.params
-    return ModelGeometry(int(params.get("channels", 4)), factor, len(unet.channel_mult), blocks=_input_blocks(unet))
+        return ModelGeometry(int(unet.in_channels), factor, kind="sgm", decoder_channels=decoder_channels,
+                             **_unet_geometry(unet))
+    return ModelGeometry(int(params.get("channels", 4)), factor, decoder_channels=decoder_channels,
+                         **_unet_geometry(params.unet_config.params))
 
 
 def is_sdxl(model) -> bool:
@@ -167,14 +184,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.model.parameters()).device
 
 
-def latent_shape(geometry: ModelGeometry, height: int, width: int) -> Tuple[int, int, int]:
-    """(C, H/f, W/f) for an image of height x width; every UNet level must halve the latent sides evenly."""
+def latent_shape(geometry: ModelGeometry, height: int, width: int, flag: str = "--H and --W") -> Tuple[int, int, int]:
+    """(C, H/f, W/f) for an image of height x width; every UNet level must halve the latent sides evenly
+    (UsageError naming the sizes as `flag` does)."""
     halvings = geometry.levels - 1
     multiple = latent_multiple(geometry)
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         side = geometry.default_size
         raise UsageError(
-            f"image size {height}x{width} is not supported: --H and --W must be positive multiples of {multiple} "
+            f"image size {height}x{width} is not supported: {flag} must be positive multiples of {multiple} "
             f"(latent sides multiples of {2 ** halvings}, as the UNet downsamples {halvings} times), e.g. "
             f"{side}x{side}.")
     return geometry.channels, height // geometry.factor, width // geometry.factor
@@ -271,14 +289,33 @@ class SampleResult:
     calls: Optional[Dict[str, int]] = None
 
 
+class NonFiniteLatents(RuntimeError):
+    """Sampling ended in NaN or infinite latents (they would decode to a blank image)."""
+
+
+def _result(latents: torch.Tensor, seconds: float, method: Optional[AppliedMethod],
+            check_finite: bool) -> SampleResult:
+    """The SampleResult of a sampler run; NonFiniteLatents when `check_finite` and a value is NaN or inf."""
+    if check_finite:
+        bad = int((~torch.isfinite(latents)).sum())
+        if bad:
+            raise NonFiniteLatents(
+                f"sampling ended in {bad} NaN or infinite values of {latents.numel()} latents, which decode to a "
+                f"blank image: the checkpoint's weights may hold NaN or inf, or float16 overflowed under "
+                f"--precision autocast (try --precision full); the images of this batch were not written")
+    return SampleResult(latents, seconds, method.call_counts() if method is not None else None)
+
+
 def sample_latents(model, cond: Conditioning, x_T: torch.Tensor, *, sampler: str = "plms", steps: int = 50,
                    scale: float = 7.5, eta: float = 0.0, seed: int = 0, method: Optional[AppliedMethod] = None,
-                   precision: str = "full", progress: bool = False) -> SampleResult:
+                   precision: str = "full", progress: bool = False, check_finite: bool = True) -> SampleResult:
     """Sample latents from x_T: (B, C, h, w) with `sampler` for `steps` steps: the CompVis 'plms' or 'ddim' for
     an SD 1.x/2.x model, 'euler' (EulerEDMSampler with VanillaCFG, generative-models) for SDXL.
 
     method: an applied acceleration (`Method.apply`), re-seeded with `seed` for this run; `seed` also seeds
     the DDIM eta noise. Seconds cover the sampler loop only (UNet calls and sampler arithmetic).
+    check_finite: raise NonFiniteLatents when a final latent is NaN or inf (off only where a caller scores
+    such a run itself, as the search does a candidate).
     """
     check_sampler(model, sampler)
     device = model_device(model)
@@ -291,7 +328,7 @@ def sample_latents(model, cond: Conditioning, x_T: torch.Tensor, *, sampler: str
         with torch.no_grad(), precision_scope(precision, device):
             latents, seconds = timed(lambda: sdxl.sample_latents(model, cond.cond, cond.uncond, x_T.to(device),
                                                                  steps, scale), device)
-        return SampleResult(latents, seconds, method.call_counts() if method is not None else None)
+        return _result(latents, seconds, method, check_finite)
     generator = torch.Generator().manual_seed(seed)
     run = info.sampler_class(model)
     with torch.no_grad(), precision_scope(precision, device):
@@ -299,16 +336,18 @@ def sample_latents(model, cond: Conditioning, x_T: torch.Tensor, *, sampler: str
             S=steps, conditioning=cond.cond, batch_size=x_T.shape[0], shape=list(x_T.shape[1:]), verbose=False,
             unconditional_guidance_scale=scale, unconditional_conditioning=cond.uncond, eta=eta,
             x_T=x_T.to(device), generator=generator, disable_progress=not progress), device)
-    return SampleResult(latents, seconds, method.call_counts() if method is not None else None)
+    return _result(latents, seconds, method, check_finite)
 
 
-def img2img_steps(strength: float, ddim_steps: int) -> int:
-    """t_enc: how many DDIM steps img2img runs (CompVis: int(strength * ddim_steps)); UsageError if none."""
+def img2img_steps(strength: float, ddim_steps: int, strength_flag: str = "--strength",
+                  steps_flag: str = "--ddim_steps") -> int:
+    """t_enc: how many DDIM steps img2img runs (CompVis: int(strength * ddim_steps)); UsageError if none (naming
+    the settings as `strength_flag` and `steps_flag` do)."""
     if not math.isfinite(strength) or not 0.0 <= strength <= 1.0:
-        raise UsageError(f"--strength must be in [0, 1], got {strength}")
+        raise UsageError(f"{strength_flag} must be in [0, 1], got {strength}")
     t_enc = int(strength * ddim_steps)
     if t_enc < 1:
-        raise UsageError(f"--strength {strength} with --ddim_steps {ddim_steps} runs no step; raise either")
+        raise UsageError(f"{strength_flag} {strength} with {steps_flag} {ddim_steps} runs no step; raise either")
     return t_enc
 
 
@@ -318,7 +357,8 @@ def img2img_latents(model, init_latent: torch.Tensor, cond: Conditioning, noise:
                     progress: bool = False) -> SampleResult:
     """CompVis img2img with DDIM: noise the scaled init latents (B, C, h, w) to step index `encode_steps` of
     a `steps`-step schedule and denoise over those `encode_steps` steps. `encode_steps` = all the steps
-    (strength 1.0) starts from pure `noise`, as full destruction of the image means."""
+    (strength 1.0) starts from pure `noise`, as full destruction of the image means. NonFiniteLatents when a
+    final latent is NaN or inf."""
     device = model_device(model)
     if method is not None:
         method.reseed(seed)
@@ -338,7 +378,7 @@ def img2img_latents(model, init_latent: torch.Tensor, cond: Conditioning, noise:
         latents, seconds = timed(lambda: run.decode(
             z_enc, cond.cond, encode_steps, unconditional_guidance_scale=scale,
             unconditional_conditioning=cond.uncond, generator=generator, disable_progress=not progress), device)
-    return SampleResult(latents, seconds, method.call_counts() if method is not None else None)
+    return _result(latents, seconds, method, check_finite=True)
 
 
 # --- images -----------------------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ import torch
 
 from . import generate as gen
 from .images import atomic_write_text, check_output_dir
+from .locks import exclusive_lock
 from .methods import Method
 from .runtime import UsageError
-from .sharding import DistInfo, png_path, run_sharded
+from .sharding import DistInfo, missing_indices, run_sharded
 
 MANIFEST = "manifest.json"
+MANIFEST_LOCK = ".manifest.lock"
 
 
 def file_sha256(path) -> str:
@@ -71,12 +73,21 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def merge_manifest(outdir: Path, total: int, method: Method, settings: Dict[str, Any],
-                   previous: Optional[Dict[str, Any]], run: Dict[str, Any], file_names: str,
-                   timing_what: str) -> Dict[str, Any]:
+def merge_manifest(outdir: Path, total: int, method: Method, settings: Dict[str, Any], run: Dict[str, Any],
+                   file_names: str, timing_what: str) -> Dict[str, Any]:
     """Rank 0: merge this run (`run`: its date, generated, sampling / timed seconds, timed images, ...) into
-    OUTDIR/manifest.json; runs are kept and the timing is summed over them. Returns the manifest."""
-    present = sum(png_path(outdir, k).is_file() for k in range(total))
+    OUTDIR/manifest.json; runs are kept and the timing is summed over them. The manifest is read again and
+    written under a lock (OUTDIR/.manifest.lock), so runs that share the folder at once each add their run.
+    Returns the manifest."""
+    with exclusive_lock(Path(outdir) / MANIFEST_LOCK):
+        manifest = _merged(outdir, total, method, settings, read_manifest(outdir), run, file_names, timing_what)
+        atomic_write_text(Path(outdir) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _merged(outdir: Path, total: int, method: Method, settings: Dict[str, Any], previous: Optional[Dict[str, Any]],
+            run: Dict[str, Any], file_names: str, timing_what: str) -> Dict[str, Any]:
+    present = total - len(missing_indices(outdir, range(total)))
     runs = list((previous or {}).get("runs", [])) + [run]
     timed_s = sum(r["timed_seconds"] for r in runs)
     timed_n = sum(r["timed_images"] for r in runs)
@@ -94,7 +105,6 @@ def merge_manifest(outdir: Path, total: int, method: Method, settings: Dict[str,
                    "includes_warmup": includes_warmup},
         "runs": runs,
     }
-    atomic_write_text(Path(outdir) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -107,12 +117,12 @@ def run_record(info: DistInfo, device: torch.device, totals: Sequence[float], ge
             "timed_seconds": timed_s, "timed_images": int(timed_n), "wall_seconds": wall_seconds}
 
 
-def write_manifest(job, previous: Optional[Dict[str, Any]], info: DistInfo, device: torch.device,
-                   totals: Sequence[float], generated: int, wall_seconds: float) -> Dict[str, Any]:
+def write_manifest(job, info: DistInfo, device: torch.device, totals: Sequence[float], generated: int,
+                   wall_seconds: float) -> Dict[str, Any]:
     """Rank 0: merge this run into OUTDIR/manifest.json (runs are kept, timing summed over them)."""
     run = run_record(info, device, totals, generated, wall_seconds, **job.record_settings())
-    return merge_manifest(job.outdir, job.total, job.method, job.settings(), previous, run,
-                          file_names=job.FILE_NAMES, timing_what=job.TIMING_WHAT)
+    return merge_manifest(job.outdir, job.total, job.method, job.settings(), run, file_names=job.FILE_NAMES,
+                          timing_what=job.TIMING_WHAT)
 
 
 def run_image_job(job, info: DistInfo, device: torch.device, progress: bool = True,
@@ -121,7 +131,7 @@ def run_image_job(job, info: DistInfo, device: torch.device, progress: bool = Tr
     """Make every missing image of `job` on this rank (of `info.world`), then rank 0 writes the manifest and
     says the sampling time. The model is loaded (by `load_model`, default `generate.load_model`) only when this
     rank has something to make. Returns the manifest (rank 0) or {}."""
-    previous = check_job(job)
+    check_job(job)
 
     def make(device: torch.device, todo: Sequence[int]) -> Tuple[float, float, int]:
         ref = job.model
@@ -131,7 +141,7 @@ def run_image_job(job, info: DistInfo, device: torch.device, progress: bool = Tr
         return timing.seconds, timing.timed_seconds, timing.timed_images
 
     def manifest(device: torch.device, totals: Sequence[float], generated: int, wall_seconds: float):
-        written = write_manifest(job, previous, info, device, totals, generated, wall_seconds)
+        written = write_manifest(job, info, device, totals, generated, wall_seconds)
         if written["seconds_per_image"] is not None:
             log(f"sampling time: {written['seconds_per_image']:.4f} s per image "
                 f"(over {written['timing']['timed_images']} timed images)")

@@ -99,10 +99,54 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG ends with
+
+
+def is_complete_png(path) -> bool:
+    """Whether the file `path` is a whole PNG: the signature first and the IEND chunk last (a 0-byte, truncated
+    or foreign file is not). Reads 20 bytes."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                return False
+            f.seek(0, os.SEEK_END)
+            if f.tell() < len(PNG_SIGNATURE) + len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return f.read() == PNG_END
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return False
+
+
+@contextmanager
+def made_folder(path) -> Iterator[Path]:
+    """Make the folder `path` (and its missing parents) for the block; when the block raises (an error, Ctrl-C)
+    the folders made here are removed again if they are still empty, so a failed run leaves nothing behind."""
+    path = Path(path)
+    made = []
+    missing = path
+    while not missing.exists() and missing.parent != missing:
+        made.append(missing)
+        missing = missing.parent
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (something was written, or another process made it too): kept
+                break
+        raise
+
+
 def next_free_index(folder, pattern: str) -> int:
-    """One past the largest number in file names of `folder` matching `pattern` (a regex with one group)."""
+    """One past the largest number in file names of `folder` matching `pattern` (a regex with one group); 0 when
+    the folder does not exist yet."""
     regex = re.compile(pattern)
-    numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := regex.fullmatch(name))]
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    numbers = [int(m.group(1)) for name in names if (m := regex.fullmatch(name))]
     return max(numbers) + 1 if numbers else 0
 
 
@@ -136,13 +180,13 @@ def check_output_file(path, flag: str) -> None:
 class SampleWriter:
     """Writes numbered samples to outdir/samples and one grid per run to outdir, after what is there.
 
-    Nothing existing is ever replaced: numbering continues from the largest number found.
+    Nothing existing is ever replaced: numbering continues from the largest number found. The folders are made
+    when the first image is written (a run that fails before leaves none behind).
     """
 
     def __init__(self, outdir, png_text: Dict[str, object], skip_save: bool = False, skip_grid: bool = False):
         self.outdir = outdir
         self.sample_path = os.path.join(outdir, "samples")
-        os.makedirs(self.sample_path, exist_ok=True)
         self.base_count = next_free_index(self.sample_path, r"(\d+)\.png")
         self.grid_count = next_free_index(outdir, r"grid-(\d+)\.png")
         self.png_text = png_text
@@ -154,6 +198,7 @@ class SampleWriter:
     def add(self, images: List[np.ndarray], sampling_seconds: float = 0.0) -> None:
         """images: list of (H, W, 3) uint8 arrays of one batch; sampling_seconds: its sampler time."""
         if not self.skip_save:
+            os.makedirs(self.sample_path, exist_ok=True)
             for image in images:
                 self.base_count = save_numbered_png(image, self.sample_path, "{:05}.png", self.base_count,
                                                     self.png_text) + 1
@@ -163,6 +208,7 @@ class SampleWriter:
     def finish(self, n_rows: int) -> None:
         """Write the grid and print the timing summary."""
         if not self.skip_grid and self.images:
+            os.makedirs(self.outdir, exist_ok=True)
             grid = make_grid(self.images, n_rows)
             save_numbered_png(grid, self.outdir, "grid-{:04}.png", self.grid_count, self.png_text)
         count = len(self.images)

@@ -4,7 +4,7 @@ torchrun processes, resumable (the image-to-image sibling of prompt_set.py).
 Init image i (the i-th file of the folder in index-then-name order, as sdeval lists them) gets prompt i and
 seed `seed + i`, and is transformed exactly as `img2img.py --init-img FILE --prompt PROMPT --seed SEED+i
 --n_samples 1` does it (the same random draws), so any one image can be re-made with the script. It is
-written to OUTDIR/{i:06d}.png through a temp file and a rename; a run skips every index whose PNG exists.
+written to OUTDIR/{i:06d}.png through a temp file and a rename; a run skips every index whose PNG is complete.
 OUTDIR/manifest.json records the settings (a rerun with other settings is refused), every run and the
 sampling time per image (the DDIM loop; the first image of each process is a warm-up and not timed):
 `image_jobs`, whose `run_image_job(job, ...)` runs the job.

@@ -5,7 +5,7 @@ Image k (k = repeat * number_of_prompts + prompt_index) uses prompt (k mod numbe
 `seed + k`: its start noise comes from its own CPU generator, so it is the same whatever the batch size or
 the number of processes, and every other random draw of its sampler call (DaTo's base tokens, tomesd's
 partition, eta noise) comes from the seed of the first image of the batch. It is written to
-OUTDIR/{k:06d}.png through a temp file and a rename; a run skips every index whose PNG exists.
+OUTDIR/{k:06d}.png through a temp file and a rename; a run skips every index whose PNG is complete.
 `OUTDIR/manifest.json` records the settings (a rerun with other settings is refused), every run and the
 sampling time per image (`image_jobs`; `image_jobs.run_image_job(job, ...)` runs the job).
 """
@@ -23,6 +23,12 @@ from .images import atomic_save_png, to_uint8_images
 from .methods import Method
 from .settings import RunSettings
 from .sharding import png_path
+
+
+def image_count(n_prompts: int, repeats: int = 1, limit: Optional[int] = None) -> int:
+    """Images of a prompt set: repeats passes over n_prompts prompts, at most `limit`."""
+    total = n_prompts * repeats
+    return total if limit is None else min(total, limit)
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,7 @@ class PromptSetJob:
 
     @property
     def total(self) -> int:
-        total = len(self.prompts) * self.repeats
-        return total if self.limit is None else min(total, self.limit)
+        return image_count(len(self.prompts), self.repeats, self.limit)
 
     def settings(self) -> Dict[str, Any]:
         """What decides the images (compared with a previous run's manifest)."""

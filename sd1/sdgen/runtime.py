@@ -62,7 +62,7 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    os.environ.setdefault("PYTHONHASHSEED", str(seed % (2 ** 32)))  # Python refuses to start beyond 32 bits
 
 
 def synchronize(device) -> None:

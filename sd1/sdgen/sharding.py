@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
-from .images import temp_path
+from .images import is_complete_png, made_folder, temp_path
 from .runtime import synchronize
 
 PNG_NAME = "{:06d}.png"  # image k of a prompt set
@@ -99,8 +99,9 @@ def png_path(outdir, k: int) -> Path:
 
 
 def missing_indices(outdir, indices) -> List[int]:
-    """The indices whose PNG does not exist yet (a resumed run makes only these)."""
-    return [k for k in indices if not png_path(outdir, k).is_file()]
+    """The indices without a complete PNG yet (a resumed run makes only these; a 0-byte or truncated file is
+    made again)."""
+    return [k for k in indices if not is_complete_png(png_path(outdir, k))]
 
 
 def run_sharded(outdir, total: int, info: DistInfo, device: torch.device,
@@ -118,15 +119,19 @@ def run_sharded(outdir, total: int, info: DistInfo, device: torch.device,
     started = time.perf_counter()
     device = init_distributed(info, device)
     try:
-        os.makedirs(outdir, exist_ok=True)
         mine = list(shard_indices(total, info))
-        for k in mine:  # leftovers of an interrupted write of one of this rank's images
-            temp_path(png_path(outdir, k)).unlink(missing_ok=True)
         todo = missing_indices(outdir, mine)
+        broken = [png_path(outdir, k).name for k in todo if png_path(outdir, k).exists()]
+        if broken:
+            log(f"{len(broken)} image(s) are not complete PNG files and are made again: {', '.join(broken[:5])}"
+                f"{' ...' if len(broken) > 5 else ''}")
         timing = [0.0, 0.0, 0]
-        if todo:
-            timing = list(make_images(device, todo))
-            synchronize(device)
+        with made_folder(outdir):  # removed again if this run made it and fails before writing into it
+            for k in mine:  # leftovers of an interrupted write of one of this rank's images
+                temp_path(png_path(outdir, k)).unlink(missing_ok=True)
+            if todo:
+                timing = list(make_images(device, todo))
+                synchronize(device)
         *totals, generated = all_reduce_sum(info, device, [*timing, len(todo)])
         barrier(info, device)
         if not info.is_main:

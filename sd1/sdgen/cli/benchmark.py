@@ -44,6 +44,7 @@ from ..benchmark import (
     NOISY_SPREAD,
     BenchSettings,
     bench_entries,
+    check_cost_table,
     plot,
     render_markdown,
     run_benchmark,
@@ -128,9 +129,11 @@ def check_options(opt, registry: Registry = REGISTRY):
         raise UsageError(f"--repeats must be at least 1, got {opt.repeats}")
     config = gen.read_config(gen.DEMO_CONFIG if opt.demo else opt.config)
     geometry = gen.model_geometry(config)
+    device = pick_device(opt.device)
     settings = RunSettings.resolve(flags=FLAGS, sampler=BASE_SAMPLERS[geometry.kind], steps=opt.steps,
                                    scale=opt.scale, precision=opt.precision, height=opt.H, width=opt.W,
-                                   batch=opt.batch, seed=opt.seed, geometry=geometry)
+                                   batch=opt.batch, seed=opt.seed, seed_count=opt.batch, device=str(device),
+                                   geometry=geometry)
     entries = bench_entries(method_names(opt), settings, compile_mode=opt.compile, channels_last=opt.channels_last,
                             registry=registry)
     if opt.diffusers:
@@ -144,7 +147,8 @@ def check_options(opt, registry: Registry = REGISTRY):
     check_output_dir(opt.outdir)
     cost_table = Path(opt.cost_table) if opt.cost_table else Path(opt.outdir) / "costs.json"
     check_output_file(cost_table, "--cost-table")
-    return entries, settings, pick_device(opt.device), config, cost_table
+    check_cost_table(cost_table)
+    return entries, settings, device, config, cost_table
 
 
 def load(opt, config, device):

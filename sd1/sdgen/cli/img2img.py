@@ -17,18 +17,18 @@ import torch
 from .. import generate as gen
 from ..images import SampleWriter, check_output_dir, load_init_image
 from ..methods import REGISTRY, Registry
-from ..runtime import UsageError
+from ..runtime import UsageError, pick_device
 from ..settings import RunSettings, SettingFlags
 from . import run
 from .flags import add_acceleration_args, add_model_args, method_from_args, resolve_model_args
-from .sampling import checked_start, read_prompt_batches, sample_passes
+from .sampling import (add_prompt_args, checked_start, prompt_batches, read_prompt_list, sample_passes,
+                       sampler_calls)
 
 
 def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
     """The flags; the method flags are those of `registry`'s kinds."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
-                        help="the prompt to render")
+    add_prompt_args(parser)
     parser.add_argument("--init-img", type=str, nargs="?", help="path to the input image")
     parser.add_argument("--outdir", type=str, nargs="?", default="outputs/img2img-samples",
                         help="dir to write results to (appended to, never overwritten)")
@@ -48,14 +48,13 @@ def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
     parser.add_argument("--strength", type=float, default=0.75,
                         help="strength for noising/unnoising. 1.0 corresponds to full destruction of information "
                              "in init image")
-    parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file")
     parser.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     add_model_args(parser)
     add_acceleration_args(parser, registry)
     return parser
 
 
-FLAGS = SettingFlags(steps="--ddim_steps", eta="--ddim_eta", batch="--n_samples")
+FLAGS = SettingFlags(steps="--ddim_steps", eta="--ddim_eta", size="the --init-img size", batch="--n_samples")
 
 
 def resolve_method(opt, settings: RunSettings):
@@ -77,11 +76,13 @@ def check_options(opt):
     geometry = gen.model_geometry(gen.read_config(opt.config))
     gen.check_geometry(geometry, opt.C, opt.f)
     init_image = load_init_image(opt.init_img, multiple=gen.latent_multiple(geometry), flag="--init-img")
+    prompts = read_prompt_list(opt)
     settings = RunSettings.resolve(flags=FLAGS, sampler="ddim", steps=opt.ddim_steps, scale=opt.scale,
                                    eta=opt.ddim_eta, precision=opt.precision, height=init_image.shape[-2],
                                    width=init_image.shape[-1], batch=opt.n_samples, seed=opt.seed,
+                                   seed_count=sampler_calls(opt, prompts), device=str(pick_device(opt.device)),
                                    strength=opt.strength, geometry=geometry)
-    batches = read_prompt_batches(opt)
+    batches = prompt_batches(opt, prompts)
     method = resolve_method(opt, settings)
     settings = settings.for_method(method, FLAGS)
     gen.check_model_files(opt.config, opt.ckpt, demo=opt.demo)

@@ -13,12 +13,13 @@ Image k (k = repeat * number_of_prompts + prompt_index) uses prompt line (k mod 
 seed --seed + k: its starting noise x_T is drawn from its own CPU generator, so it is the same whatever the
 batch size or the number of processes; the other random draws of a sampler call (DaTo's random base tokens,
 tomesd's random partition) come from the seed of the batch's first image. It is written to OUTDIR/{k:06d}.png
-(through a temp file and a rename). A run skips every index whose PNG exists, so an interrupted run is resumed
-by running it again.
+(through a temp file and a rename). A run skips every index whose PNG is complete (an empty or truncated file is
+made again), so an interrupted run is resumed by running it again.
 
 With torchrun, rank r of W makes the indices r, r + W, r + 2W, ...; rank 0 then writes OUTDIR/manifest.json:
 method, settings, image count and the measured sampling time per image (the sampler's UNet loop only, x_T to
-latents; the first --warmup_batches batches of each process are not timed).
+latents; the first --warmup_batches batches of each process are not timed). Runs that share a folder at once
+each add their run to it (it is read again and written under a lock).
 
 Bit-for-bit reproducibility: the same command gives the same PNG bytes with any number of processes when
 --batch_size is 1 (and the processes use the same number of CPU threads, or the same GPU type). With larger
@@ -37,8 +38,8 @@ from .. import generate as gen
 from ..generate import ModelRef
 from ..methods import REGISTRY, MethodError, Registry
 from ..image_jobs import check_job, run_image_job
-from ..prompt_set import PromptSetJob
-from ..prompts import read_prompts
+from ..prompt_set import PromptSetJob, image_count
+from ..prompts import long_prompt_warning, read_prompts
 from ..runtime import UsageError, pick_device, seed_everything
 from ..settings import RunSettings, SettingFlags
 from ..sharding import dist_info_from_env
@@ -88,19 +89,18 @@ def job_from_args(opt) -> PromptSetJob:
         raise UsageError(f"--limit must be at least 1, got {opt.limit}")
     if opt.warmup_batches < 0:
         raise UsageError(f"--warmup_batches must be 0 or more, got {opt.warmup_batches}")
-    if opt.seed < 0:
-        raise UsageError(f"--seed must be 0 or more (image k uses seed + k), got {opt.seed}")
     model = ModelRef(opt.config, opt.ckpt, opt.ema, opt.demo)
     geometry = model.geometry()
     gen.check_geometry(geometry, opt.C, opt.f)
-    run = RunSettings(sampler="plms" if opt.plms else "ddim", steps=opt.ddim_steps, scale=opt.scale,
-                      precision=opt.precision, height=opt.H, width=opt.W, batch=opt.batch_size, seed=opt.seed,
-                      geometry=geometry)
-    run.validate(FLAGS)
     try:
         prompts = read_prompts(opt.from_file)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"--from-file: {err}") from None
+    total = image_count(len(prompts), opt.repeats, opt.limit)
+    run = RunSettings.resolve(flags=FLAGS, sampler="plms" if opt.plms else "ddim", steps=opt.ddim_steps,
+                              scale=opt.scale, precision=opt.precision, height=opt.H, width=opt.W,
+                              batch=min(opt.batch_size, total), seed=opt.seed, seed_count=total,
+                              device=str(pick_device(opt.device)), geometry=geometry)
     model.check()
     method = method_from_args(opt)
     return PromptSetJob(outdir=Path(opt.outdir), prompts=tuple(prompts), prompt_file=opt.from_file, method=method,
@@ -128,6 +128,10 @@ def main(argv=None, registry: Registry = REGISTRY) -> int:
         print(f"{job.total} images ({len(job.prompts)} prompts x {job.repeats} repeats"
               f"{'' if job.limit is None else f', limit {job.limit}'}) in {job.outdir}, {info.world} process(es); "
               f"method: {job.method.name} = {job.method.label}")
+        if (note := job.run.method_note(job.method, FLAGS)) is not None:
+            print(f"note: {note}")
+        if (warning := long_prompt_warning(job.prompts[:job.total])) is not None:
+            print(f"warning: {warning}", file=sys.stderr)
     run_image_job(job, info, device, progress=not opt.no_progress)
     return 0
 

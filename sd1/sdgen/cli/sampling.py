@@ -1,6 +1,7 @@
 """What txt2img and img2img share: the checked start (flags, files, model, seed), the prompt batches of --prompt /
 --from-file, and the CompVis loop that samples --n_iter passes over them under one applied method and writes
 every image and the grid."""
+import math
 import os
 import sys
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -11,6 +12,7 @@ from tqdm import tqdm, trange
 from .. import generate as gen
 from ..images import SampleWriter, to_uint8_images
 from ..methods import AppliedMethod, Method, MethodError
+from ..prompts import long_prompt_warning
 from ..runtime import UsageError, pick_device, seed_everything
 from ..settings import RunSettings
 from .flags import execution_from_args
@@ -33,20 +35,52 @@ def checked_start(opt, check: Callable, model=None) -> Optional[Tuple[Any, Any]]
     return checked, model
 
 
-def read_prompt_batches(opt) -> List[List[str]]:
-    """Prompt batches: --n_samples copies of --prompt, or the non-blank lines of --from-file in chunks."""
+DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+
+
+def add_prompt_args(parser) -> None:
+    """--prompt and --from-file (CompVis names; one or the other)."""
+    parser.add_argument("--prompt", type=str, nargs="?", default=None,
+                        help=f"the prompt to render (default {DEFAULT_PROMPT!r})")
+    parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file (one per line)")
+
+
+def read_prompt_list(opt) -> List[str]:
+    """The prompts of a run: --prompt (or the default prompt), or the non-blank lines of --from-file (the two
+    together are refused). Prints one warning when prompts are longer than the text encoder reads."""
+    if opt.from_file and opt.prompt is not None:
+        raise UsageError(f"--prompt and --from-file were both given: the run takes its prompts from one of them; "
+                         f"drop --prompt to render the lines of {opt.from_file}, or drop --from-file")
     if not opt.from_file:
-        return [opt.n_samples * [opt.prompt]]
-    if not os.path.isfile(opt.from_file):
-        raise UsageError(f"--from-file {opt.from_file} does not exist")
-    try:
-        with open(opt.from_file, "r", encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"--from-file {opt.from_file}: cannot read it ({err})") from None
-    if not prompts:
-        raise UsageError(f"--from-file {opt.from_file} holds no prompt")
-    return gen.batches(prompts, opt.n_samples)
+        prompts = [DEFAULT_PROMPT if opt.prompt is None else opt.prompt]
+    else:
+        if not os.path.isfile(opt.from_file):
+            raise UsageError(f"--from-file {opt.from_file} does not exist")
+        try:
+            with open(opt.from_file, "r", encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"--from-file {opt.from_file}: cannot read it ({err})") from None
+        if not prompts:
+            raise UsageError(f"--from-file {opt.from_file} holds no prompt")
+    warning = long_prompt_warning(prompts)
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr)
+    return prompts
+
+
+def sampler_calls(opt, prompts: Sequence[str]) -> int:
+    """Sampler calls of a run (each gets its own seed): --n_iter passes over the batches of `prompts`."""
+    per_pass = math.ceil(len(prompts) / max(opt.n_samples, 1)) if opt.from_file else 1
+    return opt.n_iter * per_pass
+
+
+def prompt_batches(opt, prompts: Sequence[str]) -> List[List[str]]:
+    """Prompt batches: --n_samples copies of --prompt, or the lines of --from-file in chunks of --n_samples
+    (call it once the run settings are checked: it holds --n_samples strings)."""
+    if not opt.from_file:
+        return [opt.n_samples * list(prompts)]
+    return gen.batches(list(prompts), opt.n_samples)
 
 
 SampleBatch = Callable[[List[str], AppliedMethod, int], gen.SampleResult]

@@ -16,11 +16,12 @@ import torch
 from .. import generate as gen
 from ..images import SampleWriter, check_output_dir
 from ..methods import REGISTRY, Registry
-from ..runtime import UsageError
+from ..runtime import UsageError, pick_device
 from ..settings import RunSettings, SettingFlags
 from . import run
 from .flags import add_acceleration_args, add_model_args, method_from_args, resolve_model_args
-from .sampling import checked_start, read_prompt_batches, sample_passes
+from .sampling import (add_prompt_args, checked_start, prompt_batches, read_prompt_list, sample_passes,
+                       sampler_calls)
 
 DEMO_SIZE = 128
 
@@ -28,8 +29,7 @@ DEMO_SIZE = 128
 def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
     """The flags; the method flags are those of `registry`'s kinds."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
-                        help="the prompt to render")
+    add_prompt_args(parser)
     parser.add_argument("--outdir", type=str, nargs="?", default="outputs/txt2img-samples",
                         help="dir to write results to (appended to, never overwritten)")
     parser.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
@@ -53,7 +53,6 @@ def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
     parser.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
     parser.add_argument("--scale", type=float, default=7.5,
                         help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
-    parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file (one per line)")
     parser.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
     sdxl = parser.add_argument_group("SDXL size conditioning (generative-models configs only)")
     sdxl.add_argument("--original_size", type=int, nargs=2, metavar=("H", "W"), default=None,
@@ -100,10 +99,13 @@ def check_options(opt):
     if opt.n_iter < 1:
         raise UsageError(f"--n_iter must be at least 1, got {opt.n_iter}")
     gen.check_geometry(geometry, opt.C, opt.f)
+    prompts = read_prompt_list(opt)
     settings = RunSettings.resolve(flags=FLAGS, sampler=pick_sampler(opt, geometry), steps=opt.ddim_steps,
                                    scale=opt.scale, eta=opt.ddim_eta, precision=opt.precision, height=opt.H,
-                                   width=opt.W, batch=opt.n_samples, seed=opt.seed, geometry=geometry)
-    batches = read_prompt_batches(opt)
+                                   width=opt.W, batch=opt.n_samples, seed=opt.seed,
+                                   seed_count=sampler_calls(opt, prompts), device=str(pick_device(opt.device)),
+                                   geometry=geometry)
+    batches = prompt_batches(opt, prompts)
     method = method_from_args(opt)
     settings = settings.for_method(method, FLAGS)
     gen.check_model_files(opt.config, opt.ckpt, demo=opt.demo)
@@ -118,7 +120,9 @@ def main(argv=None, registry: Registry = REGISTRY) -> int:
         return 2
     (batches, method, settings), model = started
     print(f"method: {method.name} = {method.label}")
-    png_text = {"prompt_source": opt.from_file or opt.prompt, "seed": opt.seed, "steps": settings.sampler_steps,
+    if (note := settings.method_note(method, FLAGS)) is not None:
+        print(f"note: {note}")
+    png_text = {"prompt_source": opt.from_file or batches[0][0], "seed": opt.seed, "steps": settings.sampler_steps,
                 "sampler": settings.sampler, "scale": opt.scale, "eta": opt.ddim_eta, "method": method.name,
                 "model": gen.DEMO_LABEL if opt.demo else opt.ckpt}
     writer = SampleWriter(opt.outdir, png_text, skip_save=opt.skip_save, skip_grid=opt.skip_grid)
