@@ -1,8 +1,8 @@
-"""Files that ship with the package: model configs and prompt lists (the DaTo strategies ship with datosd:
+"""Files that ship with the package: model configs, the shapes model's weights and prompt lists (the DaTo strategies ship with datosd:
 `datosd.strategy.STRATEGY_DIR`).
 
-They live in the checkout's `configs/` and `data/` (linked into the package as `sdgen/configs` and
-`sdgen/data`), so they are found the same way from a checkout, an editable install or a wheel.
+They live in the checkout's `configs/`, `models/shapes/` and `data/` (linked into the package as `sdgen/configs`,
+`sdgen/models` and `sdgen/data`), so they are found the same way from a checkout, an editable install or a wheel.
 """
 from importlib.resources import files
 from pathlib import Path
@@ -20,6 +20,10 @@ def packaged(*parts: str) -> Path:
 
 DEMO_CONFIG = packaged("configs", "stable-diffusion", "tiny-demo.yaml")
 DEMO_SDXL_CONFIG = packaged("configs", "stable-diffusion", "tiny-demo-sdxl.yaml")
+# The shapes model (sd1/shapesworld): a small SD 1.x-structured model trained on this repository's shapes world,
+# its weights in models/shapes (linked into the package as `sdgen/models`).
+SHAPES_CONFIG = packaged("configs", "stable-diffusion", "shapes-demo.yaml")
+SHAPES_WEIGHTS = packaged("models", "shapes-demo.safetensors")
 IMAGENET_PROMPTS = packaged("data", "imagenet-class-prompts.txt")
 
 

@@ -1,0 +1,349 @@
+"""Training of the shapes model on this CPU: the VAE, then the UNet and the text encoder together.
+
+Phases, each resumable (the state is saved atomically to `OUT/state.pt` every `save_every` steps and on Ctrl-C, and
+a rerun of the same command goes on from there):
+1. `vae`: the AutoencoderKL on random crops of shapes-world images (L1 + L2 reconstruction + a KL weight of 1e-6,
+   as SD's VAE, without its perceptual and GAN losses); fully convolutional, so crops train the same weights at a
+   quarter of the cost.
+2. `pool`: `pool_size` scenes are drawn, rendered and encoded once (the posterior's mean and std kept); the
+   latents' scale factor is 1 / their standard deviation, as CompVis' `scale_by_std`.
+3. `diffusion`: the UNet and the CLIP text encoder on the pooled latents, each draw with a fresh caption of its
+   scene (captions dropped to "" with probability `caption_dropout`, for classifier-free guidance): epsilon
+   prediction on the SD 1.x noise schedule (the config's), Min-SNR-gamma loss weights (Hang et al. 2023), AdamW
+   with a linear warm-up and cosine decay, an EMA of the weights, which are what ships.
+Every random draw is a function of (seed, phase, step), so a resumed run continues exactly as an unbroken one.
+`export_checkpoint` writes the model (EMA weights, float16) as a CompVis-layout .safetensors and its record.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import instantiate_from_config
+
+from .data import batch_scenes, scene_batch
+from .world import Scene, WorldConfig, caption
+
+PHASES = ("vae", "pool", "diffusion", "done")
+STATE_FILE = "state.pt"
+POOL_FILE = "pool.pt"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides the trained weights (recorded with them)."""
+
+    config: str
+    seed: int = 0
+    vae_steps: int = 800
+    vae_batch: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    pool_size: int = 24576
+    pool_batch: int = 256
+    steps: int = 3000
+    batch: int = 48
+    lr: float = 6e-4
+    warmup: int = 100
+    min_lr_share: float = 0.1
+    ema_decay: float = 0.998
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    grad_clip: float = 1.0
+    save_every: int = 100
+    world: WorldConfig = field(default_factory=WorldConfig)
+
+    def check(self) -> None:
+        """ValueError naming the first setting out of range."""
+        for name in ("vae_steps", "vae_batch", "pool_size", "pool_batch", "steps", "batch", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 8 <= self.vae_crop <= self.world.image_size or self.vae_crop % 4:
+            raise ValueError(f"--vae-crop must be a multiple of 4 from 8 to {self.world.image_size}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+@dataclass
+class TrainState:
+    """Where a training run stands: its phase, the step within it, the model's, optimizer's and EMA weights' states,
+    the losses so far ({phase: [(step, loss)]}) and the seconds spent per phase."""
+
+    phase: str = "vae"
+    step: int = 0
+    model: Dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: Dict[str, object] = field(default_factory=dict)
+    ema: Dict[str, torch.Tensor] = field(default_factory=dict)
+    losses: Dict[str, List[List[float]]] = field(default_factory=lambda: {"vae": [], "diffusion": []})
+    seconds: Dict[str, float] = field(default_factory=dict)
+    settings: Dict[str, object] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        """Write atomically (a Ctrl-C during the write leaves the previous state)."""
+        tmp = path.with_suffix(".tmp")
+        torch.save(asdict(self), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainState":
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+
+def build_model(config_path: str) -> torch.nn.Module:
+    """The LatentDiffusion of the config, with the seeded default initialisation of its modules."""
+    return instantiate_from_config(OmegaConf.load(config_path).model)
+
+
+def _generator(seed: int, phase: str, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, PHASES.index(phase), step]).integers(2**62)))
+
+
+def _rng(seed: int, phase: str, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, PHASES.index(phase), step, 1])
+
+
+def _trainable(module: torch.nn.Module) -> torch.nn.Module:
+    module.train()
+    for param in module.parameters():
+        param.requires_grad_(True)
+    return module
+
+
+def _frozen(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+def lr_at(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr_share * lr` at the last step."""
+    if step < settings.warmup:
+        return settings.lr * (step + 1) / settings.warmup
+    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    share = settings.min_lr_share + (1 - settings.min_lr_share) * 0.5 * (1 + math.cos(math.pi * progress))
+    return settings.lr * share
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights of the epsilon loss: min(SNR(t), gamma) / SNR(t): (B,)."""
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    return torch.clamp(snr, max=gamma) / snr
+
+
+class Trainer:
+    """Runs the phases of one training run in `out_dir`; `on_step(phase, step, loss)` sees every step."""
+
+    def __init__(self, settings: TrainSettings, out_dir: Path, progress: bool = True) -> None:
+        settings.check()
+        self.settings = settings
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.stop_asked = False
+        self.model = build_model(settings.config)
+        self.state = TrainState(settings=_plain(settings))
+        path = self.out_dir / STATE_FILE
+        if path.exists():
+            self.state = TrainState.load(path)
+            if self.state.settings != _plain(settings):
+                changed = sorted(k for k in _plain(settings) if self.state.settings.get(k) != _plain(settings)[k])
+                raise ValueError(f"{self.out_dir} holds a run with other settings ({', '.join(changed)}); use "
+                                 f"another output folder or the same settings to resume it")
+            self.model.load_state_dict(self.state.model)
+
+    # --- driving ---------------------------------------------------------------------------------------------
+    def run(self) -> TrainState:
+        """Run (or resume) every phase to the end. Ctrl-C (SIGINT) takes effect at the end of the step in progress:
+        the state is saved and KeyboardInterrupt raised, so a rerun goes on from exactly there."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        phases = {"vae": self._train_vae, "pool": self._build_pool, "diffusion": self._train_diffusion}
+        previous = signal.signal(signal.SIGINT, self._ask_to_stop) if _main_thread() else None
+        try:
+            while self.state.phase != "done":
+                started = time.perf_counter()
+                phase = self.state.phase
+                try:
+                    phases[phase]()
+                finally:
+                    self.state.seconds[phase] = self.state.seconds.get(phase, 0.0) + time.perf_counter() - started
+                self.state.phase, self.state.step = PHASES[PHASES.index(phase) + 1], 0
+                self.state.optimizer = {}
+                self._save()
+        except KeyboardInterrupt:
+            self._save()
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        return self.state
+
+    def _ask_to_stop(self, signum, frame) -> None:
+        self.stop_asked = True
+
+    def _stop_if_asked(self) -> None:
+        if self.stop_asked:
+            raise KeyboardInterrupt
+
+    def _save(self) -> None:
+        self.state.model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.state.save(self.out_dir / STATE_FILE)
+
+    def _bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, initial=self.state.step, desc=desc, disable=not self.progress, dynamic_ncols=True)
+
+    # --- phase 1: the VAE ------------------------------------------------------------------------------------
+    def _train_vae(self) -> None:
+        s = self.settings
+        vae = _trainable(self.model.first_stage_model)
+        optimizer = torch.optim.Adam(vae.parameters(), lr=s.vae_lr)
+        if self.state.optimizer:
+            optimizer.load_state_dict(self.state.optimizer)
+        with self._bar(s.vae_steps, "VAE") as bar:
+            while self.state.step < s.vae_steps:
+                step = self.state.step
+                images = _crops(scene_batch(s.seed, step, s.vae_batch, s.world).images, s.vae_crop,
+                                _rng(s.seed, "vae", step))
+                for group in optimizer.param_groups:  # the last tenth at a tenth of the rate
+                    group["lr"] = s.vae_lr * (0.1 if step >= 0.9 * s.vae_steps else 1.0)
+                posterior = vae.encode(images)
+                reconstruction = vae.decode(posterior.sample(generator=_generator(s.seed, "vae", step)))
+                error = reconstruction - images
+                rec_loss = error.abs().mean() + error.pow(2).mean()
+                loss = rec_loss + s.kl_weight * posterior.kl().mean() / images[0].numel()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                self._log("vae", step, rec_loss.item(), bar, optimizer)
+        _frozen(vae)
+
+    # --- phase 2: the latent pool ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _build_pool(self) -> None:
+        """Encode `pool_size` images (batch c of the stream seeded seed + 1 for chunk c); set the scale factor."""
+        s = self.settings
+        vae = _frozen(self.model.first_stage_model)
+        chunks = -(-s.pool_size // s.pool_batch)
+        means, stds = [], []
+        for chunk in tqdm(range(chunks), desc="encode pool", disable=not self.progress, dynamic_ncols=True):
+            self._stop_if_asked()
+            posterior = vae.encode(scene_batch(s.seed + 1, chunk, s.pool_batch, s.world).images)
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+        mean, std = torch.cat(means)[: s.pool_size], torch.cat(stds)[: s.pool_size]
+        sample = mean + std * torch.randn(mean.shape, generator=_generator(s.seed, "pool", 0))
+        self.model.scale_factor.fill_(1.0 / sample.flatten().std().item())
+        tmp = self.out_dir / (POOL_FILE + ".tmp")
+        torch.save({"mean": mean, "std": std}, tmp)
+        os.replace(tmp, self.out_dir / POOL_FILE)
+
+    # --- phase 3: UNet + text encoder ------------------------------------------------------------------------
+    def _train_diffusion(self) -> None:
+        s = self.settings
+        model = self.model
+        unet, text = _trainable(model.model), _trainable(model.cond_stage_model)
+        params = [p for m in (unet, text) for p in m.parameters()]
+        names = [f"model.{n}" for n, _ in unet.named_parameters()] + \
+                [f"cond_stage_model.{n}" for n, _ in text.named_parameters()]
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.01)
+        if self.state.optimizer:
+            optimizer.load_state_dict(self.state.optimizer)
+        if not self.state.ema:
+            self.state.ema = {n: p.detach().clone() for n, p in zip(names, params)}
+        pool = torch.load(self.out_dir / POOL_FILE, map_location="cpu", weights_only=True)
+        mean, std = pool["mean"], pool["std"]
+        scenes = _PoolScenes(s)
+        with self._bar(s.steps, "UNet + text") as bar:
+            while self.state.step < s.steps:
+                step = self.state.step
+                rng, generator = _rng(s.seed, "diffusion", step), _generator(s.seed, "diffusion", step)
+                index = torch.from_numpy(rng.integers(len(mean), size=s.batch))
+                posterior = DiagonalGaussianDistribution(torch.cat([mean[index], 2 * std[index].log()], dim=1))
+                z = model.scale_factor * posterior.sample(generator=generator)
+                captions = ["" if rng.random() < s.caption_dropout else caption(scenes[int(i)], rng) for i in index]
+                t = torch.randint(0, model.num_timesteps, (s.batch,), generator=generator)
+                noise = torch.randn(z.shape, generator=generator)
+                prediction = model.apply_model(model.q_sample(z, t, noise), t, text(captions))
+                per_image = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+                loss = (min_snr_weights(model.alphas_cumprod, t, s.min_snr_gamma) * per_image).mean()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, s)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+                optimizer.step()
+                decay = min(s.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for name, param in zip(names, params):
+                        self.state.ema[name].lerp_(param.detach(), 1 - decay)
+                self._log("diffusion", step, per_image.mean().item(), bar, optimizer)
+        _frozen(unet)
+        _frozen(text)
+
+    def _log(self, phase: str, step: int, loss: float, bar: tqdm, optimizer: torch.optim.Optimizer) -> None:
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the {phase} loss is {loss} at step {step}; lower the learning rate")
+        self.state.losses[phase].append([step, loss])
+        self.state.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if self.state.step % self.settings.save_every == 0 or self.stop_asked:
+            self.state.optimizer = optimizer.state_dict()
+            self._save()
+        self._stop_if_asked()
+
+    def ema_model(self) -> torch.nn.Module:
+        """The model with the EMA weights of the UNet and text encoder."""
+        model = build_model(self.settings.config)
+        model.load_state_dict(self.model.state_dict())
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in self.state.ema:
+                    param.copy_(self.state.ema[name])
+        return model.eval()
+
+
+class _PoolScenes:
+    """The scenes of the pooled latents, drawn again chunk by chunk when first asked for."""
+
+    def __init__(self, settings: TrainSettings) -> None:
+        self.settings = settings
+        self.chunks: Dict[int, tuple] = {}
+
+    def __getitem__(self, index: int) -> Scene:
+        s = self.settings
+        chunk, offset = divmod(index, s.pool_batch)
+        if chunk not in self.chunks:
+            self.chunks[chunk] = batch_scenes(s.seed + 1, chunk, s.pool_batch, s.world)[0]
+        return self.chunks[chunk][offset]
+
+
+def _crops(images: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """A random size x size crop of each image: (B, 3, S, S) -> (B, 3, size, size)."""
+    side = images.shape[-1]
+    if size == side:
+        return images
+    corners = rng.integers(0, side - size + 1, size=(len(images), 2))
+    return torch.stack([im[:, r:r + size, c:c + size] for im, (r, c) in zip(images, corners)])
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _plain(settings: TrainSettings) -> Dict[str, object]:
+    plain = asdict(settings)
+    plain["world"] = {k: list(v) if isinstance(v, tuple) else v for k, v in plain["world"].items()}
+    return plain
