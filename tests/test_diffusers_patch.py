@@ -193,31 +193,103 @@ def test_heun_two_unet_calls_per_step(pipe, conditioning, x_T):
     assert all(e[1] for e in recorder.events if e[0] == "call")  # the pipeline batches [uncond; cond]
 
 
-def test_pndm_warm_up_call_belongs_to_step_zero(pipe, conditioning, x_T):
-    pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
-    state = datosd.apply_patch(pipe, Strategy.full(5))
-    pipe_latents(pipe, conditioning, x_T, steps=5)
-    assert [c.step for c in state.calls] == [0, 0, 1, 2, 3, 4]  # as CompVis PLMS
-
-
-@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler"])
-def test_img2img_strength_runs_the_remaining_steps(pipe, scheduler):
-    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
-    img2img.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+@pytest.mark.parametrize("skip_prk_steps, steps", [
+    (True, [0, 0, 1, 2, 3, 4]),  # PLMS: the warm-up's two calls are step 0, as CompVis PLMS
+    (False, [0] * 4 + [1] * 4 + [2] * 4 + [3, 4]),  # three Runge-Kutta steps of 4 calls, then PLMS
+])
+def test_pndm_warm_up_calls_belong_to_their_step(pipe, conditioning, x_T, skip_prk_steps, steps):
+    pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=skip_prk_steps)
     recorder = EventRecorder()
-    state = datosd.apply_patch(img2img, Strategy.uniform(6, 3, 1, ratio=0.4))
+    state = datosd.apply_patch(pipe, Strategy.full(5))
     state.hooks.add(recorder)
+    pipe_latents(pipe, conditioning, x_T, steps=5)
+    assert [c.step for c in state.calls] == steps
+    assert recorder.events[0] == ("started", 5) and recorder.events[-1] == ("finished",)
+
+
+# img2img: the pipeline loops over scheduler.timesteps[t_start * order:] and PNDM's counter restarts there.
+IMG2IMG_STEPS = 10
+SCHEDULERS = {  # name: (diffusers class, config overrides)
+    "pndm-plms": ("PNDMScheduler", dict(skip_prk_steps=True)),
+    "pndm-prk": ("PNDMScheduler", dict(skip_prk_steps=False)),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+}
+
+
+def starts_a_step(scheduler):
+    """Whether the UNet call the scheduler is about to receive begins a new solver step, read from the scheduler's
+    own state: PNDM's PLMS redoes its first step with the averaged noise at counter 1, its Runge-Kutta warm-up takes
+    4 calls per step while counter < len(prk_timesteps); Heun and DPM2 start a step in their first-order state."""
+    if isinstance(scheduler, diffusers.PNDMScheduler):
+        k = scheduler.counter
+        if scheduler.config.skip_prk_steps:
+            return k != 1
+        return k >= len(scheduler.prk_timesteps) or k % 4 == 0
+    if hasattr(scheduler, "state_in_first_order"):
+        return bool(scheduler.state_in_first_order)
+    return True
+
+
+def img2img_run(pipe, kind, strength):
+    """An img2img pipeline over the golden components with scheduler `kind`, and the keywords of one run."""
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    name, overrides = SCHEDULERS[kind]
+    img2img.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
+    img2img.set_progress_bar_config(disable=True)
     image = torch.rand((1, 3, 128, 128), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        run = dict(prompt=PROMPTS, image=image, strength=0.6, num_inference_steps=10, output_type="latent",
-                   generator=torch.Generator().manual_seed(2))
-        img2img(**run)
-        assert recorder.events[0] == ("started", 6)  # int(10 * 0.6) steps run
-        assert recorder.steps() == list(range(6))
-        assert [c.kind for c in state.calls][:1] == ["full"] and "partial" in {c.kind for c in state.calls}
-        datosd.apply_patch(img2img, Strategy.full(10))
-        with pytest.raises(StrategyError, match="runs 6 of its 10 inference steps"):
+    return img2img, dict(prompt=PROMPTS, image=image, strength=strength, num_inference_steps=IMG2IMG_STEPS,
+                         output_type="latent", generator=torch.Generator().manual_seed(2))
+
+
+def solver_steps_of_calls(img2img, run):
+    """The solver step of every UNet call of an unpatched run, counted from the scheduler's state at each call."""
+    starts = []
+    handle = img2img.unet.register_forward_pre_hook(lambda module, args: starts.append(
+        starts_a_step(img2img.scheduler)))
+    try:
+        with torch.no_grad():
             img2img(**run)
+    finally:
+        handle.remove()
+    assert starts[0]
+    return [sum(starts[:i + 1]) - 1 for i in range(len(starts))]
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.6, 0.8, 1.0])
+@pytest.mark.parametrize("kind", list(SCHEDULERS))
+def test_img2img_steps_follow_the_scheduler(pipe, kind, strength):
+    """The run announces the solver steps the pipeline makes, every UNet call gets its step, the run is closed."""
+    img2img, run = img2img_run(pipe, kind, strength)
+    expected = solver_steps_of_calls(img2img, run)
+    steps = expected[-1] + 1
+    assert steps == int(IMG2IMG_STEPS * strength)  # the pipeline's own count: whole steps from t_start on
+    recorder = EventRecorder()
+    state = datosd.apply_patch(img2img, Strategy.uniform(steps, 2, 1, ratio=0.4))
+    state.hooks.add(recorder)
+    with torch.no_grad():
+        img2img(**run)
+    assert recorder.events[0] == ("started", steps) and recorder.events[-1] == ("finished",)
+    assert recorder.steps() == list(range(steps))
+    assert [c.step for c in state.calls] == expected
+    assert state.calls[0].kind == "full" and "partial" in {c.kind for c in state.calls}
+    datosd.apply_patch(img2img, Strategy.full(steps + 1))
+    with pytest.raises(StrategyError, match=f"use a {steps}-step strategy.*runs {steps} of its {IMG2IMG_STEPS} "
+                                            "inference steps"):
+        img2img(**run)
+
+
+def test_img2img_pndm_runge_kutta_step_cut_short_is_a_step(pipe):
+    """At strength 0.2 the loop's 11 calls stop inside PNDM's third Runge-Kutta step: it still counts."""
+    img2img, run = img2img_run(pipe, "pndm-prk", 0.2)
+    state = datosd.apply_patch(img2img, Strategy.full(3))
+    with torch.no_grad():
+        img2img(**run)
+    assert [c.step for c in state.calls] == [0] * 4 + [1] * 4 + [2] * 3
+    datosd.remove_patch(img2img)
+    assert solver_steps_of_calls(img2img, run) == [c.step for c in state.calls]
 
 
 def test_scheduler_swapped_after_patching_is_followed(pipe, conditioning, x_T):

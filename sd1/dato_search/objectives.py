@@ -19,7 +19,6 @@ its networks on first use.
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Optional, Seque
 
 import torch
 
+from sdgen.fidelity import relative_rms_error
 from sdgen.images import to_uint8_tensor
 
 from .identity import file_identity, file_sha256
@@ -189,10 +189,8 @@ class FidelityObjective(QualityObjective):
             if self._reference_images is None:
                 self._reference_images = decode(self.reference)
             x, ref = decode(latents), self._reference_images
-        x, ref = x.double(), ref.double()
-        squared = (x - ref).pow(2).sum().item()
-        relative = 100.0 * math.sqrt(squared / max(ref.pow(2).sum().item(), 1e-300))
-        return relative, {"mse": squared / ref.numel()}
+        mse = (x.double() - ref.double()).pow(2).mean().item()
+        return 100.0 * relative_rms_error(x, ref), {"mse": mse}
 
 
 class FidObjective(QualityObjective):

@@ -23,11 +23,25 @@ SDXL's highest-resolution level has no attention: pruning (spec 6) counts N_max 
 that has transformer blocks (`DatoState.attention_downsample`: 1 on SD 1.x / 2.x, 2 on SDXL).
 
 Steps (spec 1) come from the pipeline's scheduler, not from counting UNet calls: `scheduler.set_timesteps` starts
-a run, `scheduler.step` advances it, and a UNet call belongs to the step of the scheduler position it is made at
-(position p of `scheduler.timesteps` is step (p - e) // order, where `order` is the scheduler's calls per step
-(Heun, DPM2: 2) and e the extra calls of its first step (PNDM's warm-up: 1)). So img2img `strength` runs the
-strategy over the steps that remain, and the run's hooks (`DatoState.hooks`, a `SamplingHooks`) see exactly
-those. Several UNet calls at one position (classifier-free guidance run as two calls) keep separate caches.
+a run, `scheduler.step` advances it, and the run covers the positions of `scheduler.timesteps` that the pipeline
+loops over, from the begin index it passes to `scheduler.set_begin_index` (img2img: t_start * order; a loop that
+passes none begins at its first call's timestep) to the end. A strategy step is one solver step; the pipeline's
+loop makes one UNet call and one `scheduler.step` per position, so a step has as many calls as its solver needs:
+
+    DDIM, Euler, ...        1 call per step
+    Heun, DPM2 (order 2)    2 calls per step (first-order, then correction); the run's last step has 1
+    PNDM, skip_prk_steps    PLMS: step 0 has 2 calls (counter 0, then counter 1 redoes the step with the mean of
+                            the two noise predictions), as the CompVis PLMS sampler; every later step 1 call
+    PNDM, Runge-Kutta       3 steps of 4 calls (counter < len(prk_timesteps) = 12), then 1 call per PLMS step
+
+PNDM numbers its calls by its `counter`, which set_timesteps resets: an img2img loop over timesteps[t_start:]
+starts with the warm-up again, so with 10 inference steps and strength 0.8 its 9 calls are 8 steps (0, 0, 1, ..,
+7). A Runge-Kutta step that the loop cuts short (img2img strength 0.2: 11 calls) still counts as a step. The other
+schedulers number calls by position, and img2img begins at a step boundary. `StepMap` holds these rules. So img2img
+`strength` runs the strategy over the steps that remain (int(num_inference_steps * strength) of them, bar a cut
+Runge-Kutta step), and the run's hooks (`DatoState.hooks`, a `SamplingHooks`) see exactly those; the run is closed
+after the loop's last `scheduler.step`. Several UNet calls at one position (classifier-free guidance run as two
+calls) keep separate caches.
 Whether a call's batch is [unconditional; conditional] (spec 4) is the pipeline's `do_classifier_free_guidance`;
 a hand-written loop that calls the UNet once per half should patch with `align_cfg=False`.
 A bare UNet2DConditionModel has no scheduler: drive `state` (a `SamplingHook`) yourself, as with an ldm UNet.
@@ -185,34 +199,73 @@ def remove_patch(pipe_or_unet: Any) -> Any:
 
 
 # --- steps from the scheduler ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepMap:
+    """Which solver step each UNet call of a scheduler belongs to.
+
+    The scheduler numbers its calls k = 0, 1, ... by its own index: PNDM by its `counter` (scheduler.step calls since
+    set_timesteps), every other scheduler by the call's position in `scheduler.timesteps` (its `step_index`). The
+    first steps take `leading[i]` calls each, every later step `order` calls: call k is step `step_of(k)`.
+    """
+
+    leading: Tuple[int, ...]  # calls of each of the first steps (PLMS: (2,); PNDM's Runge-Kutta: (4, 4, 4))
+    order: int  # calls of every later step (Heun, DPM2: 2; the last step of a run may have fewer)
+
+    def step_of(self, k: int) -> int:
+        """The step of call k (k >= 0)."""
+        for step, calls in enumerate(self.leading):
+            if k < calls:
+                return step
+            k -= calls
+        return len(self.leading) + k // self.order
+
+    @classmethod
+    def of(cls, scheduler: Any) -> "StepMap":
+        """The map of a diffusers scheduler (section "Steps" of the module docstring)."""
+        order = int(getattr(scheduler, "order", 1))
+        if not is_class(scheduler, "PNDMScheduler"):
+            n = int(scheduler.num_inference_steps)
+            if len(scheduler.timesteps) != order * (n - 1) + 1:
+                raise ValueError(f"{type(scheduler).__name__} has {len(scheduler.timesteps)} timesteps for {n} "
+                                 f"inference steps of {order} calls; datosd cannot tell which step each UNet call "
+                                 f"belongs to (it expects {order * (n - 1) + 1}); use a PNDM, DDIM, Euler, Heun or "
+                                 f"DPM2 scheduler")
+            return cls((), order)
+        if scheduler.config.skip_prk_steps:
+            return cls((2,), 1)  # PLMS: counter 1 redoes the first step with the mean of two noise predictions
+        return cls((4,) * (len(scheduler.prk_timesteps) // 4), 1)  # Runge-Kutta: 4 calls a step, then PLMS
+
+
 @dataclass
 class _Run:
-    """Where the pipeline's current run stands on its scheduler's timesteps."""
+    """Where the pipeline's current run stands: its calls numbered by the scheduler (`StepMap`) from `first` on."""
 
-    begin: int  # position of the run's first UNet call in scheduler.timesteps
-    end: int  # len(scheduler.timesteps)
-    order: int  # scheduler positions per step
-    extra: int  # extra positions of step 0 (PNDM's warm-up call)
+    steps: StepMap
+    first: int  # the scheduler's index of the run's first call (PNDM: its counter; others: the begin position)
+    calls: int  # scheduler positions the pipeline loops over: len(scheduler.timesteps) - begin
     stepped: int = 0  # scheduler.step calls so far
     calls_here: int = 0  # UNet calls at the current position (each has its own cache: `DatoState.use_slot`)
 
-    def step_at(self, position: int) -> int:
-        return max(0, position - self.extra) // self.order
+    def step_of(self, call: int) -> int:
+        """The run's step (0 = its first) of its call-th position."""
+        return self.steps.step_of(self.first + call) - self.steps.step_of(self.first)
 
     @property
     def num_steps(self) -> int:
-        return self.step_at(self.end - 1) + 1 - self.step_at(self.begin)
+        return self.step_of(self.calls - 1) + 1
 
     @property
     def step(self) -> int:
-        return self.step_at(self.begin + self.stepped) - self.step_at(self.begin)
+        return self.step_of(self.stepped)
 
 
 class SchedulerSteps:
     """Announces a pipeline's runs and steps to the state's hooks, from its scheduler's `set_timesteps` / `step`.
 
-    The scheduler gets two instance attributes that wrap its methods (signatures kept, for the pipelines that
-    inspect them); a scheduler swapped in after patching is wrapped at its first UNet call.
+    The scheduler gets instance attributes that wrap its methods (signatures kept, for the pipelines that inspect
+    them); a scheduler swapped in after patching is wrapped at its first UNet call. `set_begin_index` is wrapped
+    too, and added to a scheduler without it (DDIM, PNDM), so that img2img pipelines, which call it when it exists,
+    tell where their loop over `scheduler.timesteps` begins.
     """
 
     def __init__(self, pipe: Any, state: DatoState) -> None:
@@ -220,16 +273,19 @@ class SchedulerSteps:
         self.state = state
         self.scheduler = None
         self.pending = False  # set_timesteps was called: the next UNet call starts a run
+        self.begin: Optional[int] = None  # the pipeline's set_begin_index since set_timesteps
         self.run: Optional[_Run] = None
         self._wrap(pipe.scheduler)
 
     def _wrap(self, scheduler: Any) -> None:
         set_timesteps, step = scheduler.set_timesteps, scheduler.step
+        own_set_begin_index = getattr(scheduler, "set_begin_index", None)
 
         @functools.wraps(set_timesteps)
         def set_timesteps_and_restart(*args, **kwargs):
             self._finish()
             self.pending = True
+            self.begin = None
             return set_timesteps(*args, **kwargs)
 
         @functools.wraps(step)
@@ -238,14 +294,24 @@ class SchedulerSteps:
             self._advance()
             return out
 
+        def set_begin_index_and_record(begin_index: int = 0) -> None:
+            """Record the position of scheduler.timesteps where the pipeline's loop begins (and set the
+            scheduler's own begin index where it has one)."""
+            self.begin = int(begin_index)
+            if own_set_begin_index is not None:
+                own_set_begin_index(begin_index)
+
+        if own_set_begin_index is not None:
+            set_begin_index_and_record = functools.wraps(own_set_begin_index)(set_begin_index_and_record)
         scheduler.set_timesteps = set_timesteps_and_restart
         scheduler.step = step_and_advance
+        scheduler.set_begin_index = set_begin_index_and_record
         self.scheduler = scheduler
 
     def unwrap(self) -> None:
         """Give the scheduler its own methods back and end any open run."""
         self._finish()
-        for name in ("set_timesteps", "step"):
+        for name in ("set_timesteps", "step", "set_begin_index"):
             vars(self.scheduler).pop(name, None)
 
     def before_unet_call(self, timestep: Any) -> None:
@@ -274,27 +340,26 @@ class SchedulerSteps:
             self.state.use_slot(0)
 
     def _start(self, scheduler: Any, timestep: Any) -> _Run:
+        """The run that a UNet call at `timestep` opens; its strategy length checked against its steps."""
         if getattr(self.pipe, "denoising_end", None) is not None:
             raise ValueError("datosd cannot follow SDXL's denoising_end (the pipeline stops before the scheduler's "
                              "last step); run without it")
-        timesteps = scheduler.timesteps
-        begin = getattr(scheduler, "begin_index", None)
-        if begin is None:  # DDIM, PNDM: no begin index; img2img starts at the first call's timestep
-            t = torch.as_tensor(timestep).flatten()[0].to(device=timesteps.device, dtype=timesteps.dtype)
-            found = (timesteps == t).nonzero()
-            if len(found) == 0:
-                raise ValueError(f"the UNet was called at timestep {t.item()}, which is not among the scheduler's "
-                                 f"timesteps; datosd follows the pipeline's scheduler")
-            begin = int(found[0])
-        order = int(getattr(scheduler, "order", 1))
-        n = int(scheduler.num_inference_steps)
-        run = _Run(begin=begin, end=len(timesteps), order=order, extra=max(0, len(timesteps) - (order * (n - 1) + 1)))
+        steps = StepMap.of(scheduler)
+        begin = self.begin if self.begin is not None else getattr(scheduler, "begin_index", None)
+        if begin is None:  # a loop that sets no begin index (txt2img), or a scheduler swapped in after patching
+            begin = _position_of(scheduler.timesteps, timestep)
+        calls = len(scheduler.timesteps) - begin
+        if calls < 1:
+            raise ValueError(f"the pipeline begins at position {begin} of the scheduler's {len(scheduler.timesteps)} "
+                             f"timesteps; nothing is left to run (raise img2img's strength or num_inference_steps)")
+        first = int(scheduler.counter) if is_class(scheduler, "PNDMScheduler") else begin
+        run = _Run(steps=steps, first=first, calls=calls)
         try:
             self.state.hooks.sampling_started(run.num_steps)
         except StrategyError as e:
             raise StrategyError(f"{e} (the pipeline's {type(scheduler).__name__} runs {run.num_steps} of its "
-                                f"{n} inference steps: with img2img, steps = int(num_inference_steps * strength))"
-                                ) from None
+                                f"{scheduler.num_inference_steps} inference steps here, in {calls} scheduler calls: "
+                                f"give it a strategy of {run.num_steps} steps)") from None
         return run
 
     def _advance(self) -> None:
@@ -303,7 +368,7 @@ class SchedulerSteps:
             return
         run.stepped += 1
         run.calls_here = 0
-        if run.begin + run.stepped >= run.end:
+        if run.stepped >= run.calls:
             self._finish()
 
     def _finish(self) -> None:
@@ -311,6 +376,18 @@ class SchedulerSteps:
             self.state.use_slot(0)
             self.run = None
             self.state.hooks.sampling_finished()
+
+
+def _position_of(timesteps: torch.Tensor, timestep: Any) -> int:
+    """Position of `timestep` in the scheduler's `timesteps` (T,), for a loop that did not call set_begin_index.
+    Of two equal timesteps the second, as diffusers' own `index_for_timestep` (with Heun and DPM2 it starts a step).
+    """
+    t = torch.as_tensor(timestep).flatten()[0].to(device=timesteps.device, dtype=timesteps.dtype)
+    found = (timesteps == t).nonzero().flatten().tolist()
+    if not found:
+        raise ValueError(f"the UNet was called at timestep {t.item()}, which is not among the scheduler's "
+                         f"timesteps; datosd follows the pipeline's scheduler")
+    return found[1] if len(found) > 1 else found[0]
 
 
 # --- the caching UNet ---------------------------------------------------------------------------------------------

@@ -229,6 +229,16 @@ class Strategy:
         return Strategy(list(self.cache_depth), [ratio] * self.steps, name=f"{self.name or 'strategy'}-r{ratio:g}",
                         meta=dict(self.meta, derived_from=self.name, derivation=f"prune ratio {ratio:g} at every step"))
 
+    def with_depths(self, schedule: "Strategy") -> "Strategy":
+        """These prune ratios on the cache depths of `schedule`, a strategy of as many steps (e.g. DaTo's pruning
+        on DeepCache's full and partial steps, to compare the two at equal full steps)."""
+        if schedule.steps != self.steps:
+            raise _fail(self.name, f"with_depths of a {schedule.steps}-step schedule", f"{self.steps} steps",
+                        "Derive both strategies for the same step count.")
+        name = f"{self.name or 'strategy'}-on-{schedule.name or 'schedule'}"
+        return Strategy(list(schedule.cache_depth), list(self.prune_ratio), name=name,
+                        meta=dict(self.meta, derived_from=self.name, derivation=f"cache depths of {schedule.name}"))
+
     # --- YAML --------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, name: Optional[str] = None) -> "Strategy":

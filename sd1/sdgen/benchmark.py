@@ -14,7 +14,6 @@ a stored entry is reused and replaced only on request (`remeasure`), and entries
 than NOISY_SPREAD, or whose times are out of line with their MACs (`CostTable.mac_mismatches`, which a table of
 one repeat shows too), are flagged.
 """
-import math
 import os
 import statistics
 import textwrap
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from . import generate as gen
 from .compiled import EAGER, Execution
+from .fidelity import psnr
 from .methods import REGISTRY, Method, MethodError, Registry, count_calls
 from .runtime import UsageError, precision_name
 from .settings import RunSettings
@@ -306,12 +306,6 @@ def run_benchmark(model, entries: Sequence[BenchEntry], settings: BenchSettings,
 
 
 # --- reporting --------------------------------------------------------------------------------------------
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] (clamped), peak-to-peak 2."""
-    mse = torch.mean((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
-
 
 def result_rows(entries: Sequence[BenchEntry], tables: Dict[Optional[str], CostTable], batch: int,
                 decoded: Optional[Dict[str, torch.Tensor]] = None) -> List[Dict[str, object]]:

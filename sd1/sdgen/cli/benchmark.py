@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels_last", action="store_true", help="run every method in channels-last memory")
     parser.add_argument("--diffusers", action="store_true",
                         help="also time the same SD 1.x architecture through a diffusers pipeline (random weights): "
-                             "its original, DeepCache's DeepCacheSDHelper, tomesd and DaTo, next to this path's "
-                             "original and DaTo rows (needs the diffusers extra)")
+                             "its original, DeepCache's DeepCacheSDHelper, DaTo's ratios on the helper's schedule "
+                             "(equal full steps), tomesd and DaTo, each with its fidelity to the original, next to "
+                             "this path's original and DaTo rows (needs the diffusers extra)")
     return parser
 
 
@@ -220,17 +221,19 @@ def main(argv=None, registry: Registry = REGISTRY) -> int:
 
 def diffusers_rows(opt, config, entries, rows) -> str:
     """The diffusers pipeline of the same architecture, timed here after the ldm rows: its original, DeepCache
-    helper, tomesd and DaTo (this run's DaTo strategy, or b1), interleaved; a table with this path's original
-    and DaTo rows beside them."""
+    helper, DaTo's ratios on the helper's schedule, tomesd and DaTo (this run's DaTo strategy, or b1), interleaved,
+    each with its full steps and fidelity to the original (PSNR unless --no-decode); a table with this path's
+    original and DaTo rows beside them."""
     from ..diffusers_bench import compare, format_table
 
     dato = next((e for e in entries if e.method.component("dato") is not None), None)
     strategy = dato.method.patch_strategy(dato.steps) if dato is not None else DEFAULT_STRATEGY
     results = compare(steps=opt.steps, size=opt.H, strategy=strategy, repeats=opt.repeats, warmup=1,
-                      guidance_scale=opt.scale, seed=opt.seed,
+                      guidance_scale=opt.scale, seed=opt.seed, decode=not opt.no_decode,
                       config_path=gen.DEMO_CONFIG if opt.demo else find_config(opt.config))
     lines = ["diffusers StableDiffusionPipeline, same architecture and random weights, "
-             f"{opt.steps} DDIM steps (diffusers' scheduler of that config), prompt encoding included:", "",
+             f"{opt.steps} DDIM steps (diffusers' scheduler of that config), prompt encoding included; fidelity "
+             "against the original run with the same prompt and seed:", "",
              format_table(results), "", "This path (ldm, from the table above):", "",
              "| method | s/img | speed-up |", "| --- | --- | --- |"]
     for row in rows:

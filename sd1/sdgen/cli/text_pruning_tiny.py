@@ -14,6 +14,7 @@ import torch
 from datosd import apply_text_pruning, apply_tgate, remove_text_pruning, remove_tgate
 from ldm.models.diffusion.ddim import DDIMSampler
 
+from ..fidelity import relative_rms_error
 from ..generate import build_demo_model
 from . import run, write_result
 
@@ -73,7 +74,7 @@ def main(argv=None):
                 out = sample(model, prompt, opt.steps, opt.size, opt.scale, opt.seed)
             finally:
                 remove(model)
-            error = ((out - reference).norm() / reference.norm()).item()
+            error = relative_rms_error(out, reference)
             row = {"latent_rel_error": error}
             summary = ""
             if hasattr(state, "kept_counts"):

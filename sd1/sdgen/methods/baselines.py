@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from datosd.strategy import Strategy
 from datosd.utils import any_unet, attention_downsample
 
 from ..runtime import UsageError
@@ -195,6 +196,13 @@ class DeepCacheHelper(MethodKind):
     @property
     def label(self) -> str:
         return f"DeepCacheSDHelper cache_interval={self.interval}, cache_branch_id={self.branch}"
+
+    def strategy(self, steps: int) -> Strategy:
+        """The helper's schedule as a uniform DeepCache strategy (spec 2), for a scheduler of one UNet call a step:
+        a step whose index is a multiple of the interval is full, every other step runs branch b = 3 i + l (down
+        block i, layer l; a level has 2 layers and its downsampler) and above, which are CompVis input_blocks[0..b]
+        and their output blocks: cache depth b + 1 (branch 0: conv_in and the last up layer, depth 1)."""
+        return Strategy.uniform(steps, self.interval, self.branch + 1, name=self.name)
 
     def apply(self, model: torch.nn.Module, steps: int, seed: int) -> Patch:
         try:
