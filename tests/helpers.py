@@ -5,6 +5,8 @@ from conftest import GOLDEN_CONFIG, GOLDEN_WEIGHTS
 from ldm.models.diffusion.hooks import SamplingHook
 from ldm.util import instantiate_from_config, load_model_from_config
 
+# --demo with the tiny SD 1.x config: that model with seeded random weights (plain --demo is the shapes model)
+TINY_DEMO = ["--demo", "--config", "configs/stable-diffusion/tiny-demo.yaml"]
 PROMPTS = ["a photograph of an astronaut riding a horse", "a painting of a fox sitting in a field at sunrise"]
 
 

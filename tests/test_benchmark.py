@@ -162,7 +162,7 @@ def test_bad_methods_are_rejected_before_anything_is_built(tmp_path, capsys, rec
 
 def test_unet_calls_on_the_demo_config(tmp_path, capsys):
     out = tmp_path / "calls.json"
-    assert unet_calls.main(["--config", str(generate.DEMO_CONFIG), "--H", "64", "--W", "64", "--ratios", "0.5",
+    assert unet_calls.main(["--config", str(generate.TINY_CONFIG), "--H", "64", "--W", "64", "--ratios", "0.5",
                             "--repeats", "2", "--threads", "1", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert set(data["raw"]) == {"dato_d12_r0.00", "dato_d12_r0.50", "dato_d1_r0.00", "dato_d1_r0.50",

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from sdgen.cli import img2img as IMG2IMG
+from helpers import TINY_DEMO
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def run(capsys, *args):
 
 
 def common(init_image, outdir):
-    return ["--demo", "--init-img", str(init_image), "--outdir", str(outdir), "--n_samples", "2",
+    return [*TINY_DEMO, "--init-img", str(init_image), "--outdir", str(outdir), "--n_samples", "2",
             "--ddim_steps", "10", "--strength", "0.5", "--precision", "full"]
 
 
@@ -86,7 +87,7 @@ def test_bad_input(tmp_path, capsys, init_image, extra, message):
 
 
 def test_missing_init_image(tmp_path, capsys):
-    result = run(capsys, "--demo", "--init-img", str(tmp_path / "none.png"), "--outdir", str(tmp_path / "out"))
+    result = run(capsys, *TINY_DEMO, "--init-img", str(tmp_path / "none.png"), "--outdir", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "none.png does not exist" in result.stderr
 

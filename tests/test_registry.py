@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from datosd.utils import any_unet
-from helpers import golden_model
+from helpers import TINY_DEMO, golden_model
 from ldm.models.diffusion.hooks import SamplingHook
 from sdgen import generate as gen
 from sdgen.benchmark import bench_entries, result_rows
@@ -88,7 +88,7 @@ def pixels(path):
 
 
 def test_a_registered_kind_has_its_flag_in_txt2img(tmp_path, capsys):
-    args = ["--demo", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "3", "--H", "64", "--W", "64",
+    args = [*TINY_DEMO, "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "3", "--H", "64", "--W", "64",
             "--precision", "full", "--skip_grid", "--seed", "5"]
     assert txt2img.main([*args, "--outdir", str(tmp_path / "plain")], registry=WITH_SCALE) == 0
     assert txt2img.main([*args, "--unet_scale", "0.5", "--outdir", str(tmp_path / "scaled")],

@@ -83,7 +83,7 @@ def rss(field):
 
 torch.set_num_threads(1)
 model = gen.build_demo_model("cpu")
-geometry = gen.model_geometry(gen.read_config(gen.DEMO_CONFIG))
+geometry = gen.model_geometry(gen.read_config(gen.TINY_CONFIG))
 def run(side, batch):
     cond = gen.encode_prompts(model, ["a cat"] * batch, 7.5, "full")
     x_T = gen.start_noise(list(range(batch)), gen.latent_shape(geometry, side, side))

@@ -23,11 +23,12 @@ from conftest import REPO_ROOT
 from sdgen import prompt_set
 from sdgen.cli import sample_prompts as SAMPLE
 from sdgen.runtime import set_threads
+from helpers import TINY_DEMO
 
 SCRIPT = REPO_ROOT / "scripts" / "sample_prompts.py"
 PROMPTS = ["a photograph of an astronaut riding a horse", "tench, Tinca tinca", "a red car on a wet street",
            "two birds on a wire", "a bowl of fruit"]
-TINY = ["--demo", "--H", "64", "--W", "64", "--ddim_steps", "3", "--precision", "full", "--device", "cpu",
+TINY = [*TINY_DEMO, "--H", "64", "--W", "64", "--ddim_steps", "3", "--precision", "full", "--device", "cpu",
         "--no_progress"]
 
 

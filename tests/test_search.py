@@ -29,14 +29,15 @@ from dato_search.space import SearchSpace
 from datosd import Strategy
 from sdgen.cli import txt2img
 from sdgen.generate import ModelRef
-from sdgen.resources import DEMO_CONFIG
+from sdgen.resources import TINY_CONFIG
 from sdgen.runtime import set_threads
 from sdgen.settings import RunSettings
+from helpers import TINY_DEMO
 
 pytest.importorskip("pymoo")
 
 SEARCH_DEPTH = REPO_ROOT / "scripts" / "search_depth.py"
-TINY = ["--demo", "--H", "64", "--W", "64", "--steps", "5", "--n-prompts", "2", "--precision", "full",
+TINY = [*TINY_DEMO, "--H", "64", "--W", "64", "--steps", "5", "--n-prompts", "2", "--precision", "full",
         "--table-repeats", "1"]
 
 
@@ -110,7 +111,7 @@ def test_search_writes_front_plot_and_a_usable_best_strategy(baseline, tmp_path)
     threads = set_threads(None)
     set_threads(1)  # two OpenMP threads on two busy cores can be many times slower than one
     try:
-        code = txt2img.main(["--demo", "--dato", "--strategy", str(run_dir / "best.yaml"), "--plms", "--ddim_steps",
+        code = txt2img.main([*TINY_DEMO, "--dato", "--strategy", str(run_dir / "best.yaml"), "--plms", "--ddim_steps",
                              "5", "--H", "64", "--W", "64", "--n_samples", "1", "--n_iter", "1", "--precision", "full",
                              "--outdir", str(out)])
     finally:
@@ -288,7 +289,7 @@ def test_bad_options_give_one_error_and_create_nothing(tmp_path, capsys, extra, 
 
 @pytest.fixture(scope="module")
 def tiny_evaluator():
-    spec = ModelRef(str(DEMO_CONFIG), "", demo=True)
+    spec = ModelRef(str(TINY_CONFIG), "", demo=True)
     run = RunSettings(steps=5, sampler="plms", scale=7.5, height=64, width=64, batch=2, precision="full",
                       geometry=spec.geometry())
     sampling = SamplingSpec(prompts=("a red car", "a small dog"), seeds=(42, 43), run=run)

@@ -30,6 +30,7 @@ from datosd.strategy import Strategy
 from sdgen.methods import parse_method
 from datosd.strategy import find_strategy
 from sdgen.runtime import set_threads
+from helpers import TINY_DEMO
 
 
 def dato_plan(method):
@@ -360,7 +361,7 @@ def test_table5_images_are_those_of_the_img2img_script(table5_smoke, tmp_path):
     out, _ = table5_smoke
     smoke = out / "_smoke"
     prompt = (smoke / "init-prompts.txt").read_text().splitlines()[1]
-    code = img2img.main(["--demo", "--init-img", str(smoke / "init" / "000001.png"), "--prompt", prompt,
+    code = img2img.main([*TINY_DEMO, "--init-img", str(smoke / "init" / "000001.png"), "--prompt", prompt,
                          "--seed", "1", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "5", "--strength", "0.8",
                          "--scale", "7.5", "--precision", "full", "--device", "cpu", "--skip_grid",
                          "--method", "dato@every10@last4", "--outdir", str(tmp_path)])

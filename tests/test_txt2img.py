@@ -9,6 +9,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from sdgen.cli import txt2img as TXT2IMG
+from helpers import TINY_DEMO
 
 SCRIPT = REPO_ROOT / "scripts" / "txt2img.py"
 
@@ -31,7 +32,7 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-DEMO = ["--demo", "--n_samples", "2", "--n_iter", "1", "--ddim_steps", "5", "--H", "64", "--W", "64",
+DEMO = [*TINY_DEMO, "--n_samples", "2", "--n_iter", "1", "--ddim_steps", "5", "--H", "64", "--W", "64",
         "--precision", "full"]
 
 
@@ -56,11 +57,11 @@ def test_demo_writes_samples_and_grid_reproducibly(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--ckpt", "does/not/exist.ckpt"], "checkpoint not found: does/not/exist.ckpt"),
-    (["--demo", "--H", "100"], "multiples of 64"),
-    (["--demo", "--ddim_steps", "0"], "--ddim_steps must be at least 1"),
-    (["--demo", "--plms", "--ddim_eta", "0.5"], "--ddim_eta must be 0 with --plms"),
-    (["--demo", "--from-file", "missing-prompts.txt"], "missing-prompts.txt does not exist"),
-    (["--demo", "--scale", "nan"], "finite"),
+    ([*TINY_DEMO, "--H", "100"], "multiples of 64"),
+    ([*TINY_DEMO, "--ddim_steps", "0"], "--ddim_steps must be at least 1"),
+    ([*TINY_DEMO, "--plms", "--ddim_eta", "0.5"], "--ddim_eta must be 0 with --plms"),
+    ([*TINY_DEMO, "--from-file", "missing-prompts.txt"], "missing-prompts.txt does not exist"),
+    ([*TINY_DEMO, "--scale", "nan"], "finite"),
 ])
 def test_bad_input_fails_before_writing(tmp_path, capsys, args, message):
     outdir = tmp_path / "out"
@@ -108,7 +109,7 @@ def test_bad_acceleration_input_fails_before_sampling(tmp_path, capsys, make_arg
     assert not outdir.exists()
 
 
-TINY = ["--demo", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "3", "--H", "64", "--W", "64",
+TINY = [*TINY_DEMO, "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "3", "--H", "64", "--W", "64",
         "--precision", "full", "--skip_grid"]
 
 

@@ -23,6 +23,7 @@ from datosd.strategy import StrategyError
 from ldm.checkpoint import CheckpointError
 from sdgen.cli import run
 from sdgen.cli.flags import add_model_args, resolve_model_args
+from sdgen.generate import model_banner
 from sdgen.prompts import long_prompt_warning
 from sdgen.runtime import UsageError, set_threads
 
@@ -64,8 +65,10 @@ def build_parser(mode: str = "depth") -> argparse.ArgumentParser:
     sampling.add_argument("--steps", type=int, default=50, help="sampler steps S (CompVis --ddim_steps; paper: 50)")
     sampling.add_argument("--sampler", choices=["plms", "ddim"], default="plms", help="sampler (eta 0)")
     sampling.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
-    sampling.add_argument("--H", type=int, default=None, help="image height in pixels (default 512; 128 with --demo)")
-    sampling.add_argument("--W", type=int, default=None, help="image width in pixels (default 512; 128 with --demo)")
+    sampling.add_argument("--H", type=int, default=None,
+                          help="image height in pixels (default: the size the model was trained at: 512, the shapes "
+                               "model 64)")
+    sampling.add_argument("--W", type=int, default=None, help="image width in pixels (default: as --H)")
     sampling.add_argument("--n-prompts", "--n_prompts", type=int, default=100,
                           help="images per candidate, one per prompt (the paper's FID uses 500)")
     sampling.add_argument("--prompts", default=None,
@@ -147,9 +150,8 @@ def main(argv: Optional[Sequence[str]] = None, mode: str = "depth") -> int:
                 dask = DaskBackend(settings.workers, settings.scheduler)
             set_threads(settings.threads)
             model = settings.model.load(torch.device(settings.device), verbose=False)
-            if settings.model.demo:
-                print("*** random-weight tiny demo model: the strategies it finds say nothing about Stable "
-                      "Diffusion ***")
+            if (banner := model_banner(settings.model.config, settings.model.demo)) is not None:
+                print(banner)
             if (warning := long_prompt_warning(settings.sampling.prompts)) is not None:
                 print(f"warning: {warning}", file=sys.stderr)
             if threading.current_thread() is threading.main_thread():

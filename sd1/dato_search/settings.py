@@ -190,8 +190,8 @@ def resolve_settings(opt: argparse.Namespace, argv: Sequence[str] = ()) -> Searc
     device = pick_device(opt.device)
     model = ModelRef(opt.config, opt.ckpt, opt.ema, opt.demo)
     model.check()
-    height = opt.H if opt.H is not None else (128 if opt.demo else 512)
-    width = opt.W if opt.W is not None else (128 if opt.demo else 512)
+    height = opt.H if opt.H is not None else model.geometry().default_size
+    width = opt.W if opt.W is not None else model.geometry().default_size
     try:
         run = RunSettings.resolve(flags=FLAGS, sampler=opt.sampler, steps=opt.steps, scale=float(opt.scale),
                                   precision=opt.precision, height=height, width=width,

@@ -17,7 +17,7 @@ from sdgen.methods import Method, MethodError, parse_method
 from sdgen.prompt_set import image_count
 from sdgen.prompts import long_prompt_warning, read_prompts
 from sdgen.runtime import pick_device
-from sdgen.resources import DEMO_CONFIG, DEMO_SDXL_CONFIG, packaged
+from sdgen.resources import TINY_CONFIG, TINY_SDXL_CONFIG, packaged
 from sdgen.settings import RunSettings, SettingFlags
 
 from . import smoke
@@ -29,7 +29,7 @@ SMOKE_DIR = "_smoke"
 SMOKE_PROMPTS = "coco30k-prompts.txt"
 EXTRA_ROW_ID = "dato_{name}"
 # The smoke runs' demo model of each model kind (seeded random weights, toy size).
-DEMO_CONFIGS = {"ldm": DEMO_CONFIG, "sgm": DEMO_SDXL_CONFIG}
+DEMO_CONFIGS = {"ldm": TINY_CONFIG, "sgm": TINY_SDXL_CONFIG}
 FLAGS = SettingFlags(steps="STEPS", scale="SCALE", precision="PRECISION", size="H/W", batch="BATCH_SIZE", seed="SEED",
                      strength="STRENGTH")
 

@@ -30,12 +30,15 @@ from ldm.util import instantiate_from_config, load_model_from_config, seeded_ran
 from sgm.inference import helpers as sdxl
 
 from .methods import AppliedMethod
-from .resources import DEMO_CONFIG, find_config
+from .resources import SHAPES_CONFIG, SHAPES_WEIGHTS, TINY_CONFIG, find_config
 from .runtime import UsageError, precision_scope, timed
 from .samplers import family_samplers, sampler_info
 
 DEMO_SEED = 0
-DEMO_LABEL = "random-weight tiny demo model (not Stable Diffusion weights)"
+DEMO_LABEL = "random-weight tiny model (not Stable Diffusion weights)"
+SHAPES_LABEL = ("the shapes model: a small SD 1.x-structured model trained on this repository's shapes world, "
+                "not Stable Diffusion")
+SHAPES_PROMPT = "a red circle at the top left and a blue square at the bottom right"
 
 
 # --- models -----------------------------------------------------------------------------------------------
@@ -45,7 +48,8 @@ class ModelGeometry:
     """What a model config fixes: latent channels C, the VAE downsampling factor f, the UNet's levels (the
     latent sides must halve evenly at each), its input-block count (DaTo's full depth: SD 1.x 12, SDXL 9) and
     the model kind, 'ldm' (CompVis LatentDiffusion, SD 1.x/2.x) or 'sgm' (generative-models DiffusionEngine,
-    SDXL); and for the memory a run needs (`sdgen.memory`), per UNet level (highest resolution first) its
+    SDXL); the image side it was trained at (`size`: the config's latent image_size times f; SDXL 1024); and for
+    the memory a run needs (`sdgen.memory`), per UNet level (highest resolution first) its
     channels, ResBlocks and whether it has attention, and the input channels of the VAE decoder's first
     full-resolution block. The defaults are SD 1.x's."""
 
@@ -58,6 +62,7 @@ class ModelGeometry:
     level_res_blocks: Tuple[int, ...] = (2, 2, 2, 2)
     level_attention: Tuple[bool, ...] = (True, True, True, False)
     decoder_channels: int = 256
+    size: int = 512
 
     @property
     def samplers(self) -> Tuple[str, ...]:
@@ -65,8 +70,8 @@ class ModelGeometry:
 
     @property
     def default_size(self) -> int:
-        """The image side the model was trained at (SDXL 1024, SD 512)."""
-        return 1024 if self.kind == "sgm" else 512
+        """The image side the model was trained at (SD 1.x 512, SD 2 768-v 768, SDXL 1024, the shapes model 64)."""
+        return self.size
 
 
 def _res_blocks(unet) -> Tuple[int, ...]:
@@ -95,9 +100,9 @@ def model_geometry(config) -> ModelGeometry:
     if "network_config" in params:
         unet = params.network_config.params
         return ModelGeometry(int(unet.in_channels), factor, kind="sgm", decoder_channels=decoder_channels,
-                             **_unet_geometry(unet))
+                             size=1024, **_unet_geometry(unet))
     return ModelGeometry(int(params.get("channels", 4)), factor, decoder_channels=decoder_channels,
-                         **_unet_geometry(params.unet_config.params))
+                         size=int(params.get("image_size", 64)) * factor, **_unet_geometry(params.unet_config.params))
 
 
 def is_sdxl(model) -> bool:
@@ -110,6 +115,24 @@ def read_config(path) -> OmegaConf:
     return OmegaConf.load(str(find_config(str(path))))
 
 
+def is_shapes_config(config_path) -> bool:
+    """True when `config_path` is the shapes model's config (the demo model)."""
+    try:
+        return find_config(str(config_path)).resolve() == SHAPES_CONFIG.resolve()
+    except UsageError:
+        return False
+
+
+def model_banner(config_path, demo: bool) -> Optional[str]:
+    """The line a script prints about a model that is not Stable Diffusion (random weights or the shapes model)."""
+    if demo:
+        return f"*** {DEMO_LABEL}: images are noise-like by design ***"
+    if is_shapes_config(config_path):
+        return (f"*** {SHAPES_LABEL}: it draws one or two circles, squares or triangles, red, yellow, green or "
+                f"blue, at a place of a 3 x 3 grid, e.g. '{SHAPES_PROMPT}' ***")
+    return None
+
+
 def check_model_files(config_path, ckpt, demo: bool = False) -> None:
     """Raise UsageError / CheckpointError when the config or checkpoint is missing (nothing is loaded)."""
     if demo:
@@ -119,12 +142,12 @@ def check_model_files(config_path, ckpt, demo: bool = False) -> None:
         raise CheckpointError(
             f"checkpoint not found: {ckpt}. Put the Stable Diffusion weights there (CompVis layout: "
             f"models/ldm/stable-diffusion-v1/model.ckpt), pass --ckpt PATH to a .ckpt or .safetensors "
-            f"file, or run with --demo to try the pipeline on the built-in tiny model with random weights.")
+            f"file, or run with --demo to try the pipeline on the built-in shapes model.")
 
 
-def build_demo_model(device="cpu", config_path=DEMO_CONFIG, seed: int = DEMO_SEED) -> torch.nn.Module:
-    """A tiny demo model with weights drawn from `seed` (no checkpoint needed): the SD 1.x one by default,
-    or the model of another (tiny) config, e.g. DEMO_SDXL_CONFIG."""
+def build_demo_model(device="cpu", config_path=TINY_CONFIG, seed: int = DEMO_SEED) -> torch.nn.Module:
+    """A tiny model with weights drawn from `seed` (no checkpoint needed): the SD 1.x one by default, or the model
+    of another (tiny) config, e.g. TINY_SDXL_CONFIG."""
     model = instantiate_from_config(read_config(config_path).model)
     return seeded_random_weights(model, seed).to(device).eval()
 
@@ -137,8 +160,8 @@ def build_random_model(config_path, device="cpu") -> torch.nn.Module:
 
 def load_model(config_path, ckpt, device="cpu", use_ema: bool = False, demo: bool = False,
                verbose: bool = True) -> torch.nn.Module:
-    """The model a run asked for: `config_path` with seeded random weights (`demo`: the scripts' --demo passes
-    DEMO_CONFIG), or `config_path` + `ckpt` (both checked first)."""
+    """The model a run asked for: `config_path` with seeded random weights (`demo`: the scripts' --demo with a
+    --config, e.g. the tiny test models), or `config_path` + `ckpt` (both checked first)."""
     if demo:
         return build_demo_model(device, config_path)
     check_model_files(config_path, ckpt)
@@ -203,12 +226,13 @@ def latent_multiple(geometry: ModelGeometry) -> int:
     return geometry.factor * 2 ** (geometry.levels - 1)
 
 
-def check_geometry(geometry: ModelGeometry, channels: int, factor: int) -> None:
-    """Raise UsageError when --C / --f disagree with the model config (they are fixed by the model)."""
-    if channels != geometry.channels:
+def check_geometry(geometry: ModelGeometry, channels: Optional[int], factor: Optional[int]) -> None:
+    """Raise UsageError when --C / --f disagree with the model config (they are fixed by the model; None: not
+    given)."""
+    if channels is not None and channels != geometry.channels:
         raise UsageError(f"--C {channels} does not fit the model: its latents have {geometry.channels} channels "
                          f"(leave --C at {geometry.channels})")
-    if factor != geometry.factor:
+    if factor is not None and factor != geometry.factor:
         raise UsageError(f"--f {factor} does not fit the model: its autoencoder downsamples by {geometry.factor} "
                          f"(leave --f at {geometry.factor})")
 

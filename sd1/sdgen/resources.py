@@ -18,12 +18,13 @@ def packaged(*parts: str) -> Path:
     return Path(str(path))
 
 
-DEMO_CONFIG = packaged("configs", "stable-diffusion", "tiny-demo.yaml")
-DEMO_SDXL_CONFIG = packaged("configs", "stable-diffusion", "tiny-demo-sdxl.yaml")
-# The shapes model (sd1/shapesworld): a small SD 1.x-structured model trained on this repository's shapes world,
-# its weights in models/shapes (linked into the package as `sdgen/models`).
+# The demo model (`--demo`): the shapes model, a small SD 1.x-structured model trained on this repository's shapes
+# world (sd1/shapesworld), its weights in models/shapes (linked into the package as `sdgen/models`).
 SHAPES_CONFIG = packaged("configs", "stable-diffusion", "shapes-demo.yaml")
 SHAPES_WEIGHTS = packaged("models", "shapes-demo.safetensors")
+# Tiny models of the SD 1.x and SDXL classes for tests and smoke runs, with seeded random weights.
+TINY_CONFIG = packaged("configs", "stable-diffusion", "tiny-demo.yaml")
+TINY_SDXL_CONFIG = packaged("configs", "stable-diffusion", "tiny-demo-sdxl.yaml")
 IMAGENET_PROMPTS = packaged("data", "imagenet-class-prompts.txt")
 
 

@@ -158,7 +158,7 @@ def render(scene: Scene, rng: Optional[np.random.Generator] = None, image_size: 
         cx, cy, width = object_box(obj, image_size, rng)
         color = _jitter(COLORS[obj.color], COLOR_JITTER, rng)
         _draw_shape(draw, obj.shape, cx * SUPERSAMPLE, cy * SUPERSAMPLE, width * SUPERSAMPLE, color)
-    return np.asarray(canvas.resize((image_size, image_size), Image.Resampling.BOX))
+    return np.array(canvas.resize((image_size, image_size), Image.Resampling.BOX))
 
 
 # --- captions ----------------------------------------------------------------------------------------------------

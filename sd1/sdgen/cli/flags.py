@@ -4,7 +4,7 @@ import argparse
 
 from ..compiled import COMPILE_MODES, Execution
 from ..methods import REGISTRY, Method, MethodError, Registry, registry_of
-from ..resources import DEMO_CONFIG
+from ..resources import SHAPES_CONFIG, SHAPES_WEIGHTS
 from ..runtime import UsageError
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
@@ -16,14 +16,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parsed options."""
     parser.add_argument("--config", type=str, default=None,
                         help=f"path to config which constructs model (default {DEFAULT_CONFIG}; with --demo the "
-                             f"tiny demo config)")
+                             f"shapes model's)")
     parser.add_argument("--ckpt", type=str, default=DEFAULT_CKPT,
                         help="path to checkpoint of model (.ckpt or .safetensors)")
     parser.add_argument("--ema", action="store_true",
                         help="use the checkpoint's EMA weights (model_ema.*) if it has them")
     parser.add_argument("--demo", action="store_true",
-                        help="seeded random weights, no checkpoint: the built-in tiny SD model, or --config's model "
-                             "(e.g. configs/stable-diffusion/tiny-demo-sdxl.yaml)")
+                        help="no checkpoint needed: the built-in shapes model (trained on this repository's shapes "
+                             "world, weights shipped); with --config, that model with seeded random weights (e.g. "
+                             "configs/stable-diffusion/tiny-demo.yaml, tiny-demo-sdxl.yaml)")
     parser.add_argument("--device", type=str, choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to run (auto: CUDA when available)")
     parser.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
@@ -31,9 +32,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_model_args(opt: argparse.Namespace) -> argparse.Namespace:
-    """Fill in the default --config: the tiny demo config with --demo, else the SD 1.x inference config."""
-    if opt.config is None:
-        opt.config = str(DEMO_CONFIG) if opt.demo else DEFAULT_CONFIG
+    """Fill in the model: --demo alone is the shapes model (its config and shipped checkpoint, loaded like any
+    checkpoint); --demo with --config is that config with seeded random weights; else --config defaults to the
+    SD 1.x inference config."""
+    if opt.demo and opt.config is None:
+        opt.config, opt.ckpt, opt.demo = str(SHAPES_CONFIG), str(SHAPES_WEIGHTS), False
+    elif opt.config is None:
+        opt.config = DEFAULT_CONFIG
     return opt
 
 

@@ -40,8 +40,8 @@ def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
     parser.add_argument("--ddim_eta", type=float, default=0.0,
                         help="ddim eta (eta=0.0 corresponds to deterministic sampling)")
     parser.add_argument("--n_iter", type=int, default=1, help="sample this often")
-    parser.add_argument("--C", type=int, default=4, help="latent channels (fixed by the model)")
-    parser.add_argument("--f", type=int, default=8, help="downsampling factor (fixed by the model)")
+    parser.add_argument("--C", type=int, default=None, help="latent channels (fixed by the model; default its own)")
+    parser.add_argument("--f", type=int, default=None, help="downsampling factor (fixed by the model; default its own)")
     parser.add_argument("--n_samples", type=int, default=2, help="how many samples to produce for each given prompt")
     parser.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
     parser.add_argument("--scale", type=float, default=5.0, help="unconditional guidance scale")

@@ -62,10 +62,11 @@ def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
     p.add_argument("--plms", action="store_true", help="use plms sampling (default ddim, eta 0)")
     p.add_argument("--scale", type=float, default=7.5,
                    help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
-    p.add_argument("--H", type=int, default=None, help="image height, in pixel space (default 512; 128 with --demo)")
-    p.add_argument("--W", type=int, default=None, help="image width, in pixel space (default 512; 128 with --demo)")
-    p.add_argument("--C", type=int, default=4, help="latent channels (fixed by the model)")
-    p.add_argument("--f", type=int, default=8, help="downsampling factor (fixed by the model)")
+    p.add_argument("--H", type=int, default=None, help="image height, in pixel space (default: the size the model "
+                                                       "was trained at, e.g. 512; the shapes model 64)")
+    p.add_argument("--W", type=int, default=None, help="image width, in pixel space (default: as --H)")
+    p.add_argument("--C", type=int, default=None, help="latent channels (fixed by the model; default its own)")
+    p.add_argument("--f", type=int, default=None, help="downsampling factor (fixed by the model; default its own)")
     p.add_argument("--warmup_batches", type=int, default=1,
                    help="batches per process left out of the timing (GPU warm-up); they are still saved")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -79,10 +80,6 @@ FLAGS = SettingFlags(sampler="--plms", steps="--ddim_steps", batch="--batch_size
 
 def job_from_args(opt) -> PromptSetJob:
     """Check every flag and build the job; raises UsageError/CheckpointError/StrategyError. Writes nothing."""
-    if opt.H is None:
-        opt.H = 128 if opt.demo else 512
-    if opt.W is None:
-        opt.W = 128 if opt.demo else 512
     if opt.repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {opt.repeats}")
     if opt.limit is not None and opt.limit < 1:
@@ -91,6 +88,8 @@ def job_from_args(opt) -> PromptSetJob:
         raise UsageError(f"--warmup_batches must be 0 or more, got {opt.warmup_batches}")
     model = ModelRef(opt.config, opt.ckpt, opt.ema, opt.demo)
     geometry = model.geometry()
+    opt.H = geometry.default_size if opt.H is None else opt.H
+    opt.W = geometry.default_size if opt.W is None else opt.W
     gen.check_geometry(geometry, opt.C, opt.f)
     try:
         prompts = read_prompts(opt.from_file)
@@ -123,8 +122,8 @@ def main(argv=None, registry: Registry = REGISTRY) -> int:
         return 2
     seed_everything(opt.seed)
     if info.is_main:
-        if opt.demo:
-            print(f"*** {gen.DEMO_LABEL}: images are noise-like by design ***")
+        if (banner := gen.model_banner(opt.config, opt.demo)) is not None:
+            print(banner)
         print(f"{job.total} images ({len(job.prompts)} prompts x {job.repeats} repeats"
               f"{'' if job.limit is None else f', limit {job.limit}'}) in {job.outdir}, {info.world} process(es); "
               f"method: {job.method.name} = {job.method.label}")

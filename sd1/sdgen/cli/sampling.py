@@ -30,8 +30,8 @@ def checked_start(opt, check: Callable, model=None) -> Optional[Tuple[Any, Any]]
         print(f"error: {err}", file=sys.stderr)
         return None
     seed_everything(opt.seed)
-    if opt.demo:
-        print(f"*** {gen.DEMO_LABEL}: images are noise-like by design ***")
+    if (banner := gen.model_banner(opt.config, opt.demo)) is not None:
+        print(banner)
     return checked, model
 
 
@@ -41,7 +41,8 @@ DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 def add_prompt_args(parser) -> None:
     """--prompt and --from-file (CompVis names; one or the other)."""
     parser.add_argument("--prompt", type=str, nargs="?", default=None,
-                        help=f"the prompt to render (default {DEFAULT_PROMPT!r})")
+                        help=f"the prompt to render (default {DEFAULT_PROMPT!r}; with the shapes model "
+                             f"{gen.SHAPES_PROMPT!r})")
     parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file (one per line)")
 
 
@@ -52,7 +53,8 @@ def read_prompt_list(opt) -> List[str]:
         raise UsageError(f"--prompt and --from-file were both given: the run takes its prompts from one of them; "
                          f"drop --prompt to render the lines of {opt.from_file}, or drop --from-file")
     if not opt.from_file:
-        prompts = [DEFAULT_PROMPT if opt.prompt is None else opt.prompt]
+        default = gen.SHAPES_PROMPT if gen.is_shapes_config(opt.config) else DEFAULT_PROMPT
+        prompts = [default if opt.prompt is None else opt.prompt]
     else:
         if not os.path.isfile(opt.from_file):
             raise UsageError(f"--from-file {opt.from_file} does not exist")

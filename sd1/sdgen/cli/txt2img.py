@@ -23,9 +23,6 @@ from .flags import add_acceleration_args, add_model_args, method_from_args, reso
 from .sampling import (add_prompt_args, checked_start, prompt_batches, read_prompt_list, sample_passes,
                        sampler_calls)
 
-DEMO_SIZE = 128
-
-
 def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
     """The flags; the method flags are those of `registry`'s kinds."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,12 +39,13 @@ def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
     parser.add_argument("--ddim_eta", type=float, default=0.0,
                         help="ddim eta (eta=0.0 corresponds to deterministic sampling)")
     parser.add_argument("--n_iter", type=int, default=2, help="sample this often")
-    parser.add_argument("--H", type=int, default=None, help=f"image height, in pixel space (default 512; "
-                                                            f"{DEMO_SIZE} with --demo)")
-    parser.add_argument("--W", type=int, default=None, help=f"image width, in pixel space (default 512; "
-                                                            f"{DEMO_SIZE} with --demo)")
-    parser.add_argument("--C", type=int, default=4, help="latent channels (fixed by the model)")
-    parser.add_argument("--f", type=int, default=8, help="downsampling factor (fixed by the model)")
+    parser.add_argument("--H", type=int, default=None, help="image height, in pixel space (default: the size the "
+                                                            "model was trained at, e.g. 512; the shapes model 64)")
+    parser.add_argument("--W", type=int, default=None, help="image width, in pixel space (default: as --H)")
+    parser.add_argument("--C", type=int, default=None, help="latent channels (fixed by the model; default its own)")
+    parser.add_argument("--f", type=int, default=None,
+                        help="downsampling factor (fixed by the model; default its own: 8 for SD, 4 for the shapes "
+                             "model)")
     parser.add_argument("--n_samples", type=int, default=3,
                         help="how many samples to produce for each given prompt. A.k.a. batch size")
     parser.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
@@ -93,9 +91,9 @@ def check_options(opt):
     """Reject bad input before anything is loaded or written. Returns (batches, method, run settings)."""
     geometry = gen.model_geometry(gen.read_config(opt.config))
     if opt.H is None:
-        opt.H = DEMO_SIZE if opt.demo else geometry.default_size
+        opt.H = geometry.default_size
     if opt.W is None:
-        opt.W = DEMO_SIZE if opt.demo else geometry.default_size
+        opt.W = geometry.default_size
     if opt.n_iter < 1:
         raise UsageError(f"--n_iter must be at least 1, got {opt.n_iter}")
     gen.check_geometry(geometry, opt.C, opt.f)
