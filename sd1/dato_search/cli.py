@@ -3,6 +3,8 @@
     python scripts/search_depth.py --demo --H 64 --W 64 --steps 5 --n-prompts 2 --pop 8 --gens 5
     python scripts/search_ratio.py --ckpt sd-v1-5.safetensors --quality fid --fid-ref imagenet-ref.npz \\
         --inception-weights pt_inception-2015-12-05-6726825d.pth --n-prompts 500
+    python scripts/search_depth.py --config configs/stable-diffusion/shapes-demo.yaml \\
+        --ckpt models/shapes/shapes-demo.safetensors --H 64 --W 64 --quality accuracy --n-prompts 108
 
 Rerunning the same command in the same --run-dir resumes the search (also after Ctrl-C); see the package
 docstring of dato_search for the modes, objectives, outputs and scale-out.
@@ -70,7 +72,7 @@ def build_parser(mode: str = "depth") -> argparse.ArgumentParser:
                           help="images per candidate, one per prompt (the paper's FID uses 500)")
     sampling.add_argument("--prompts", default=None,
                           help="prompt file, one per line (default: the 1000 ImageNet class prompts shipped with "
-                               "the package)")
+                               "the package; with --quality accuracy the 108 one-object shapes prompts)")
     sampling.add_argument("--prompt-seed", "--prompt_seed", type=int, default=0,
                           help="seed of the draw of --n-prompts prompts from the file")
     sampling.add_argument("--sample-seed", "--sample_seed", type=int, default=42,
@@ -79,7 +81,8 @@ def build_parser(mode: str = "depth") -> argparse.ArgumentParser:
 
     objectives = parser.add_argument_group("objectives")
     objectives.add_argument("--quality", default="fidelity",
-                            help=f"quality objective: {', '.join(QUALITIES)} (default fidelity, needs no weights)")
+                            help=f"quality objective: {', '.join(QUALITIES)} (default fidelity, needs no weights; "
+                                 f"accuracy: the shapes-world judge, for the shapes model and shapes prompts)")
     objectives.add_argument("--fidelity-space", "--fidelity_space", default="latent",
                             help="fidelity: compare final latents ('latent', default) or decoded images ('image')")
     objectives.add_argument("--fid-ref", "--fid_ref", default=None, help="fid: reference statistics .npz (mu, sigma)")

@@ -98,16 +98,21 @@ def _ratio_space(text: str) -> Tuple[float, ...]:
     return ratios
 
 
-def choose_prompts(path: Optional[str], n: int, seed: int) -> Tuple[Tuple[str, ...], str]:
-    """Draw ``n`` prompts from the file (default: the shipped ImageNet class prompts) with ``random.Random(seed)``.
+def choose_prompts(path: Optional[str], n: int, seed: int,
+                   default: Optional[Tuple[Sequence[str], str]] = None) -> Tuple[Tuple[str, ...], str]:
+    """Draw ``n`` prompts from the file with ``random.Random(seed)``; without a file, from `default` (prompts,
+    where they come from: the quality objective's own prompt list), else the shipped ImageNet class prompts.
 
     Returns: (prompts, where they came from).
     """
-    source = str(IMAGENET_PROMPTS if path is None else path)
-    try:
-        lines = read_prompts(source)
-    except (OSError, ValueError) as err:
-        raise SearchUsageError(f"--prompts: {err}") from None
+    if path is None and default is not None:
+        lines, source = list(default[0]), default[1]
+    else:
+        source = str(IMAGENET_PROMPTS if path is None else path)
+        try:
+            lines = read_prompts(source)
+        except (OSError, ValueError) as err:
+            raise SearchUsageError(f"--prompts: {err}") from None
     if n > len(lines):
         raise SearchUsageError(f"--n-prompts {n} is more than the {len(lines)} prompts of {source}")
     picked = random.Random(seed).sample(range(len(lines)), n)
@@ -201,14 +206,16 @@ def resolve_settings(opt: argparse.Namespace, argv: Sequence[str] = ()) -> Searc
         raise SearchUsageError(str(err)) from None
     space = _space(opt, run.sampler_steps)
     _check_execution(opt)
-    prompts, prompt_source = choose_prompts(opt.prompts, opt.n_prompts, opt.prompt_seed)
-    sampling = SamplingSpec(prompts=prompts, seeds=tuple(opt.sample_seed + k for k in range(opt.n_prompts)), run=run)
     quality = QualitySpec(kind=opt.quality, fidelity_space=opt.fidelity_space, fid_ref=opt.fid_ref,
                           inception_weights=opt.inception_weights,
                           random_inception_seed=opt.random_inception_for_tests, clip_arch=opt.clip_arch,
                           clip_weights=opt.clip_weights, imagereward_weights=opt.imagereward_weights,
                           imagereward_med_config=opt.imagereward_med_config)
     quality.check(opt.n_prompts)
+    prompts, prompt_source = choose_prompts(opt.prompts, opt.n_prompts, opt.prompt_seed,
+                                            quality.objective.default_prompts())
+    quality.objective.check_prompts(prompts)
+    sampling = SamplingSpec(prompts=prompts, seeds=tuple(opt.sample_seed + k for k in range(opt.n_prompts)), run=run)
 
     run_dir = Path(opt.run_dir) if opt.run_dir else Path("outputs") / f"search-{opt.mode}"
     check_output_dir(run_dir, "--run-dir")
