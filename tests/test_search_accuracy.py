@@ -6,6 +6,7 @@ images whose verdicts are known (the world's own renders).
 """
 import json
 import random
+import sqlite3
 
 import pytest
 import torch
@@ -24,6 +25,14 @@ pytest.importorskip("pymoo")
 def judged(prompts, images):
     """The judge's scores of uint8 images (N, 3, H, W), computed directly."""
     return prompt_accuracy(images, list(prompts))[0]
+
+
+def query(run_dir, sql):
+    db = sqlite3.connect(str(run_dir / "evals.sqlite"))
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
 
 
 def as_decode(images):
@@ -117,3 +126,51 @@ def test_non_shapes_prompts_are_refused_in_one_line_before_any_work(shapes_ckpt,
     AccuracyObjective.check_prompts(one_object_prompts())
     with pytest.raises(ObjectiveError):
         AccuracyObjective.check_prompts(["tench, Tinca tinca"])
+
+
+def test_min_speedup_constrains_the_front_and_seed_intervals_seed_faster_strategies(shapes_ckpt, tmp_path, capsys):
+    """The shapes search's design at tiny scale: extra DeepCache seeds (every 8th step full) and a speed-up
+    constraint; the front, the choice and best.yaml hold only strategies at >= the bound, and front.json keeps
+    the unaccelerated model's point (the reference the accuracy drop is measured from)."""
+    run_dir = tmp_path / "constrained"
+    args = [*tiny(shapes_ckpt, run_dir), "--steps", "10", "--n-prompts", "2", "--batch-size", "2", "--pop", "6",
+            "--gens", "2", "--seed-intervals", "2,3,8", "--min-speedup", "2"]
+    assert main(args, mode="depth") == 0
+    report = json.loads((run_dir / "front.json").read_text())
+    costs = json.loads((run_dir / "costs.json").read_text())[0]["seconds"]
+
+    def latency(depths):  # PLMS calls the UNet twice at step 0, which is full; a batch of 2 images
+        return sum(costs["d0" if d == 0 else f"d{d}_r0.00"] for d in [12, 12] + depths[1:]) / 2
+
+    full = latency([12] * 10)
+    constraint = report["constraint"]
+    assert constraint["min_speedup"] == 2.0 and constraint["max_latency"] == pytest.approx(full / 2, rel=1e-12)
+    assert constraint["feasible_points"] > 0 and constraint["front_of"] == "feasible points"
+    assert report["front"] and all(full / latency(p["cache_depth"]) >= 2.0 for p in report["front"])
+    assert all(p["speedup"] >= 2.0 for p in [*report["front"], report["best"]])
+    assert report["full_model"]["cache_depth"] == [12] * 10 and report["full_model"]["quality"] == 100.0
+    # The first population: all-full, then every N-th step full for N = 2, 3, 8 at depth 1, then at depth 0.
+    first = [json.loads(s)["cache_depth"] for (s,) in query(run_dir, "SELECT e.strategy FROM asks a JOIN evals e "
+                                                                      "ON a.key = e.key WHERE a.generation = 1 "
+                                                                      "ORDER BY a.position")]
+    assert first == [[12] * 10] + [[12 if i % n == 0 else d for i in range(10)] for d in (1, 0) for n in (2, 3, 8)][:5]
+    space = json.loads((run_dir / "search.json").read_text())
+    assert space["space"]["seed_intervals"] == [2, 3, 8] and space["min_speedup"] == 2.0
+    # Another bound is another search.
+    capsys.readouterr()
+    assert main([*args[:-1], "3"], mode="depth") == 2
+    assert "min_speedup 2.0 -> 3.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--min-speedup", "1"], "--min-speedup must be a number above 1"),
+    (["--min-speedup", "9", "--latency", "measured"], "--min-speedup needs --latency table"),
+    (["--seed-intervals", "1,8"], "--seed-intervals '1,8': every N must be at least 2"),
+    (["--seed-intervals", "8", "--mode", "ratio", "--steps", "50"], "--seed-intervals sets the cache-depth seeds"),
+])
+def test_bad_constraint_and_seed_options_are_one_line(shapes_ckpt, tmp_path, capsys, extra, message):
+    run_dir = tmp_path / "run"
+    assert main([*tiny(shapes_ckpt, run_dir), *extra], mode="depth") == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not run_dir.exists()

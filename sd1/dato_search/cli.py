@@ -57,6 +57,10 @@ def build_parser(mode: str = "depth") -> argparse.ArgumentParser:
                         help=f"cache depths to choose from, comma-separated (default {DEFAULT_DEPTH_SPACE})")
     search.add_argument("--ratio-space", "--ratio_space", default=DEFAULT_RATIO_SPACE,
                         help=f"prune ratios to choose from, comma-separated (default {DEFAULT_RATIO_SPACE})")
+    search.add_argument("--seed-intervals", "--seed_intervals", default=None,
+                        help="depth and joint search: the N of the first population's uniform strategies, every N-th "
+                             "step full, comma-separated (default 2,3,4,5, the paper's; add larger N to start "
+                             "from faster strategies)")
     search.add_argument("--prune_ratio", type=float, default=None,
                         help="depth mode: the prune ratio of every step (default 0, pruning off)")
     search.add_argument("--cache_strategy", default=None,
@@ -105,6 +109,10 @@ def build_parser(mode: str = "depth") -> argparse.ArgumentParser:
     objectives.add_argument("--cost-table", "--cost_table", default=None,
                             help="a shared cost-table JSON to read first (and to add a new table to); the table "
                                  "used is always copied to RUN_DIR/costs.json")
+    objectives.add_argument("--min-speedup", "--min_speedup", type=float, default=None,
+                            help="a constraint: only strategies at least this many times faster than the full model "
+                                 "(cost-table prediction) are feasible; NSGA-II steers towards them and the front, "
+                                 "choice and best.yaml are of feasible strategies (default: none)")
     objectives.add_argument("--w_M", "--w-M", "--w_m", dest="w_m", type=float, default=0.025,
                             help="choose the front point minimising quality + w_M * latency (paper: 0.025 quality "
                                  "first .. 0.16 speed first)")

@@ -20,7 +20,7 @@ from sdgen.settings import RunSettings, SettingFlags
 
 from .evaluator import SamplingSpec
 from .objectives import QualitySpec
-from .space import SearchSpace
+from .space import UNIFORM_INTERVALS, SearchSpace
 
 __all__ = ["LATENCIES", "MODES", "SELECTS", "SearchSettings", "SearchUsageError", "choose_prompts",
            "resolve_settings"]
@@ -60,6 +60,7 @@ class SearchSettings:
     scheduler: Optional[str]
     w_m: float
     select: str
+    min_speedup: Optional[float] = None
     argv: Tuple[str, ...] = ()
 
     @property
@@ -88,6 +89,19 @@ def _depth_space(text: str) -> Tuple[int, ...]:
     if len(depths) < 2:
         raise SearchUsageError(f"--depth-space {text!r} has one value: there is nothing to search")
     return depths
+
+
+def _seed_intervals(text: Optional[str], mode: str) -> Tuple[int, ...]:
+    if text is None:
+        return UNIFORM_INTERVALS
+    if mode == "ratio":
+        raise SearchUsageError("--seed-intervals sets the cache-depth seeds of a depth or joint search; --mode ratio "
+                               "searches ratios under fixed depths")
+    intervals = _parse_list(text, int, "--seed-intervals")
+    if min(intervals) < 2:
+        raise SearchUsageError(f"--seed-intervals {text!r}: every N must be at least 2 (N = 1 is the all-full "
+                               f"strategy, always seeded)")
+    return intervals
 
 
 def _ratio_space(text: str) -> Tuple[float, ...]:
@@ -133,6 +147,12 @@ def _check_search(opt: argparse.Namespace) -> None:
         raise SearchUsageError(f"--select must be one of {', '.join(SELECTS)}, got {opt.select!r}")
     if not math.isfinite(opt.w_m) or opt.w_m < 0:
         raise SearchUsageError(f"--w_M must be a finite number >= 0, got {opt.w_m}")
+    if opt.min_speedup is not None:
+        if not math.isfinite(opt.min_speedup) or opt.min_speedup <= 1:
+            raise SearchUsageError(f"--min-speedup must be a number above 1 (times faster than the full model), got "
+                                   f"{opt.min_speedup}")
+        if opt.latency != "table":
+            raise SearchUsageError("--min-speedup needs --latency table: the speed-up is predicted from the cost table")
     if opt.prune_ratio is not None and opt.mode != "depth":
         raise SearchUsageError(f"--prune_ratio fixes the ratio of a depth search; --mode {opt.mode} searches ratios "
                                f"(see --ratio-space)")
@@ -167,7 +187,8 @@ def _space(opt: argparse.Namespace, steps: int) -> SearchSpace:
     if steps < 2 and opt.mode != "ratio":
         raise SearchUsageError(f"a depth search needs at least 2 sampler steps (step 0 always computes everything); "
                                f"--steps {opt.steps} runs {steps}")
-    space = SearchSpace(opt.mode, steps, depths, ratios, fixed_ratio, fixed_depths)
+    space = SearchSpace(opt.mode, steps, depths, ratios, fixed_ratio, fixed_depths,
+                        _seed_intervals(opt.seed_intervals, opt.mode))
     if space.size < opt.pop:
         raise SearchUsageError(f"the search space holds only {space.size} strategies, fewer than --pop {opt.pop}; "
                                f"lower --pop or search more steps")
@@ -229,4 +250,4 @@ def resolve_settings(opt: argparse.Namespace, argv: Sequence[str] = ()) -> Searc
                           sampling=sampling, quality=quality, model=model, device=device.type, latency=opt.latency,
                           table_repeats=opt.table_repeats, cost_table=cost_table, prompt_source=prompt_source,
                           threads=opt.threads, workers=opt.workers, scheduler=opt.scheduler, w_m=opt.w_m,
-                          select=opt.select, argv=tuple(argv))
+                          select=opt.select, min_speedup=opt.min_speedup, argv=tuple(argv))
