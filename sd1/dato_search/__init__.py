@@ -19,6 +19,12 @@ The search is pymoo's NSGA-II with the paper's settings: population 20, 100 gene
 seeded with uniform strategies (all-full, then DeepCache "every N-th step full" for N = 2..5 at each
 partial depth, 1 first; constant ratios for ratio search), SBX (probability 0.7, eta 7) and polynomial
 mutation (probability 0.4, eta 15) on real values with rounding repair, duplicates eliminated.
+``--seed-intervals`` sets those N (e.g. 2,3,4,5,8,12,16 adds every 8th, 12th and 16th step full), so that
+the first population can already reach the fast end of the space; ``--min-speedup X`` makes "at least X times faster than
+the full model" (cost-table prediction) a constraint: pymoo ranks feasible strategies first and infeasible ones
+by how far they miss, and the front, the choice and ``best.yaml`` are of feasible strategies (the front of all
+points until one is feasible). ``front.json`` keeps the full model's point when it was a candidate (depth and
+joint search: the first seed), the reference any quality drop is measured from.
 
 Objectives (both minimised):
 

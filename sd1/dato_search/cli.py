@@ -3,6 +3,8 @@
     python scripts/search_depth.py --demo --H 64 --W 64 --steps 5 --n-prompts 2 --pop 8 --gens 5
     python scripts/search_ratio.py --ckpt sd-v1-5.safetensors --quality fid --fid-ref imagenet-ref.npz \\
         --inception-weights pt_inception-2015-12-05-6726825d.pth --n-prompts 500
+    python scripts/search_depth.py --config configs/stable-diffusion/shapes-demo.yaml \\
+        --ckpt models/shapes/shapes-demo.safetensors --H 64 --W 64 --quality accuracy --n-prompts 108
 
 Rerunning the same command in the same --run-dir resumes the search (also after Ctrl-C); see the package
 docstring of dato_search for the modes, objectives, outputs and scale-out.
@@ -56,6 +58,10 @@ def build_parser(mode: str = "depth") -> argparse.ArgumentParser:
                         help=f"cache depths to choose from, comma-separated (default {DEFAULT_DEPTH_SPACE})")
     search.add_argument("--ratio-space", "--ratio_space", default=DEFAULT_RATIO_SPACE,
                         help=f"prune ratios to choose from, comma-separated (default {DEFAULT_RATIO_SPACE})")
+    search.add_argument("--seed-intervals", "--seed_intervals", default=None,
+                        help="depth and joint search: the N of the first population's uniform strategies, every N-th "
+                             "step full, comma-separated (default 2,3,4,5, the paper's; add larger N to start "
+                             "from faster strategies)")
     search.add_argument("--prune_ratio", type=float, default=None,
                         help="depth mode: the prune ratio of every step (default 0, pruning off)")
     search.add_argument("--cache_strategy", default=None,
@@ -73,7 +79,7 @@ def build_parser(mode: str = "depth") -> argparse.ArgumentParser:
                           help="images per candidate, one per prompt (the paper's FID uses 500)")
     sampling.add_argument("--prompts", default=None,
                           help="prompt file, one per line (default: the 1000 ImageNet class prompts shipped with "
-                               "the package)")
+                               "the package; with --quality accuracy the 108 one-object shapes prompts)")
     sampling.add_argument("--prompt-seed", "--prompt_seed", type=int, default=0,
                           help="seed of the draw of --n-prompts prompts from the file")
     sampling.add_argument("--sample-seed", "--sample_seed", type=int, default=42,
@@ -82,7 +88,8 @@ def build_parser(mode: str = "depth") -> argparse.ArgumentParser:
 
     objectives = parser.add_argument_group("objectives")
     objectives.add_argument("--quality", default="fidelity",
-                            help=f"quality objective: {', '.join(QUALITIES)} (default fidelity, needs no weights)")
+                            help=f"quality objective: {', '.join(QUALITIES)} (default fidelity, needs no weights; "
+                                 f"accuracy: the shapes-world judge, for the shapes model and shapes prompts)")
     objectives.add_argument("--fidelity-space", "--fidelity_space", default="latent",
                             help="fidelity: compare final latents ('latent', default) or decoded images ('image')")
     objectives.add_argument("--fid-ref", "--fid_ref", default=None, help="fid: reference statistics .npz (mu, sigma)")
@@ -105,6 +112,10 @@ def build_parser(mode: str = "depth") -> argparse.ArgumentParser:
     objectives.add_argument("--cost-table", "--cost_table", default=None,
                             help="a shared cost-table JSON to read first (and to add a new table to); the table "
                                  "used is always copied to RUN_DIR/costs.json")
+    objectives.add_argument("--min-speedup", "--min_speedup", type=float, default=None,
+                            help="a constraint: only strategies at least this many times faster than the full model "
+                                 "(cost-table prediction) are feasible; NSGA-II steers towards them and the front, "
+                                 "choice and best.yaml are of feasible strategies (default: none)")
     objectives.add_argument("--w_M", "--w-M", "--w_m", dest="w_m", type=float, default=0.025,
                             help="choose the front point minimising quality + w_M * latency (paper: 0.025 quality "
                                  "first .. 0.16 speed first)")

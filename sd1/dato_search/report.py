@@ -9,14 +9,14 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from datosd.strategy import Strategy
+from datosd.strategy import MAX_DEPTH, Strategy
 from sdgen.images import atomic_output, atomic_write_text
 
-from .front import Point, selection_scores
+from .front import Point, feasible_points, selection_scores
 from .settings import SearchSettings
 from .store import now
 
@@ -55,8 +55,9 @@ def point_dict(point: Point, score: Optional[float], full_latency: Optional[floa
 
 
 def plot_front(path: Path, points: Sequence[Point], front: Sequence[Point], best: Point, quality_label: str,
-               latency_label: str, title: str) -> None:
-    """PNG of quality vs latency: every evaluated point faint, the front highlighted, the chosen point starred."""
+               latency_label: str, title: str, bound: Optional[Tuple[float, str]] = None) -> None:
+    """PNG of quality vs latency: every evaluated point faint, the front highlighted, the chosen point starred;
+    `bound`: (latency in ms, label) of ``--min-speedup``, drawn as a dashed vertical line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -74,6 +75,8 @@ def plot_front(path: Path, points: Sequence[Point], front: Sequence[Point], best
     if math.isfinite(best.quality):
         ax.scatter([best.latency_ms], [best.quality], marker="*", s=260, color="C3", edgecolors="black",
                    linewidths=0.7, zorder=4, label=f"chosen ({best.latency_ms:.3g} ms, {best.quality:.4g})")
+    if bound is not None:
+        ax.axvline(bound[0], color="C2", linestyle="--", linewidth=1, label=bound[1])
     ax.set_xlabel(latency_label)
     ax.set_ylabel(quality_label)
     ax.set_title(title, fontsize=10)
@@ -92,6 +95,15 @@ def write_outputs(settings: SearchSettings, points: List[Point], front: List[Poi
     quality = settings.quality
     scores = selection_scores(front, settings.w_m, settings.select)
     latency_units = "seconds per image (" + ("cost table" if settings.latency == "table" else "measured") + ")"
+    full = next((p for p in points if list(p.strategy.cache_depth) == [MAX_DEPTH] * p.strategy.steps
+                 and not any(p.strategy.prune_ratio)), None)  # the unaccelerated model, when it was a candidate
+    constraint, bound = None, None
+    if settings.min_speedup is not None and full_latency is not None:
+        max_latency = full_latency / settings.min_speedup
+        feasible = len(feasible_points(points, full_latency, settings.min_speedup))
+        constraint = {"min_speedup": settings.min_speedup, "max_latency": max_latency, "feasible_points": feasible,
+                      "front_of": "feasible points" if feasible else "all points (none feasible yet)"}
+        bound = (1000.0 * max_latency, f">= {settings.min_speedup:g}x ({feasible} strategies)")
     report = {
         "mode": settings.mode,
         "generation": generation,
@@ -101,7 +113,9 @@ def write_outputs(settings: SearchSettings, points: List[Point], front: List[Poi
         "selection": {"w_M": settings.w_m, "select": settings.select,
                       "score": "quality + w_M * latency_ms" if settings.select == "raw"
                       else "quality_norm + w_M * latency_norm (min-max over the front)"},
+        "constraint": constraint,
         "evaluations": {"performed": evaluated, "cached": cached, "stored": stored, "points": len(points)},
+        "full_model": point_dict(full, None, full_latency) if full is not None else None,
         "best": point_dict(best, scores[front.index(best)], full_latency),
         "front": [point_dict(p, s, full_latency) for p, s in zip(front, scores)],
     }
@@ -116,7 +130,7 @@ def write_outputs(settings: SearchSettings, points: List[Point], front: List[Poi
     plot_front(run_dir / "front.png", points, front, best,
                quality_label=f"{quality.objective.axis} (lower is better)",
                latency_label=f"latency, ms per image ({settings.latency})",
-               title=f"DaTo {settings.mode} search, generation {generation}/{settings.gens}")
+               title=f"DaTo {settings.mode} search, generation {generation}/{settings.gens}", bound=bound)
     atomic_write_text(run_dir / "progress.json", json.dumps(
         {"generation": generation, "generations": settings.gens, "evaluated": evaluated, "cached": cached,
          "stored": stored, "front_size": len(front), "finished": finished}, indent=1))

@@ -18,12 +18,13 @@ from sdgen.locks import LockHeld, exclusive_lock
 from .identity import model_identity
 from .loop import OPERATORS
 from .settings import SearchSettings, SearchUsageError
+from .space import UNIFORM_INTERVALS
 
 SETTINGS_FILE = "search.json"
 LOCK_FILE = "search.lock"
 # What a resumed search must share with the stored one (besides --gens, which may only grow).
-COMPARED = ("mode", "pop", "seed", "space", "operators", "sampling", "quality", "latency", "w_M", "select",
-            "model", "device", "threads")
+COMPARED = ("mode", "pop", "seed", "space", "operators", "sampling", "quality", "latency", "min_speedup", "w_M",
+            "select", "model", "device", "threads")
 
 
 def settings_record(settings: SearchSettings, context_hash: str) -> Dict[str, Any]:
@@ -34,11 +35,14 @@ def settings_record(settings: SearchSettings, context_hash: str) -> Dict[str, An
         "space": {"steps": space.steps, "depths": list(space.depths), "ratios": list(space.ratios),
                   "fixed_ratio": space.fixed_ratio,
                   "fixed_depths": list(space.fixed_depths) if space.fixed_depths else None,
-                  "n_var": space.n_var},
+                  "n_var": space.n_var,
+                  # absent: the paper's seeds (as in the search.json of earlier versions, which so still resume)
+                  **({"seed_intervals": list(space.intervals)} if space.intervals != UNIFORM_INTERVALS else {})},
         "operators": OPERATORS,
         "sampling": settings.sampling.identity(), "prompt_source": settings.prompt_source,
         "quality": {**settings.quality.identity(), "units": settings.quality.units},
-        "latency": settings.latency, "w_M": settings.w_m, "select": settings.select,
+        "latency": settings.latency, "min_speedup": settings.min_speedup, "w_M": settings.w_m,
+        "select": settings.select,
         "model": model_identity(settings.model), "device": settings.device, "threads": settings.threads,
         "workers": settings.workers, "scheduler": settings.scheduler, "context": context_hash,
         "argv": list(settings.argv),

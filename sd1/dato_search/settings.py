@@ -20,7 +20,7 @@ from sdgen.settings import RunSettings, SettingFlags
 
 from .evaluator import SamplingSpec
 from .objectives import QualitySpec
-from .space import SearchSpace
+from .space import UNIFORM_INTERVALS, SearchSpace
 
 __all__ = ["LATENCIES", "MODES", "SELECTS", "SearchSettings", "SearchUsageError", "choose_prompts",
            "resolve_settings"]
@@ -60,6 +60,7 @@ class SearchSettings:
     scheduler: Optional[str]
     w_m: float
     select: str
+    min_speedup: Optional[float] = None
     argv: Tuple[str, ...] = ()
 
     @property
@@ -90,6 +91,19 @@ def _depth_space(text: str) -> Tuple[int, ...]:
     return depths
 
 
+def _seed_intervals(text: Optional[str], mode: str) -> Tuple[int, ...]:
+    if text is None:
+        return UNIFORM_INTERVALS
+    if mode == "ratio":
+        raise SearchUsageError("--seed-intervals sets the cache-depth seeds of a depth or joint search; --mode ratio "
+                               "searches ratios under fixed depths")
+    intervals = _parse_list(text, int, "--seed-intervals")
+    if min(intervals) < 2:
+        raise SearchUsageError(f"--seed-intervals {text!r}: every N must be at least 2 (N = 1 is the all-full "
+                               f"strategy, always seeded)")
+    return intervals
+
+
 def _ratio_space(text: str) -> Tuple[float, ...]:
     ratios = _parse_list(text, float, "--ratio-space")
     bad = [r for r in ratios if not 0.0 <= r < 1.0]
@@ -98,16 +112,21 @@ def _ratio_space(text: str) -> Tuple[float, ...]:
     return ratios
 
 
-def choose_prompts(path: Optional[str], n: int, seed: int) -> Tuple[Tuple[str, ...], str]:
-    """Draw ``n`` prompts from the file (default: the shipped ImageNet class prompts) with ``random.Random(seed)``.
+def choose_prompts(path: Optional[str], n: int, seed: int,
+                   default: Optional[Tuple[Sequence[str], str]] = None) -> Tuple[Tuple[str, ...], str]:
+    """Draw ``n`` prompts from the file with ``random.Random(seed)``; without a file, from `default` (prompts,
+    where they come from: the quality objective's own prompt list), else the shipped ImageNet class prompts.
 
     Returns: (prompts, where they came from).
     """
-    source = str(IMAGENET_PROMPTS if path is None else path)
-    try:
-        lines = read_prompts(source)
-    except (OSError, ValueError) as err:
-        raise SearchUsageError(f"--prompts: {err}") from None
+    if path is None and default is not None:
+        lines, source = list(default[0]), default[1]
+    else:
+        source = str(IMAGENET_PROMPTS if path is None else path)
+        try:
+            lines = read_prompts(source)
+        except (OSError, ValueError) as err:
+            raise SearchUsageError(f"--prompts: {err}") from None
     if n > len(lines):
         raise SearchUsageError(f"--n-prompts {n} is more than the {len(lines)} prompts of {source}")
     picked = random.Random(seed).sample(range(len(lines)), n)
@@ -128,6 +147,12 @@ def _check_search(opt: argparse.Namespace) -> None:
         raise SearchUsageError(f"--select must be one of {', '.join(SELECTS)}, got {opt.select!r}")
     if not math.isfinite(opt.w_m) or opt.w_m < 0:
         raise SearchUsageError(f"--w_M must be a finite number >= 0, got {opt.w_m}")
+    if opt.min_speedup is not None:
+        if not math.isfinite(opt.min_speedup) or opt.min_speedup <= 1:
+            raise SearchUsageError(f"--min-speedup must be a number above 1 (times faster than the full model), got "
+                                   f"{opt.min_speedup}")
+        if opt.latency != "table":
+            raise SearchUsageError("--min-speedup needs --latency table: the speed-up is predicted from the cost table")
     if opt.prune_ratio is not None and opt.mode != "depth":
         raise SearchUsageError(f"--prune_ratio fixes the ratio of a depth search; --mode {opt.mode} searches ratios "
                                f"(see --ratio-space)")
@@ -162,7 +187,8 @@ def _space(opt: argparse.Namespace, steps: int) -> SearchSpace:
     if steps < 2 and opt.mode != "ratio":
         raise SearchUsageError(f"a depth search needs at least 2 sampler steps (step 0 always computes everything); "
                                f"--steps {opt.steps} runs {steps}")
-    space = SearchSpace(opt.mode, steps, depths, ratios, fixed_ratio, fixed_depths)
+    space = SearchSpace(opt.mode, steps, depths, ratios, fixed_ratio, fixed_depths,
+                        _seed_intervals(opt.seed_intervals, opt.mode))
     if space.size < opt.pop:
         raise SearchUsageError(f"the search space holds only {space.size} strategies, fewer than --pop {opt.pop}; "
                                f"lower --pop or search more steps")
@@ -201,14 +227,16 @@ def resolve_settings(opt: argparse.Namespace, argv: Sequence[str] = ()) -> Searc
         raise SearchUsageError(str(err)) from None
     space = _space(opt, run.sampler_steps)
     _check_execution(opt)
-    prompts, prompt_source = choose_prompts(opt.prompts, opt.n_prompts, opt.prompt_seed)
-    sampling = SamplingSpec(prompts=prompts, seeds=tuple(opt.sample_seed + k for k in range(opt.n_prompts)), run=run)
     quality = QualitySpec(kind=opt.quality, fidelity_space=opt.fidelity_space, fid_ref=opt.fid_ref,
                           inception_weights=opt.inception_weights,
                           random_inception_seed=opt.random_inception_for_tests, clip_arch=opt.clip_arch,
                           clip_weights=opt.clip_weights, imagereward_weights=opt.imagereward_weights,
                           imagereward_med_config=opt.imagereward_med_config)
     quality.check(opt.n_prompts)
+    prompts, prompt_source = choose_prompts(opt.prompts, opt.n_prompts, opt.prompt_seed,
+                                            quality.objective.default_prompts())
+    quality.objective.check_prompts(prompts)
+    sampling = SamplingSpec(prompts=prompts, seeds=tuple(opt.sample_seed + k for k in range(opt.n_prompts)), run=run)
 
     run_dir = Path(opt.run_dir) if opt.run_dir else Path("outputs") / f"search-{opt.mode}"
     check_output_dir(run_dir, "--run-dir")
@@ -222,4 +250,4 @@ def resolve_settings(opt: argparse.Namespace, argv: Sequence[str] = ()) -> Searc
                           sampling=sampling, quality=quality, model=model, device=device.type, latency=opt.latency,
                           table_repeats=opt.table_repeats, cost_table=cost_table, prompt_source=prompt_source,
                           threads=opt.threads, workers=opt.workers, scheduler=opt.scheduler, w_m=opt.w_m,
-                          select=opt.select, argv=tuple(argv))
+                          select=opt.select, min_speedup=opt.min_speedup, argv=tuple(argv))

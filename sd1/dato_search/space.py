@@ -11,7 +11,7 @@ import numpy as np
 from sdgen.costs import table_entries
 from datosd.strategy import MAX_DEPTH, Strategy
 
-UNIFORM_INTERVALS = (2, 3, 4, 5)  # DeepCache "every N-th step full" seeds of the first population
+UNIFORM_INTERVALS = (2, 3, 4, 5)  # DeepCache "every N-th step full" seeds of the first population (the paper's)
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class SearchSpace:
         ratios: the ratio search space, e.g. (0.3, ..., 0.7).
         fixed_ratio: the prune ratio of every running step in depth mode.
         fixed_depths: the cache depths of ratio mode (from ``--cache_strategy``).
+        intervals: the N of the uniform "every N-th step full" seeds of the first population (``--seed-intervals``).
     """
 
     mode: str
@@ -33,6 +34,7 @@ class SearchSpace:
     ratios: Tuple[float, ...]
     fixed_ratio: float = 0.0
     fixed_depths: Optional[Tuple[int, ...]] = None
+    intervals: Tuple[int, ...] = UNIFORM_INTERVALS
 
     def base_depths(self) -> List[int]:
         """Ratio mode's fixed depths with step 0 at 12 (it computes everything anyway, spec 2)."""
@@ -87,14 +89,14 @@ class SearchSpace:
         return Strategy(depths, ratios, name=f"searched-{self.mode}")
 
     def _depth_seeds(self) -> List[Tuple[int, ...]]:
-        """All-full, then uniform DeepCache (every N-th step full, N = 2..5) at each partial depth, 1 first."""
+        """All-full, then uniform DeepCache (every N-th step full, N in `intervals`) at each partial depth, 1 first."""
         full_depth = max(self.depths)
         full = self.depths.index(full_depth)
         partial = sorted((d for d in self.depths if d != full_depth), key=lambda d: (d != 1, -d))
         rows = [tuple(full for _ in self.depth_steps)]
         for depth in partial:
             index = self.depths.index(depth)
-            for interval in UNIFORM_INTERVALS:
+            for interval in self.intervals:
                 rows.append(tuple(full if step % interval == 0 else index for step in self.depth_steps))
         return rows
 
@@ -129,4 +131,6 @@ class SearchSpace:
             parts.append(f"ratios {list(self.ratios)}")
         if self.mode == "depth":
             parts.append(f"prune ratio {self.fixed_ratio:g}")
+        if self.mode != "ratio" and self.intervals != UNIFORM_INTERVALS:
+            parts.append(f"seeds every N-th step full for N in {list(self.intervals)}")
         return ", ".join(parts)
