@@ -143,7 +143,7 @@ def test_prompt_sets_and_accuracy_of_reference_images():
 
 
 # --- training ----------------------------------------------------------------------------------------------------
-TINY_RUN = dict(vae_steps=40, vae_batch=8, vae_crop=16, vae_lr=1e-3, pool_size=64, pool_batch=32, steps=16,
+TINY_RUN = dict(vae_steps=40, vae_batch=8, vae_lr=1e-3, pool_size=64, pool_batch=32, steps=16,
                 batch=8, lr=1e-3, warmup=1, save_every=4)
 
 

@@ -75,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     record = {
         "command": "python scripts/train_shapes.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "seed": settings.seed, "settings": dataclasses.asdict(settings), "commit": git_commit(REPO),
-        "steps": {"vae": settings.vae_steps, "vae_full": settings.vae_full_steps, "diffusion": settings.steps},
+        "steps": {"vae": settings.vae_steps, "diffusion": settings.steps},
         "final_losses_mean_of_last_100": final, "seconds": state.seconds,
         "minutes_total": round(sum(state.seconds.values()) / 60, 1), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "weights": "EMA of the UNet and text encoder, float16",

@@ -23,8 +23,7 @@ def plot_losses(losses: Dict[str, List[List[float]]], path: Path, title: str = "
     import matplotlib.pyplot as plt
 
     phases = [(name, rows) for name, rows in losses.items() if rows]
-    labels = {"vae": "VAE on crops: L1 + L2 reconstruction", "vae_full": "VAE on whole images: L1 + L2",
-              "diffusion": "UNet + text: epsilon MSE"}
+    labels = {"vae": "VAE: object-weighted L1 + L2", "diffusion": "UNet + text: epsilon MSE"}
     fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(5 * max(1, len(phases)), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], phases):
         steps, values = np.array(rows).T

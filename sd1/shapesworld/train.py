@@ -2,10 +2,9 @@
 
 Phases, each resumable (the state is saved atomically to `OUT/state.pt` every `save_every` steps and on Ctrl-C, and
 a rerun of the same command goes on from there):
-1. `vae`: the AutoencoderKL on random crops of shapes-world images (L1 + L2 reconstruction + a KL weight of 1e-6,
-   as SD's VAE, without its perceptual and GAN losses): its convolutions learn at a quarter of the cost per image;
-   `vae_full`: then on whole images (a new optimizer), for the statistics of whole images in its group norms and
-   its middle attention, which crops do not teach (a crop-only VAE blurs and discolours whole images).
+1. `vae`: the AutoencoderKL on shapes-world images: L1 + L2 reconstruction + a KL weight of 1e-6, as SD's VAE,
+   without its perceptual and GAN losses; the pixels of objects (chroma above OBJECT_CHROMA) weigh
+   1 + object_weight, since the objects are a few percent of the pixels and carry all the judge reads.
 2. `pool`: `pool_size` scenes are drawn, rendered and encoded once (the posterior's mean and std kept); the
    latents' scale factor is 1 / their standard deviation, as CompVis' `scale_by_std`.
 3. `diffusion`: the UNet and the CLIP text encoder on the pooled latents, each draw with a fresh caption of its
@@ -37,7 +36,8 @@ from ldm.util import instantiate_from_config
 from .data import batch_scenes, scene_batch
 from .world import Scene, WorldConfig, caption
 
-PHASES = ("vae", "vae_full", "pool", "diffusion", "done")
+PHASES = ("vae", "pool", "diffusion", "done")
+OBJECT_CHROMA = 0.2  # in [-1, 1] units (25 of 255): backgrounds have none, objects about 1.4
 STATE_FILE = "state.pt"
 POOL_FILE = "pool.pt"
 
@@ -48,13 +48,10 @@ class TrainSettings:
 
     config: str
     seed: int = 0
-    vae_steps: int = 800
-    vae_batch: int = 32
-    vae_crop: int = 32
+    vae_steps: int = 900
+    vae_batch: int = 16
     vae_lr: float = 1e-3
-    vae_full_steps: int = 200
-    vae_full_batch: int = 16
-    vae_full_lr: float = 3e-4
+    object_weight: float = 10.0
     kl_weight: float = 1e-6
     pool_size: int = 16384
     pool_batch: int = 256
@@ -72,11 +69,11 @@ class TrainSettings:
 
     def check(self) -> None:
         """ValueError naming the first setting out of range."""
-        for name in ("vae_steps", "vae_batch", "vae_full_steps", "vae_full_batch", "pool_size", "pool_batch", "steps", "batch", "save_every"):
+        for name in ("vae_steps", "vae_batch", "pool_size", "pool_batch", "steps", "batch", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 8 <= self.vae_crop <= self.world.image_size or self.vae_crop % 4:
-            raise ValueError(f"--vae-crop must be a multiple of 4 from 8 to {self.world.image_size}")
+        if not self.object_weight >= 0.0:
+            raise ValueError(f"--object-weight must be 0 or more, got {self.object_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -91,7 +88,7 @@ class TrainState:
     model: Dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: Dict[str, object] = field(default_factory=dict)
     ema: Dict[str, torch.Tensor] = field(default_factory=dict)
-    losses: Dict[str, List[List[float]]] = field(default_factory=lambda: {"vae": [], "vae_full": [], "diffusion": []})
+    losses: Dict[str, List[List[float]]] = field(default_factory=lambda: {"vae": [], "diffusion": []})
     seconds: Dict[str, float] = field(default_factory=dict)
     settings: Dict[str, object] = field(default_factory=dict)
 
@@ -173,8 +170,7 @@ class Trainer:
         """Run (or resume) every phase to the end. Ctrl-C (SIGINT) takes effect at the end of the step in progress:
         the state is saved and KeyboardInterrupt raised, so a rerun goes on from exactly there."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        phases = {"vae": self._train_vae, "vae_full": self._train_vae, "pool": self._build_pool,
-                  "diffusion": self._train_diffusion}
+        phases = {"vae": self._train_vae, "pool": self._build_pool, "diffusion": self._train_diffusion}
         previous = signal.signal(signal.SIGINT, self._ask_to_stop) if _main_thread() else None
         try:
             while self.state.phase != "done":
@@ -209,34 +205,29 @@ class Trainer:
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, initial=self.state.step, desc=desc, disable=not self.progress, dynamic_ncols=True)
 
-    # --- phase 1: the VAE, on crops then on whole images -----------------------------------------------------
+    # --- phase 1: the VAE ------------------------------------------------------------------------------------
     def _train_vae(self) -> None:
         s = self.settings
-        phase = self.state.phase
-        crops = phase == "vae"
-        steps, batch, lr = (s.vae_steps, s.vae_batch, s.vae_lr) if crops else \
-            (s.vae_full_steps, s.vae_full_batch, s.vae_full_lr)
         vae = _trainable(self.model.first_stage_model)
-        optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+        optimizer = torch.optim.Adam(vae.parameters(), lr=s.vae_lr)
         if self.state.optimizer:
             optimizer.load_state_dict(self.state.optimizer)
-        with self._bar(steps, "VAE (crops)" if crops else "VAE (whole images)") as bar:
-            while self.state.step < steps:
+        with self._bar(s.vae_steps, "VAE") as bar:
+            while self.state.step < s.vae_steps:
                 step = self.state.step
-                images = scene_batch(s.seed + (0 if crops else 2), step, batch, s.world).images
-                if crops:
-                    images = _crops(images, s.vae_crop, _rng(s.seed, phase, step))
+                images = scene_batch(s.seed, step, s.vae_batch, s.world).images
                 for group in optimizer.param_groups:  # the last tenth at a tenth of the rate
-                    group["lr"] = lr * (0.1 if step >= 0.9 * steps else 1.0)
+                    group["lr"] = s.vae_lr * (0.1 if step >= 0.9 * s.vae_steps else 1.0)
                 posterior = vae.encode(images)
-                reconstruction = vae.decode(posterior.sample(generator=_generator(s.seed, phase, step)))
+                reconstruction = vae.decode(posterior.sample(generator=_generator(s.seed, "vae", step)))
                 error = reconstruction - images
-                rec_loss = error.abs().mean() + error.pow(2).mean()
+                weights = 1.0 + s.object_weight * object_mask(images)
+                rec_loss = ((error.abs() + error.pow(2)) * weights).mean() / weights.mean()
                 loss = rec_loss + s.kl_weight * posterior.kl().mean() / images[0].numel()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                self._log(phase, step, rec_loss.item(), bar, optimizer)
+                self._log("vae", step, rec_loss.item(), bar, optimizer)
         _frozen(vae)
 
     # --- phase 2: the latent pool ----------------------------------------------------------------------------
@@ -340,13 +331,11 @@ class _PoolScenes:
         return self.chunks[chunk][offset]
 
 
-def _crops(images: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
-    """A random size x size crop of each image: (B, 3, S, S) -> (B, 3, size, size)."""
-    side = images.shape[-1]
-    if size == side:
-        return images
-    corners = rng.integers(0, side - size + 1, size=(len(images), 2))
-    return torch.stack([im[:, r:r + size, c:c + size] for im, (r, c) in zip(images, corners)])
+def object_mask(images: torch.Tensor) -> torch.Tensor:
+    """1 where a pixel belongs to an object (chroma, max - min of R, G, B, above OBJECT_CHROMA), else 0:
+    images (B, 3, H, W) in [-1, 1] -> (B, 1, H, W)."""
+    chroma = images.max(dim=1, keepdim=True).values - images.min(dim=1, keepdim=True).values
+    return (chroma > OBJECT_CHROMA).float()
 
 
 def _main_thread() -> bool:
