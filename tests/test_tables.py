@@ -142,7 +142,7 @@ def test_table5_plan_uses_img2img_and_the_last_steps_of_b1(tmp_path):
                                                   "dato@last37"]
     assert dato_plan(plan.rows[-1].method).cache_depth == Strategy.load(find_strategy("b1")).cache_depth[-37:]
     assert plan.evaluation.metrics == ("fid", "clip", "is") and plan.evaluation.reference == str(init)
-    assert plan.evaluation.clip_prompts == ("one", "two", "three") and not plan.evaluation.prompts_cycle
+    assert plan.evaluation.prompts == ("one", "two", "three") and not plan.evaluation.prompts_cycle
     prompts.write_text("one\ntwo\n")
     with pytest.raises(PlanError, match="3 init images but only 2 prompts"):
         make_plan(SPECS, SPECS.tables["table5_img2img"], Options(), env)

