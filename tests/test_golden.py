@@ -67,7 +67,7 @@ def test_vae_encode_decode(model, golden_io):
         assert max_err(posterior.mean, golden_io["vae.posterior_mean"]) < SINGLE_PASS
         assert max_err(posterior.logvar, golden_io["vae.posterior_logvar"]) < SINGLE_PASS
         decoded = model.first_stage_model.decode(golden_io["vae.z"])
-    # Values reach 5.5: a relative 1e-5 (the README's "rtol 1e-5 on these O(1) values").
+    # Values reach 5.5: a relative 1e-5 (tests/data/README.md: "rtol 1e-5 on these O(1) values").
     assert max_err(decoded, golden_io["vae.decoded"]) < SINGLE_PASS * golden_io["vae.decoded"].abs().max().item()
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's "Speed" tables on a CPU: the full-size SD 1.5 architecture with random weights at 512x512.
+# The CPU tables of docs/speed.md: the full-size SD 1.5 architecture with random weights at 512x512.
 #
 #   1. 50-step table predicted from the per-step cost table, float32 and bfloat16 autocast (minutes each);
 #   2. 50-step table measured end to end, float32, one untimed warm-up and one timed run of every method

@@ -70,7 +70,7 @@ class DatoOptions:
 
 
 # The options that reproduce behaviours of the authors' released code (spec 3, 4, 6). What the released code
-# still does differently is listed in README.md ("Released-code parity preset") and docs/DATO_SPEC.md.
+# still does differently is listed in docs/methods.md ("The released-code parity preset") and docs/DATO_SPEC.md.
 RELEASED_CODE_PARITY = dict(diff_source="eps", cfg_reference="uncond", recover_from="kept", score_noise=(0.1, 0.1))
 
 

@@ -200,8 +200,8 @@ class Dato(MethodKind):
              Flag("--strategy", dict(type=str, default=None, help="DaTo strategy: a YAML file or a shipped name "
                                                                   "(default b1, the paper's Table 6)")),
              Flag("--dato_parity", dict(action="store_true", help="the released-code parity preset: eps DiffScore, "
-                                        "score noise, uncond CFG reference, recovery from kept tokens (README lists "
-                                        "what it still does differently)")),
+                                        "score noise, uncond CFG reference, recovery from kept tokens "
+                                        "(docs/methods.md lists what it still does differently)")),
              *(_option_flag(option) for option in user_options()))
     switch = "dato"
 
