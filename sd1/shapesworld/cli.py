@@ -64,7 +64,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     set_threads(opt.threads)
-    torch.manual_seed(settings.seed)
     try:
         trainer = Trainer(settings, Path(opt.outdir), progress=not opt.no_progress)
     except ValueError as err:

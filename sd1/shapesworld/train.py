@@ -103,9 +103,12 @@ class TrainState:
         return cls(**torch.load(path, map_location="cpu", weights_only=True))
 
 
-def build_model(config_path: str) -> torch.nn.Module:
-    """The LatentDiffusion of the config, with the seeded default initialisation of its modules."""
-    return instantiate_from_config(OmegaConf.load(config_path).model)
+def build_model(config_path: str, seed: int = 0) -> torch.nn.Module:
+    """The LatentDiffusion of the config, its modules' default initialisation drawn from `seed` (the global torch
+    generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return instantiate_from_config(OmegaConf.load(config_path).model)
 
 
 def _generator(seed: int, phase: str, step: int) -> torch.Generator:
@@ -154,7 +157,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.stop_asked = False
-        self.model = build_model(settings.config)
+        self.model = build_model(settings.config, settings.seed)
         self.state = TrainState(settings=_plain(settings))
         path = self.out_dir / STATE_FILE
         if path.exists():
@@ -307,7 +310,7 @@ class Trainer:
 
     def ema_model(self) -> torch.nn.Module:
         """The model with the EMA weights of the UNet and text encoder."""
-        model = build_model(self.settings.config)
+        model = build_model(self.settings.config, self.settings.seed)
         model.load_state_dict(self.model.state_dict())
         with torch.no_grad():
             for name, param in model.named_parameters():
