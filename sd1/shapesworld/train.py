@@ -48,7 +48,7 @@ class TrainSettings:
 
     config: str
     seed: int = 0
-    vae_steps: int = 900
+    vae_steps: int = 1600
     vae_batch: int = 16
     vae_lr: float = 1e-3
     object_weight: float = 10.0
