@@ -27,7 +27,7 @@ from sdeval.evaluate import as_uint8_tensor, fid_from_features, folder_clip_scor
     inception_outputs, load_clip
 from sdeval.images import image_index, list_images, load_rgb
 from sdeval.prompts import prompts_for_images
-from sdgen.benchmark import psnr
+from sdgen.fidelity import psnr, relative_rms_error
 from sdgen.prompt_set import latent_path
 from shapesworld.evaluate import prompt_accuracy, reference_images
 
@@ -85,9 +85,7 @@ def fidelity(images: torch.Tensor, original: torch.Tensor, latents: torch.Tensor
         raise ValueError(f"images {tuple(images.shape)} / {tuple(original.shape)} or latents {tuple(latents.shape)} / "
                          f"{tuple(original_latents.shape)} do not pair up")
     value = psnr(images.double() / 127.5 - 1, original.double() / 127.5 - 1)  # [-1, 1]: peak-to-peak 2 = 255 levels
-    error = torch.sqrt(torch.mean((latents.double() - original_latents.double()) ** 2))
-    scale = torch.sqrt(torch.mean(original_latents.double() ** 2))
-    return {"psnr": min(value, PSNR_CAP_DB), "latent_rms": float(100 * error / scale)}
+    return {"psnr": min(value, PSNR_CAP_DB), "latent_rms": 100 * relative_rms_error(latents, original_latents)}
 
 
 def folder_fidelity(paths: Sequence, original_dir) -> Dict[str, float]:
