@@ -49,9 +49,9 @@ def test_the_shipped_file_and_its_record():
     assert SHAPES_WEIGHTS.stat().st_size == record["bytes"] <= 25 * 10 ** 6
     for key in ("command", "seed", "commit", "steps", "final_losses_mean_of_last_100", "seconds", "sha256"):
         assert key in record
-    from shapesworld.export import sha256
+    from sdgen.image_jobs import file_sha256
 
-    assert sha256(SHAPES_WEIGHTS) == record["sha256"]
+    assert file_sha256(SHAPES_WEIGHTS) == record["sha256"]
 
 
 @pytest.mark.slow

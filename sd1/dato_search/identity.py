@@ -2,23 +2,15 @@
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
+from sdgen.image_jobs import file_sha256
 from sdgen.resources import find_config
 
 
 def sha256_json(data: Any) -> str:
     """Hex SHA-256 of the canonical JSON text of `data` (sorted keys, no spaces)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_sha256(path: Union[Path, str]) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_identity(path: Optional[str]) -> Optional[Dict[str, Any]]:

@@ -30,7 +30,7 @@ from ldm.util import instantiate_from_config, load_model_from_config, seeded_ran
 from sgm.inference import helpers as sdxl
 
 from .methods import AppliedMethod
-from .resources import SHAPES_CONFIG, SHAPES_WEIGHTS, TINY_CONFIG, find_config
+from .resources import SHAPES_CONFIG, TINY_CONFIG, find_config
 from .runtime import UsageError, precision_scope, timed
 from .samplers import family_samplers, sampler_info
 

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from sdgen.cli import run

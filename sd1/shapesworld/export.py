@@ -1,7 +1,6 @@
 """The trained shapes model as a CompVis-layout checkpoint (.safetensors) with a JSON record of how it was made."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -9,6 +8,8 @@ from pathlib import Path
 from typing import Dict, Mapping
 
 import torch
+
+from sdgen.image_jobs import file_sha256
 
 TEXT_PREFIX = "cond_stage_model.transformer."
 TEXT_MODEL_PREFIX = TEXT_PREFIX + "text_model."
@@ -42,14 +43,6 @@ def git_commit(repo: Path) -> str:
     return commit + ("+changes" if dirty else "")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_checkpoint(model: torch.nn.Module, path: Path, record: Mapping[str, object]) -> Dict[str, object]:
     """Write `path` (.safetensors) and `path` with .json (the record plus the file's size and sha256), each
     atomically; returns the record written."""
@@ -60,7 +53,7 @@ def write_checkpoint(model: torch.nn.Module, path: Path, record: Mapping[str, ob
     tmp = path.with_name(path.name + ".tmp")
     save_file(compvis_state_dict(model), str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
-    full = dict(record, file=path.name, bytes=path.stat().st_size, sha256=sha256(path))
+    full = dict(record, file=path.name, bytes=path.stat().st_size, sha256=file_sha256(path))
     record_path = path.with_suffix(".json")
     tmp = record_path.with_name(record_path.name + ".tmp")
     tmp.write_text(json.dumps(full, indent=1) + "\n")

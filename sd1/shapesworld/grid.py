@@ -9,7 +9,6 @@ import argparse
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
