@@ -14,8 +14,9 @@ from sdgen.costs import CostTable
 from sdgen.methods import AppliedMethod, MethodError
 from sdgen.runtime import set_threads
 from sdgen.settings import RunSettings
+from helpers import TINY_DEMO
 
-SMALL = ["--demo", "--steps", "5", "--H", "64", "--W", "64", "--table-repeats", "1", "--threads", "1"]
+SMALL = [*TINY_DEMO, "--steps", "5", "--H", "64", "--W", "64", "--table-repeats", "1", "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +59,8 @@ def recorder(monkeypatch):
     made = []
     build = generate.build_demo_model
 
-    def recorded_build(device="cpu"):
-        model = build(device)
+    def recorded_build(device="cpu", config_path=generate.TINY_CONFIG):
+        model = build(device, config_path)
         made.append(RunRecorder(model))
         model.sampling_hooks.add(made[-1])
         return model

@@ -55,20 +55,23 @@ from ..costs import MAC_TOLERANCE, hardware_name
 from ..images import atomic_write_text, check_output_dir, check_output_file
 from ..methods import REGISTRY, MethodError, Registry
 from ..methods.caching import check_source
-from ..resources import SHAPES_CONFIG, SHAPES_WEIGHTS, find_config
+from ..resources import find_config
 from ..runtime import UsageError, pick_device, precision_name, set_threads
 from ..settings import RunSettings, SettingFlags
 from . import run
-from .flags import DEFAULT_CONFIG
+from .flags import DEFAULT_CONFIG, resolve_model_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--config", default=None, help=f"model config (default {DEFAULT_CONFIG}; with --demo the "
+                                                       f"shapes model's)")
     parser.add_argument("--ckpt", default=None, help="checkpoint; omit with --random-weights")
     parser.add_argument("--random-weights", action="store_true",
                         help="build --config with random weights (speed does not depend on weight values)")
-    parser.add_argument("--demo", action="store_true", help="the shapes model (the demo model, weights shipped)")
+    parser.add_argument("--demo", action="store_true",
+                        help="the shapes model (the demo model, weights shipped); with --config, that config with "
+                             "seeded random weights (e.g. configs/stable-diffusion/tiny-demo.yaml)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help="comma-separated registry names (original is always the first row)")
     parser.add_argument("--strategy", action="append", default=[],
@@ -128,7 +131,7 @@ def check_options(opt, registry: Registry = REGISTRY):
         raise UsageError(f"--table-repeats must be at least 1, got {opt.table_repeats}")
     if opt.repeats < 1 and not opt.predict_only:
         raise UsageError(f"--repeats must be at least 1, got {opt.repeats}")
-    config = gen.read_config(SHAPES_CONFIG if opt.demo else opt.config)
+    config = gen.read_config(opt.config)
     geometry = gen.model_geometry(config)
     device = pick_device(opt.device)
     settings = RunSettings.resolve(flags=FLAGS, sampler=BASE_SAMPLERS[geometry.kind], steps=opt.steps,
@@ -155,7 +158,7 @@ def check_options(opt, registry: Registry = REGISTRY):
 def load(opt, config, device):
     """(model, label for the table) of --demo, --random-weights or --ckpt."""
     if opt.demo:
-        return gen.load_model(SHAPES_CONFIG, SHAPES_WEIGHTS, device, verbose=False), "the shapes model"
+        return gen.build_demo_model(device, opt.config), f"{Path(opt.config).name}, seeded random weights"
     if opt.random_weights:
         return gen.build_random_model(opt.config, device), f"{Path(opt.config).name}, random weights"
     return gen.load_model(opt.config, opt.ckpt, device), Path(opt.ckpt).name
@@ -163,7 +166,7 @@ def load(opt, config, device):
 
 def main(argv=None, registry: Registry = REGISTRY) -> int:
     """Run the benchmark with flags `argv` over the methods of `registry`."""
-    opt = build_parser().parse_args(argv)
+    opt = resolve_model_args(build_parser().parse_args(argv))
     try:
         entries, run_settings, device, config, cost_table = check_options(opt, registry)
         threads = set_threads(opt.threads)
@@ -185,7 +188,7 @@ def main(argv=None, registry: Registry = REGISTRY) -> int:
         print(f"warning: {flag_note}", file=sys.stderr)
     dtype = precision_name(opt.precision, device)
     fidelity_note = (" Fidelity columns compare with Original at the same seed; with random weights they are"
-                     " NOT meaningful (printed only to show the pipeline)." if opt.random_weights else "")
+                     " NOT meaningful (printed only to show the pipeline)." if (opt.random_weights or opt.demo) else "")
     mode = "cost-table prediction only (no end-to-end sampling)" if opt.predict_only else (
         f"measured end to end, median of {opt.repeats} interleaved repeats after one untimed warm-up run each")
     note = (f"**{model_label}**, {opt.H}x{opt.W}, batch {opt.batch} (CFG scale {opt.scale}), {dtype}, "
@@ -197,7 +200,7 @@ def main(argv=None, registry: Registry = REGISTRY) -> int:
     if flagged:
         markdown += f"\n\nFlagged: {flag_note}."
     if opt.diffusers:
-        markdown += "\n\n" + diffusers_rows(opt, config if opt.demo else gen.read_config(opt.config), entries, rows)
+        markdown += "\n\n" + diffusers_rows(opt, config, entries, rows)
     print("\n" + markdown)
     stem = opt.name or (f"bench-{'demo' if opt.demo else 'sd'}-{opt.H}x{opt.W}-{opt.steps}steps-{dtype}"
                         + ("-predicted" if opt.predict_only else ""))
@@ -230,7 +233,7 @@ def diffusers_rows(opt, config, entries, rows) -> str:
     strategy = dato.method.patch_strategy(dato.steps) if dato is not None else DEFAULT_STRATEGY
     results = compare(steps=opt.steps, size=opt.H, strategy=strategy, repeats=opt.repeats, warmup=1,
                       guidance_scale=opt.scale, seed=opt.seed, decode=not opt.no_decode,
-                      config_path=SHAPES_CONFIG if opt.demo else find_config(opt.config))
+                      config_path=find_config(opt.config))
     lines = ["diffusers StableDiffusionPipeline, same architecture and random weights, "
              f"{opt.steps} DDIM steps (diffusers' scheduler of that config), prompt encoding included; fidelity "
              "against the original run with the same prompt and seed:", "",
