@@ -10,9 +10,10 @@ from shapesworld.data import scene_batch
 from shapesworld.evaluate import one_object_prompts, prompt_accuracy, reference_images, two_object_prompts
 from shapesworld.export import compvis_state_dict, write_checkpoint
 from shapesworld.judge import accuracy, classify_shape, components, detect, judge
-from shapesworld.train import STATE_FILE, TrainSettings, Trainer, lr_at, min_snr_weights
-from shapesworld.world import (COLORS, POSITIONS, SHAPES, Scene, ShapeObject, WorldConfig, canonical_caption,
-                               caption, parse_caption, render, sample_scene)
+from shapesworld.judge import CHROMA_MIN
+from shapesworld.train import OBJECT_CHROMA, STATE_FILE, TrainSettings, Trainer, lr_at, min_snr_weights
+from shapesworld.world import (BACKGROUNDS, COLORS, POSITIONS, SHAPES, Scene, ShapeObject, WorldConfig, canonical_caption,
+                               background_image, caption, parse_caption, render, sample_scene)
 from sdgen.resources import SHAPES_CONFIG
 
 
@@ -52,7 +53,20 @@ def test_objects_are_drawn_in_their_cell_with_their_color():
     # an exact square 0.75 of a cell wide, centered in the cell (no jitter without a generator)
     width = 0.75 * 64 / 3
     assert abs(blue.sum() - width ** 2) < 2 * width
-    assert np.all(np.abs(image[0, 0] - 242) <= 1)  # the white background
+    assert np.all(np.abs(image[0, 0] - background_image(BACKGROUNDS["white"], 64)[0, 0]) <= 1)
+
+
+def test_the_background_is_neutral_lit_from_above_and_warmer_to_the_right():
+    for name, color in BACKGROUNDS.items():
+        image = render(Scene((ShapeObject("red", "circle", "center", "small"),), background=name)).astype(int)
+        corners = {"top left": image[0, 0], "bottom left": image[-1, 0], "top right": image[0, -1]}
+        assert corners["top left"].sum() > corners["bottom left"].sum() + 3 * 20, name  # 2 * 16 levels, 3 channels
+        assert corners["top right"][0] - corners["top right"][2] > 10 > corners["top left"][0] - corners["top left"][2]
+        empty = image[:16, :16]  # the top-left cell's corner holds no object
+        chroma = empty.max(axis=-1) - empty.min(axis=-1)
+        assert chroma.max() < min(CHROMA_MIN, OBJECT_CHROMA * 127.5), name
+        shade = 16 * (1 - 2 * 16.5 / 64)  # row 16: a quarter of the way down, half the top's shade
+        assert abs(image[16, 32].mean() - (np.mean(color) + shade)) < 1.0, name
 
 
 def test_captions_name_the_scene_and_parse_back():

@@ -8,6 +8,13 @@ understand: "a red circle at the top left"). Everything is seeded by the `numpy.
 Geometry, for an image of side S (default 64): the grid's cells are S/3 wide; an object's center lies in its cell,
 jittered so the whole object stays inside the cell; a small object is 0.45 of a cell wide, a large one 0.75.
 Triangles point up. Images are drawn at 4x and box-filtered down, so edges are anti-aliased.
+
+The background is lit faintly from above and tinted faintly warm to the right (BACKGROUND_SHADE levels brighter at
+the top than the middle, BACKGROUND_TINT levels of red-for-blue to the right; chroma stays under the judge's and
+the trainer's object thresholds). Without such a cue a small UNet's attention queries carry no absolute position
+(convolutions see the image border only near it, and SD's attention has no positional encoding), and the model
+learned colors and shapes but placed objects at chance; with it, every pixel of a partly denoised image knows
+where it is.
 """
 from __future__ import annotations
 
@@ -36,9 +43,11 @@ POSITIONS: Dict[str, Tuple[int, int]] = {
 }
 SIZES: Dict[str, float] = {"small": 0.45, "large": 0.75}  # object width as a fraction of a cell
 # Neutral backgrounds: low saturation, brightness jittered by up to BACKGROUND_JITTER.
-BACKGROUNDS: Dict[str, Tuple[int, int, int]] = {"white": (242, 242, 242), "gray": (128, 128, 128),
-                                                "black": (16, 16, 16)}
+BACKGROUNDS: Dict[str, Tuple[int, int, int]] = {"white": (230, 230, 230), "gray": (128, 128, 128),
+                                                "black": (28, 28, 28)}
 BACKGROUND_JITTER = 10
+BACKGROUND_SHADE = 16  # levels: top +16, bottom -16
+BACKGROUND_TINT = 8  # levels: right edge red +8 / blue -8, left edge the opposite
 COLOR_JITTER = 12
 
 # Synonyms a caption may use for a word; the first of each list is the canonical word.
@@ -148,11 +157,19 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, wid
         draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
 
 
+def background_image(color: Tuple[int, int, int], size: int) -> np.ndarray:
+    """The lit, tinted background around `color`: (size, size, 3) uint8."""
+    ramp = (np.arange(size) + 0.5) / size * 2.0 - 1.0  # -1 at the top / left edge, +1 at the bottom / right
+    shade = -BACKGROUND_SHADE * ramp[:, None, None]
+    tint = BACKGROUND_TINT * ramp[None, :, None] * np.array([1.0, 0.0, -1.0])
+    return np.clip(np.array(color, dtype=np.float64) + shade + tint, 0, 255).round().astype(np.uint8)
+
+
 def render(scene: Scene, rng: Optional[np.random.Generator] = None, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """The scene's image: (image_size, image_size, 3) uint8. `rng` jitters positions and colors (None: exact)."""
     big = image_size * SUPERSAMPLE
     background = _jitter(BACKGROUNDS[scene.background], BACKGROUND_JITTER, rng, same=True)
-    canvas = Image.new("RGB", (big, big), background)
+    canvas = Image.fromarray(background_image(background, big))
     draw = ImageDraw.Draw(canvas)
     for obj in scene.objects:
         cx, cy, width = object_box(obj, image_size, rng)
