@@ -275,17 +275,23 @@ def _prompt_texts(text) -> Optional[List[str]]:
     return None
 
 
+def _register_if_text(state: TextPruneState, tokenizer: torch.nn.Module, text: Optional[List[str]],
+                      context: object) -> None:
+    """Register `text`'s token ids (by `tokenizer.tokenize`) for `context` (B, M, D) when there is text and the ids
+    line up with the context's positions."""
+    if text is None or not (torch.is_tensor(context) and context.dim() == 3):
+        return
+    tokens = tokenizer.tokenize(text)
+    if tuple(tokens.shape) == tuple(context.shape[:2]):
+        state.register_prompts(context, tokens)
+
+
 def _encoder_hook(state: TextPruneState):
     """Forward hook of an ldm text encoder (`cond_stage_model`): registers the token ids of every list of
     prompts it embeds. Its output (B, M, D) is the cross-attention context."""
 
     def hook(module, args, output):
-        text = _prompt_texts(args[0]) if args else None
-        if text is None or not (torch.is_tensor(output) and output.dim() == 3):
-            return
-        tokens = module.tokenize(text)
-        if tuple(tokens.shape) == tuple(output.shape[:2]):
-            state.register_prompts(output, tokens)
+        _register_if_text(state, module, _prompt_texts(args[0]) if args else None, output)
 
     return hook
 
@@ -297,12 +303,7 @@ def _conditioner_hook(state: TextPruneState, tower: torch.nn.Module):
 
     def hook(module, args, output):
         text = _prompt_texts(args[0].get(tower.input_key)) if args and isinstance(args[0], dict) else None
-        context = output.get("crossattn") if isinstance(output, dict) else None
-        if text is None or not (torch.is_tensor(context) and context.dim() == 3):
-            return
-        tokens = tower.tokenize(text)
-        if tuple(tokens.shape) == tuple(context.shape[:2]):
-            state.register_prompts(context, tokens)
+        _register_if_text(state, tower, text, output.get("crossattn") if isinstance(output, dict) else None)
 
     return hook
 
