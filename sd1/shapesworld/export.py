@@ -48,7 +48,7 @@ def write_checkpoint(model: torch.nn.Module, path: Path, record: Mapping[str, ob
     atomically; returns the record written."""
     from safetensors.torch import save_file
 
-    path = Path(path)
+    path = Path(path).resolve()  # through a link such as sd1/sdgen/models whose folder does not exist yet
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(compvis_state_dict(model), str(tmp), metadata={"format": "pt"})
