@@ -209,3 +209,11 @@ def test_a_size_that_cannot_fit_is_refused_before_anything_is_built(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: a run at 99968x99968 with --batch 1 (UNet rows doubled for guidance) needs at least")
     assert recorder == [] and not outdir.exists()
+
+
+@pytest.mark.parametrize("model_args, side", [(["--demo"], 64), (["--random-weights"], 512)])
+def test_the_image_size_defaults_to_the_models_own(tmp_path, model_args, side):
+    argv = [*model_args, "--methods", "original", "--outdir", str(tmp_path / "bench")]
+    opt = benchmark.resolve_model_args(benchmark.build_parser().parse_args(argv))
+    _, settings, _, _, _ = benchmark.check_options(opt)
+    assert (opt.H, opt.W) == (side, side) and (settings.height, settings.width) == (side, side)

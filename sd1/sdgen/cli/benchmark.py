@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a DaTo strategy file, benchmarked as dato:FILE (repeatable)")
     parser.add_argument("--steps", type=int, default=50,
                         help="sampling steps of every method whose name has no step count (ddim10 runs 10)")
-    parser.add_argument("--H", type=int, default=512)
-    parser.add_argument("--W", type=int, default=512)
+    parser.add_argument("--H", type=int, default=None, help="image height (default: the config's, 512 for SD 1.5)")
+    parser.add_argument("--W", type=int, default=None, help="image width (default: the config's)")
     parser.add_argument("--batch", type=int, default=1, help="images per run")
     parser.add_argument("--scale", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of every method (after one untimed)")
@@ -133,6 +133,8 @@ def check_options(opt, registry: Registry = REGISTRY):
         raise UsageError(f"--repeats must be at least 1, got {opt.repeats}")
     config = gen.read_config(opt.config)
     geometry = gen.model_geometry(config)
+    opt.H = geometry.default_size if opt.H is None else opt.H
+    opt.W = geometry.default_size if opt.W is None else opt.W
     device = pick_device(opt.device)
     settings = RunSettings.resolve(flags=FLAGS, sampler=BASE_SAMPLERS[geometry.kind], steps=opt.steps,
                                    scale=opt.scale, precision=opt.precision, height=opt.H, width=opt.W,
