@@ -135,14 +135,14 @@ def test_shapes_table_plans(tmp_path):
         assert plan.model.ckpt == str(SHAPES_WEIGHTS) and plan.model.config.endswith("shapes-demo.yaml")
         assert (plan.values["height"], plan.values["width"], plan.values["precision"]) == (64, 64, "full")
         assert plan.values["batch_size"] == 36 and plan.values["scale"] == 7.5
-        assert plan.run.sampler == "plms" and plan.run.steps == 50 and plan.total == 216
+        assert plan.run.sampler == "plms" and plan.run.steps == 50 and plan.total == 108
         e = plan.evaluation
-        assert e.metrics == ("fid", "accuracy", "fidelity") and e.prompts_cycle
+        assert e.metrics == ("fid", "accuracy", "fidelity") and not e.prompts_cycle  # one pass: image k, prompt k
         assert e.original == tmp_path / plan.spec.key / "original" / "images"
         assert isinstance(e.reference, GeneratedReference) and e.reference.generator == "shapesworld"
-        assert e.reference.prompts == tuple(one_object_prompts() * 2) and e.inception_weights is None
+        assert e.reference.prompts == tuple(one_object_prompts()) and e.inception_weights is None
         assert sum(r.baseline for r in plan.rows) == 1 and plan.rows[0].baseline
-    assert "SHAPES_CKPT" not in t1.placeholders and "against 216 images of the shapesworld generator" in \
+    assert "SHAPES_CKPT" not in t1.placeholders and "against 108 images of the shapesworld generator" in \
         cli.describe_plan(t1)
 
 
@@ -227,9 +227,9 @@ def test_collect_shows_the_shapes_tables_without_paper_numbers(table1_smoke, cap
 @pytest.mark.skipif(not SHAPES_WEIGHTS.is_file(), reason="needs the trained shapes model (models/shapes/)")
 def test_shipped_shapes_model_in_table1_shapes(tmp_path):
     """Two rows of table1_shapes with the shipped weights, one batch of 36 at 50 PLMS steps: the Original draws
-    what it is asked for far above chance, and DaTo stays close to it."""
+    the asked colors (the model does not place objects, docs/shapes.md), and DaTo stays close to it, faster."""
     env = {"OUT_DIR": str(tmp_path), "LIMIT": "36", "METRICS": "accuracy,fidelity"}
     assert cli.main(["table1_shapes", "--rows", "original,dato_b1"], env=env) == 0
     original, dato = read_table(tmp_path / "table1_shapes")[1]
-    assert original["accuracy"] > 25 and original["latent_rms"] == 0.0
+    assert original["accuracy_color"] > 90 and original["latent_rms"] == 0.0
     assert 0 <= dato["accuracy"] <= 100 and dato["psnr"] > 12 and dato["latency"] < original["latency"]
