@@ -25,7 +25,8 @@ SDXL_CONFIG = DATA_DIR / "golden-sdxl-tiny.yaml"
 SDXL_IO = DATA_DIR / "golden-sdxl-tiny-io.safetensors"
 SDXL_WEIGHTS = DATA_DIR / "generated" / "golden-sdxl-tiny-model.safetensors"
 
-set_threads(2)
+# Two cores: two threads, or one in each of pytest-xdist's two workers (pytest.ini runs -n 2).
+set_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ refuses it unless its SHA-256 (of the file bytes) is the reference file's.
 """
 import hashlib
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ def ensure_golden_sdxl_weights(config_path: Path, tiny_config_path: Path, tiny_w
         raise RuntimeError("the golden-tiny VAE does not have the keys of the SDXL tiny config's first stage")
     state_dict.update(vae)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel test workers write their own
     save_file(state_dict, str(tmp))
     got = file_sha256(tmp)
     if got != REFERENCE_SHA256:

@@ -8,6 +8,7 @@ and writes them in the reference file's layout (transformers-4 text-encoder name
 it in any key, dtype, shape or bit is refused.
 """
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ def ensure_golden_weights(config_path: Path, path: Path) -> Path:
     model = instantiate_from_config(OmegaConf.load(str(config_path)).model)
     seeded_random_weights(model, seed=REDRAW_SEED)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel test workers write their own
     save_file(_reference_layout(model.state_dict()), str(tmp), metadata={"format": "pt"})
     got = content_digest(tmp)
     if got != REFERENCE_DIGEST:
