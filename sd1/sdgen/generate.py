@@ -128,8 +128,8 @@ def model_banner(config_path, demo: bool) -> Optional[str]:
     if demo:
         return f"*** {DEMO_LABEL}: images are noise-like by design ***"
     if is_shapes_config(config_path):
-        return (f"*** {SHAPES_LABEL}: it draws one or two circles, squares or triangles, red, yellow, green or "
-                f"blue, at a place of a 3 x 3 grid, e.g. '{SHAPES_PROMPT}' ***")
+        return (f"*** {SHAPES_LABEL}: it draws the asked circles, squares or triangles in red, yellow, green or "
+                f"blue, e.g. '{SHAPES_PROMPT}', but not yet in the asked place (docs/shapes.md) ***")
     return None
 
 
