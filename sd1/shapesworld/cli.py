@@ -27,8 +27,6 @@ from .export import git_commit, write_checkpoint
 from .plots import plot_losses, smoothed
 from .train import TrainSettings, Trainer
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     final = {phase: float(smoothed([v for _, v in rows], 100)[-1]) for phase, rows in state.losses.items() if rows}
     record = {
         "command": "python scripts/train_shapes.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "seed": settings.seed, "settings": dataclasses.asdict(settings), "commit": git_commit(REPO),
+        "seed": settings.seed, "settings": dataclasses.asdict(settings),
+        "commit": git_commit(Path(__file__).resolve().parent),
         "steps": {"vae": settings.vae_steps, "diffusion": settings.steps},
         "final_losses_mean_of_last_100": final, "seconds": state.seconds,
         "minutes_total": round(sum(state.seconds.values()) / 60, 1), "threads": torch.get_num_threads(),

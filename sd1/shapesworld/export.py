@@ -32,7 +32,8 @@ def compvis_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def git_commit(repo: Path) -> str:
-    """The checkout's commit (with '+changes' when the work tree differs), or 'unknown' outside git."""
+    """The commit of the checkout holding the folder `repo` (with '+changes' when its work tree differs), or
+    'unknown' outside git (an installed, non-editable package)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 check=True).stdout.strip()

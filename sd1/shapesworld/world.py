@@ -11,10 +11,9 @@ Triangles point up. Images are drawn at 4x and box-filtered down, so edges are a
 
 The background is lit faintly from above and tinted faintly warm to the right (BACKGROUND_SHADE levels brighter at
 the top than the middle, BACKGROUND_TINT levels of red-for-blue to the right; chroma stays under the judge's and
-the trainer's object thresholds). Without such a cue a small UNet's attention queries carry no absolute position
-(convolutions see the image border only near it, and SD's attention has no positional encoding), and the model
-learned colors and shapes but placed objects at chance; with it, every pixel of a partly denoised image knows
-where it is.
+the trainer's object thresholds): a layout cue, since a small UNet's attention queries carry no absolute position
+of their own (convolutions see the image border only near it; SD's attention has no positional encoding). It
+did not make the shipped model place objects: positions stay at chance (docs/shapes.md).
 """
 from __future__ import annotations
 
