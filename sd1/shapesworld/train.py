@@ -10,12 +10,21 @@ a rerun of the same command goes on from there):
 3. `diffusion`: the UNet and the CLIP text encoder on the pooled latents, each draw with a fresh caption of its
    scene (captions dropped to "" with probability `caption_dropout`, for classifier-free guidance): epsilon
    prediction on the SD 1.x noise schedule (the config's), Min-SNR-gamma loss weights (Hang et al. 2023), AdamW
-   with a linear warm-up and cosine decay, an EMA of the weights, which are what ships.
+   with a linear warm-up and cosine decay. The UNet's coordinate weights (`shapesworld.unet`) are held at zero:
+   this phase trains the plain SD UNet.
+4. `layout`: the same, with the coordinate weights trained and `layout_share` of each batch drawn at the high
+   noise levels (t >= `high_noise_from`) where the layout is decided, each with the x0 loss (epsilon loss / SNR,
+   times `x0_weight`), at a constant rate. The epsilon loss weighs those levels by SNR (< 0.04), so the phases
+   before never learn where the caption puts an object; here the model learns it in a few hundred steps.
+5. `polish`: as `layout` with a `polish_share` of high-noise draws and a cosine decay, so the details the layout
+   phase's high noise levels let slip come back.
+Each diffusion-type phase keeps an EMA of the weights from its start; the last phase's is what ships.
 Every random draw is a function of (seed, phase, step), so a resumed run continues exactly as an unbroken one.
 `export_checkpoint` writes the model (EMA weights, float16) as a CompVis-layout .safetensors and its record.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -34,9 +43,12 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
 from .data import batch_scenes, scene_batch
+from .unet import CoordConv2d
 from .world import Scene, WorldConfig, caption
 
-PHASES = ("vae", "pool", "diffusion", "done")
+PHASES = ("vae", "pool", "diffusion", "layout", "polish", "done")
+DIFFUSION_PHASES = ("diffusion", "layout", "polish")
+PHASE_WARMUP = 20  # steps of linear warm-up of the layout and polish phases
 OBJECT_CHROMA = 0.2  # in [-1, 1] units (25 of 255): backgrounds have none, objects about 1.4
 STATE_FILE = "state.pt"
 POOL_FILE = "pool.pt"
@@ -63,19 +75,58 @@ class TrainSettings:
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    layout_steps: int = 600
+    layout_lr: float = 1e-3
+    layout_share: float = 0.75
+    polish_steps: int = 500
+    polish_lr: float = 3e-4
+    polish_share: float = 0.25
+    high_noise_from: int = 800
+    x0_weight: float = 1.0
     grad_clip: float = 1.0
     save_every: int = 100
     world: WorldConfig = field(default_factory=WorldConfig)
 
     def check(self) -> None:
         """ValueError naming the first setting out of range."""
-        for name in ("vae_steps", "vae_batch", "pool_size", "pool_batch", "steps", "batch", "save_every"):
+        for name in ("vae_steps", "vae_batch", "pool_size", "pool_batch", "steps", "batch", "save_every",
+                     "layout_steps", "polish_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.object_weight >= 0.0:
             raise ValueError(f"--object-weight must be 0 or more, got {self.object_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
+        for name in ("layout_share", "polish_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.high_noise_from < 1000:
+            raise ValueError(f"--high-noise-from must be a timestep in [0, 1000), got {self.high_noise_from}")
+        if not self.x0_weight >= 0.0:
+            raise ValueError(f"--x0-weight must be 0 or more, got {self.x0_weight}")
+
+    def plan(self, phase: str) -> "DiffusionPlan":
+        """How the diffusion-type `phase` trains."""
+        if phase == "diffusion":
+            return DiffusionPlan(self.steps, self.lr, self.warmup, True, 0.0, False)
+        if phase == "layout":
+            return DiffusionPlan(self.layout_steps, self.layout_lr, PHASE_WARMUP, False, self.layout_share, True)
+        if phase == "polish":
+            return DiffusionPlan(self.polish_steps, self.polish_lr, PHASE_WARMUP, True, self.polish_share, True)
+        raise ValueError(f"{phase!r} is not a diffusion phase ({', '.join(DIFFUSION_PHASES)})")
+
+
+@dataclass(frozen=True)
+class DiffusionPlan:
+    """One diffusion-type phase: its steps, peak rate, warm-up steps, whether the rate decays (cosine), the share of
+    each batch drawn at high noise with the x0 loss, and whether the UNet's coordinate weights train."""
+
+    steps: int
+    lr: float
+    warmup: int
+    decay: bool
+    high_noise_share: float
+    train_coordinates: bool
 
 
 @dataclass
@@ -88,7 +139,7 @@ class TrainState:
     model: Dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: Dict[str, object] = field(default_factory=dict)
     ema: Dict[str, torch.Tensor] = field(default_factory=dict)
-    losses: Dict[str, List[List[float]]] = field(default_factory=lambda: {"vae": [], "diffusion": []})
+    losses: Dict[str, List[List[float]]] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=dict)
     settings: Dict[str, object] = field(default_factory=dict)
 
@@ -133,19 +184,41 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def lr_at(step: int, settings: TrainSettings) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr_share * lr` at the last step."""
-    if step < settings.warmup:
-        return settings.lr * (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    share = settings.min_lr_share + (1 - settings.min_lr_share) * 0.5 * (1 + math.cos(math.pi * progress))
-    return settings.lr * share
+def lr_at(step: int, plan: DiffusionPlan, min_lr_share: float) -> float:
+    """Linear warm-up to `plan.lr`, then constant or (plan.decay) cosine decay to `min_lr_share * lr` at the last
+    step."""
+    if step < plan.warmup:
+        return plan.lr * (step + 1) / plan.warmup
+    if not plan.decay:
+        return plan.lr
+    progress = (step - plan.warmup) / max(1, plan.steps - plan.warmup)
+    return plan.lr * (min_lr_share + (1 - min_lr_share) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) of timesteps t: (B,)."""
+    return alphas_cumprod[t] / (1 - alphas_cumprod[t])
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma weights of the epsilon loss: min(SNR(t), gamma) / SNR(t): (B,)."""
-    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-    return torch.clamp(snr, max=gamma) / snr
+    ratio = snr(alphas_cumprod, t)
+    return torch.clamp(ratio, max=gamma) / ratio
+
+
+def diffusion_loss(per_image: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, high: int,
+                   settings: TrainSettings) -> torch.Tensor:
+    """The loss of a batch whose last `high` draws are at high noise: per_image (B,) epsilon MSEs at timesteps
+    t (B,). The mean Min-SNR-weighted epsilon loss of the first B - high, plus `x0_weight` times the mean x0 loss
+    (epsilon MSE / SNR, the MSE of the implied x0) of the last `high`."""
+    uniform = len(per_image) - high
+    loss = per_image.new_zeros(())
+    if uniform:
+        loss = loss + (min_snr_weights(alphas_cumprod, t[:uniform], settings.min_snr_gamma)
+                       * per_image[:uniform]).mean()
+    if high:
+        loss = loss + settings.x0_weight * (per_image[uniform:] / snr(alphas_cumprod, t[uniform:])).mean()
+    return loss
 
 
 class Trainer:
@@ -173,7 +246,8 @@ class Trainer:
         """Run (or resume) every phase to the end. Ctrl-C (SIGINT) takes effect at the end of the step in progress:
         the state is saved and KeyboardInterrupt raised, so a rerun goes on from exactly there."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        phases = {"vae": self._train_vae, "pool": self._build_pool, "diffusion": self._train_diffusion}
+        phases = {"vae": self._train_vae, "pool": self._build_pool,
+                  **{name: functools.partial(self._train_diffusion, name) for name in DIFFUSION_PHASES}}
         previous = signal.signal(signal.SIGINT, self._ask_to_stop) if _main_thread() else None
         try:
             while self.state.phase != "done":
@@ -254,52 +328,62 @@ class Trainer:
         os.replace(tmp, self.out_dir / POOL_FILE)
 
     # --- phase 3: UNet + text encoder ------------------------------------------------------------------------
-    def _train_diffusion(self) -> None:
+    def _train_diffusion(self, phase: str) -> None:
         s = self.settings
+        plan = s.plan(phase)
         model = self.model
         unet, text = _trainable(model.model), _trainable(model.cond_stage_model)
         params = [p for m in (unet, text) for p in m.parameters()]
         names = [f"model.{n}" for n, _ in unet.named_parameters()] + \
                 [f"cond_stage_model.{n}" for n, _ in text.named_parameters()]
-        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.01)
+        coordinate_convs = [m for m in unet.modules() if isinstance(m, CoordConv2d)]
+        optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.01)
         if self.state.optimizer:
             optimizer.load_state_dict(self.state.optimizer)
-        if not self.state.ema:
+        if self.state.step == 0:
             self.state.ema = {n: p.detach().clone() for n, p in zip(names, params)}
         pool = torch.load(self.out_dir / POOL_FILE, map_location="cpu", weights_only=True)
         mean, std = pool["mean"], pool["std"]
         scenes = _PoolScenes(s)
-        with self._bar(s.steps, "UNet + text") as bar:
-            while self.state.step < s.steps:
+        high = round(s.batch * plan.high_noise_share)
+        labels = {"diffusion": "UNet + text", "layout": "layout", "polish": "polish"}
+        with self._bar(plan.steps, labels[phase]) as bar:
+            while self.state.step < plan.steps:
                 step = self.state.step
-                rng, generator = _rng(s.seed, "diffusion", step), _generator(s.seed, "diffusion", step)
+                rng, generator = _rng(s.seed, phase, step), _generator(s.seed, phase, step)
                 index = torch.from_numpy(rng.integers(len(mean), size=s.batch))
                 posterior = DiagonalGaussianDistribution(torch.cat([mean[index], 2 * std[index].log()], dim=1))
                 z = model.scale_factor * posterior.sample(generator=generator)
                 captions = ["" if rng.random() < s.caption_dropout else caption(scenes[int(i)], rng) for i in index]
-                t = torch.randint(0, model.num_timesteps, (s.batch,), generator=generator)
+                t = torch.randint(0, model.num_timesteps, (s.batch - high,), generator=generator)
+                if high:
+                    t = torch.cat([t, torch.randint(s.high_noise_from, model.num_timesteps, (high,),
+                                                    generator=generator)])
                 noise = torch.randn(z.shape, generator=generator)
                 prediction = model.apply_model(model.q_sample(z, t, noise), t, text(captions))
                 per_image = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
-                loss = (min_snr_weights(model.alphas_cumprod, t, s.min_snr_gamma) * per_image).mean()
+                loss = diffusion_loss(per_image, t, model.alphas_cumprod, high, s)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, s)
+                    group["lr"] = lr_at(step, plan, s.min_lr_share)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if not plan.train_coordinates:
+                    for conv in coordinate_convs:
+                        conv.hold_coordinates()
                 torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
                 optimizer.step()
                 decay = min(s.ema_decay, (1 + step) / (10 + step))
                 with torch.no_grad():
                     for name, param in zip(names, params):
                         self.state.ema[name].lerp_(param.detach(), 1 - decay)
-                self._log("diffusion", step, per_image.mean().item(), bar, optimizer)
+                self._log(phase, step, per_image.mean().item(), bar, optimizer)
         _frozen(unet)
         _frozen(text)
 
     def _log(self, phase: str, step: int, loss: float, bar: tqdm, optimizer: torch.optim.Optimizer) -> None:
         if not math.isfinite(loss):
             raise FloatingPointError(f"the {phase} loss is {loss} at step {step}; lower the learning rate")
-        self.state.losses[phase].append([step, loss])
+        self.state.losses.setdefault(phase, []).append([step, loss])
         self.state.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
