@@ -73,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "seed": settings.seed, "settings": dataclasses.asdict(settings),
         "commit": git_commit(Path(__file__).resolve().parent),
         "steps": {"vae": settings.vae_steps, "diffusion": settings.steps, "layout": settings.layout_steps,
-                  "polish": settings.polish_steps},
+                  "placement": settings.placement_steps, "polish": settings.polish_steps},
         "final_losses_mean_of_last_100": final, "seconds": state.seconds,
         "minutes_total": round(sum(state.seconds.values()) / 60, 1), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "weights": "EMA of the UNet and text encoder, float16",

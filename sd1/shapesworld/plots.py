@@ -23,7 +23,9 @@ def plot_losses(losses: Dict[str, List[List[float]]], path: Path, title: str = "
     import matplotlib.pyplot as plt
 
     phases = [(name, rows) for name, rows in losses.items() if rows]
-    labels = {"vae": "VAE: object-weighted L1 + L2", "diffusion": "UNet + text: epsilon MSE"}
+    labels = {"vae": "VAE: object-weighted L1 + L2", "diffusion": "UNet + text: epsilon MSE",
+              "layout": "layout: epsilon MSE (1/2 at t >= 700)", "placement": "placement: epsilon MSE (3/4 at t >= 800)",
+              "polish": "polish: epsilon MSE (1/4 at t >= 800)"}
     fig, axes = plt.subplots(1, max(1, len(phases)), figsize=(5 * max(1, len(phases)), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], phases):
         steps, values = np.array(rows).T

@@ -13,11 +13,14 @@ a rerun of the same command goes on from there):
    with a linear warm-up and cosine decay. The UNet's coordinate weights (`shapesworld.unet`) are held at zero:
    this phase trains the plain SD UNet.
 4. `layout`: the same, with the coordinate weights trained and `layout_share` of each batch drawn at the high
-   noise levels (t >= `high_noise_from`) where the layout is decided, each with the x0 loss (epsilon loss / SNR,
-   times `x0_weight`), at a constant rate. The epsilon loss weighs those levels by SNR (< 0.04), so the phases
-   before never learn where the caption puts an object; here the model learns it in a few hundred steps.
-5. `polish`: as `layout` with a `polish_share` of high-noise draws and a cosine decay, so the details the layout
-   phase's high noise levels let slip come back.
+   noise levels (t >= `layout_from`) where the layout is decided, each with the x0 loss (epsilon loss / SNR,
+   times `layout_x0_weight`), at a constant rate. The epsilon loss weighs those levels by their SNR (< 0.1), so
+   the plain phase never learns where the caption puts an object. Starting at t = 700, where an object still
+   shows faintly, lets the model tie the position words to the image.
+5. `placement`: as `layout` at the highest noise levels (t >= `placement_from`), a larger share and weight, and a
+   higher rate: there the model learns to place the object from the caption alone (a few hundred steps).
+6. `polish`: a `polish_share` of high-noise draws and a cosine decay, so the details that the two phases
+   before let slip come back.
 Each diffusion-type phase keeps an EMA of the weights from its start; the last phase's is what ships.
 Every random draw is a function of (seed, phase, step), so a resumed run continues exactly as an unbroken one.
 `export_checkpoint` writes the model (EMA weights, float16) as a CompVis-layout .safetensors and its record.
@@ -46,9 +49,9 @@ from .data import batch_scenes, scene_batch
 from .unet import CoordConv2d
 from .world import Scene, WorldConfig, caption
 
-PHASES = ("vae", "pool", "diffusion", "layout", "polish", "done")
-DIFFUSION_PHASES = ("diffusion", "layout", "polish")
-PHASE_WARMUP = 20  # steps of linear warm-up of the layout and polish phases
+PHASES = ("vae", "pool", "diffusion", "layout", "placement", "polish", "done")
+DIFFUSION_PHASES = ("diffusion", "layout", "placement", "polish")
+PHASE_WARMUP = 20  # steps of linear warm-up of the phases after `diffusion`
 OBJECT_CHROMA = 0.2  # in [-1, 1] units (25 of 255): backgrounds have none, objects about 1.4
 STATE_FILE = "state.pt"
 POOL_FILE = "pool.pt"
@@ -76,13 +79,20 @@ class TrainSettings:
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     layout_steps: int = 600
-    layout_lr: float = 1e-3
-    layout_share: float = 0.75
-    polish_steps: int = 500
+    layout_lr: float = 3e-4
+    layout_share: float = 0.5
+    layout_from: int = 700
+    layout_x0_weight: float = 0.3
+    placement_steps: int = 500
+    placement_lr: float = 1e-3
+    placement_share: float = 0.75
+    placement_from: int = 800
+    placement_x0_weight: float = 1.0
+    polish_steps: int = 400
     polish_lr: float = 3e-4
     polish_share: float = 0.25
-    high_noise_from: int = 800
-    x0_weight: float = 1.0
+    polish_from: int = 800
+    polish_x0_weight: float = 1.0
     grad_clip: float = 1.0
     save_every: int = 100
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -90,42 +100,46 @@ class TrainSettings:
     def check(self) -> None:
         """ValueError naming the first setting out of range."""
         for name in ("vae_steps", "vae_batch", "pool_size", "pool_batch", "steps", "batch", "save_every",
-                     "layout_steps", "polish_steps"):
+                     "layout_steps", "placement_steps", "polish_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.object_weight >= 0.0:
             raise ValueError(f"--object-weight must be 0 or more, got {self.object_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
-        for name in ("layout_share", "polish_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
-        if not 0 <= self.high_noise_from < 1000:
-            raise ValueError(f"--high-noise-from must be a timestep in [0, 1000), got {self.high_noise_from}")
-        if not self.x0_weight >= 0.0:
-            raise ValueError(f"--x0-weight must be 0 or more, got {self.x0_weight}")
+        for phase in DIFFUSION_PHASES[1:]:
+            share, start, weight = (getattr(self, f"{phase}_{k}") for k in ("share", "from", "x0_weight"))
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"--{phase}-share must be in [0, 1], got {share}")
+            if not 0 <= start < 1000:
+                raise ValueError(f"--{phase}-from must be a timestep in [0, 1000), got {start}")
+            if not weight >= 0.0:
+                raise ValueError(f"--{phase}-x0-weight must be 0 or more, got {weight}")
 
     def plan(self, phase: str) -> "DiffusionPlan":
         """How the diffusion-type `phase` trains."""
         if phase == "diffusion":
-            return DiffusionPlan(self.steps, self.lr, self.warmup, True, 0.0, False)
-        if phase == "layout":
-            return DiffusionPlan(self.layout_steps, self.layout_lr, PHASE_WARMUP, False, self.layout_share, True)
-        if phase == "polish":
-            return DiffusionPlan(self.polish_steps, self.polish_lr, PHASE_WARMUP, True, self.polish_share, True)
-        raise ValueError(f"{phase!r} is not a diffusion phase ({', '.join(DIFFUSION_PHASES)})")
+            return DiffusionPlan(self.steps, self.lr, self.warmup, True, 0.0, 0, 0.0, False)
+        if phase not in DIFFUSION_PHASES:
+            raise ValueError(f"{phase!r} is not a diffusion phase ({', '.join(DIFFUSION_PHASES)})")
+        return DiffusionPlan(*(getattr(self, f"{phase}_{k}") for k in ("steps", "lr")), PHASE_WARMUP,
+                             phase == "polish", *(getattr(self, f"{phase}_{k}") for k in ("share", "from", "x0_weight")),
+                             True)
 
 
 @dataclass(frozen=True)
 class DiffusionPlan:
     """One diffusion-type phase: its steps, peak rate, warm-up steps, whether the rate decays (cosine), the share of
-    each batch drawn at high noise with the x0 loss, and whether the UNet's coordinate weights train."""
+    each batch drawn at high noise (t >= high_noise_from) with the x0 loss and that loss's weight, and whether the
+    UNet's coordinate weights train."""
 
     steps: int
     lr: float
     warmup: int
     decay: bool
     high_noise_share: float
+    high_noise_from: int
+    x0_weight: float
     train_coordinates: bool
 
 
@@ -207,17 +221,17 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float)
 
 
 def diffusion_loss(per_image: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, high: int,
-                   settings: TrainSettings) -> torch.Tensor:
+                   min_snr_gamma: float, x0_weight: float) -> torch.Tensor:
     """The loss of a batch whose last `high` draws are at high noise: per_image (B,) epsilon MSEs at timesteps
     t (B,). The mean Min-SNR-weighted epsilon loss of the first B - high, plus `x0_weight` times the mean x0 loss
     (epsilon MSE / SNR, the MSE of the implied x0) of the last `high`."""
     uniform = len(per_image) - high
     loss = per_image.new_zeros(())
     if uniform:
-        loss = loss + (min_snr_weights(alphas_cumprod, t[:uniform], settings.min_snr_gamma)
+        loss = loss + (min_snr_weights(alphas_cumprod, t[:uniform], min_snr_gamma)
                        * per_image[:uniform]).mean()
     if high:
-        loss = loss + settings.x0_weight * (per_image[uniform:] / snr(alphas_cumprod, t[uniform:])).mean()
+        loss = loss + x0_weight * (per_image[uniform:] / snr(alphas_cumprod, t[uniform:])).mean()
     return loss
 
 
@@ -346,7 +360,7 @@ class Trainer:
         mean, std = pool["mean"], pool["std"]
         scenes = _PoolScenes(s)
         high = round(s.batch * plan.high_noise_share)
-        labels = {"diffusion": "UNet + text", "layout": "layout", "polish": "polish"}
+        labels = {"diffusion": "UNet + text", "layout": "layout", "placement": "placement", "polish": "polish"}
         with self._bar(plan.steps, labels[phase]) as bar:
             while self.state.step < plan.steps:
                 step = self.state.step
@@ -357,12 +371,12 @@ class Trainer:
                 captions = ["" if rng.random() < s.caption_dropout else caption(scenes[int(i)], rng) for i in index]
                 t = torch.randint(0, model.num_timesteps, (s.batch - high,), generator=generator)
                 if high:
-                    t = torch.cat([t, torch.randint(s.high_noise_from, model.num_timesteps, (high,),
+                    t = torch.cat([t, torch.randint(plan.high_noise_from, model.num_timesteps, (high,),
                                                     generator=generator)])
                 noise = torch.randn(z.shape, generator=generator)
                 prediction = model.apply_model(model.q_sample(z, t, noise), t, text(captions))
                 per_image = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
-                loss = diffusion_loss(per_image, t, model.alphas_cumprod, high, s)
+                loss = diffusion_loss(per_image, t, model.alphas_cumprod, high, s.min_snr_gamma, plan.x0_weight)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, plan, s.min_lr_share)
                 optimizer.zero_grad(set_to_none=True)
