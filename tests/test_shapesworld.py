@@ -11,7 +11,9 @@ from shapesworld.evaluate import one_object_prompts, prompt_accuracy, reference_
 from shapesworld.export import compvis_state_dict, write_checkpoint
 from shapesworld.judge import accuracy, classify_shape, components, detect, judge
 from shapesworld.judge import CHROMA_MIN
-from shapesworld.train import OBJECT_CHROMA, STATE_FILE, TrainSettings, Trainer, lr_at, min_snr_weights
+from shapesworld.train import (OBJECT_CHROMA, STATE_FILE, TrainSettings, Trainer, build_model, diffusion_loss, lr_at,
+                               min_snr_weights)
+from ldm.modules.diffusionmodules.coordconv import CoordConv2d, CoordUNetModel, coordinates
 from shapesworld.world import (BACKGROUNDS, COLORS, POSITIONS, SHAPES, Scene, ShapeObject, WorldConfig, canonical_caption,
                                background_image, caption, parse_caption, render, sample_scene)
 from sdgen.resources import SHAPES_CONFIG
@@ -158,17 +160,96 @@ def test_prompt_sets_and_accuracy_of_reference_images():
 
 # --- training ----------------------------------------------------------------------------------------------------
 TINY_RUN = dict(vae_steps=40, vae_batch=8, vae_lr=1e-3, pool_size=64, pool_batch=32, steps=16,
-                batch=8, lr=1e-3, warmup=1, save_every=4)
+                batch=8, lr=1e-3, warmup=1, save_every=4, layout_steps=4, placement_steps=3, polish_steps=4)
 
 
 def test_schedule_and_loss_weights():
-    s = TrainSettings(config=str(SHAPES_CONFIG), steps=100, warmup=10, lr=1.0, min_lr_share=0.1)
-    assert lr_at(0, s) == pytest.approx(0.1) and lr_at(9, s) == pytest.approx(1.0)
-    assert lr_at(10, s) == pytest.approx(1.0) and lr_at(100, s) == pytest.approx(0.1)
+    s = TrainSettings(config=str(SHAPES_CONFIG), steps=100, warmup=10, lr=1.0, min_lr_share=0.1, layout_steps=50,
+                      layout_lr=2.0, polish_steps=40, polish_lr=0.5)
+    diffusion, layout, placement, polish = (s.plan(p) for p in ("diffusion", "layout", "placement", "polish"))
+    assert lr_at(0, diffusion, 0.1) == pytest.approx(0.1) and lr_at(9, diffusion, 0.1) == pytest.approx(1.0)
+    assert lr_at(10, diffusion, 0.1) == pytest.approx(1.0) and lr_at(100, diffusion, 0.1) == pytest.approx(0.1)
+    assert lr_at(0, layout, 0.1) == pytest.approx(2.0 / 20) and lr_at(49, layout, 0.1) == pytest.approx(2.0)
+    assert lr_at(40, polish, 0.1) == pytest.approx(0.05) and lr_at(19, polish, 0.1) == pytest.approx(0.5)
+    shares = [(p.high_noise_share, p.high_noise_from, p.x0_weight) for p in (diffusion, layout, placement, polish)]
+    assert shares == [(0.0, 0, 0.0), (0.5, 700, 0.3), (0.75, 800, 1.0), (0.25, 800, 1.0)]
+    assert not diffusion.train_coordinates and layout.train_coordinates and polish.train_coordinates
+    with pytest.raises(ValueError, match="not a diffusion phase"):
+        s.plan("vae")
     alphas = torch.tensor([0.99, 0.5, 0.01])
     snr = alphas / (1 - alphas)
     weights = min_snr_weights(alphas, torch.tensor([0, 1, 2]), gamma=5.0)
     assert torch.allclose(weights, torch.minimum(snr, torch.tensor(5.0)) / snr)
+
+
+def test_high_noise_draws_carry_the_x0_loss():
+    """The last `high` draws of a batch weigh as the MSE of the implied x0: eps MSE * (1 - a) / a."""
+    alphas = torch.linspace(0.999, 0.004, 1000)
+    t = torch.tensor([10, 500, 900, 990])
+    per_image = torch.tensor([0.5, 0.2, 0.01, 0.004])
+    a = alphas[t]
+    x0_mse = per_image * (1 - a) / a
+    eps_part = (torch.minimum(a / (1 - a), torch.tensor(5.0)) / (a / (1 - a)) * per_image)
+    assert diffusion_loss(per_image, t, alphas, 2, 5.0, 2.0).item() == pytest.approx(
+        (eps_part[:2].mean() + 2.0 * x0_mse[2:].mean()).item())
+    assert diffusion_loss(per_image, t, alphas, 0, 5.0, 2.0).item() == pytest.approx(eps_part.mean().item())
+    assert diffusion_loss(per_image, t, alphas, 4, 5.0, 2.0).item() == pytest.approx(2.0 * x0_mse.mean().item())
+    with pytest.raises(ValueError, match="layout-share"):
+        TrainSettings(config=str(SHAPES_CONFIG), layout_share=1.5).check()
+    with pytest.raises(ValueError, match="placement-from"):
+        TrainSettings(config=str(SHAPES_CONFIG), placement_from=1000).check()
+
+
+# --- the coordinate channels -----------------------------------------------------------------------------------
+
+def test_coordinate_convolution_starts_as_the_plain_one_and_sees_where_it_is():
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(4, 8, 3, padding=1)
+    state = torch.random.get_rng_state()
+    coord = CoordConv2d(plain)
+    assert torch.equal(torch.random.get_rng_state(), state)  # builds without a random draw
+    assert coord.weight.shape == (8, 6, 3, 3) and coord.latent_channels == 4
+    x = torch.randn(2, 4, 5, 7)
+    assert torch.allclose(coord(x), plain(x), atol=1e-6)
+    grid = coordinates(2, 5, 7, x)
+    assert grid.shape == (2, 2, 5, 7)
+    assert grid[0, 0, :, 3].tolist() == pytest.approx([-1.0, -0.5, 0.0, 0.5, 1.0])  # rows, top to bottom
+    assert grid[0, 1, 2, :].tolist() == pytest.approx(torch.linspace(-1, 1, 7).tolist())  # columns
+    with torch.no_grad():
+        coord.weight[:, 4:] = 1.0
+    out = coord(torch.zeros(1, 4, 5, 7)) - coord.bias[:, None, None]  # a pure function of the position
+    assert not torch.allclose(out[:, :, 0, 3], out[:, :, 4, 3]) and not torch.allclose(out[:, :, 2, 0], out[:, :, 2, 6])
+
+
+def test_held_coordinates_stay_zero_through_an_adamw_step():
+    coord = CoordConv2d(torch.nn.Conv2d(4, 8, 3, padding=1))
+    optimizer = torch.optim.AdamW(coord.parameters(), lr=0.1, weight_decay=0.01)
+    before = coord.weight.detach().clone()
+    coord(torch.randn(2, 4, 6, 6)).pow(2).mean().backward()
+    assert coord.weight.grad[:, 4:].abs().sum() > 0
+    coord.hold_coordinates()
+    optimizer.step()
+    assert torch.equal(coord.weight[:, 4:], torch.zeros(8, 2, 3, 3))
+    assert not torch.equal(coord.weight[:, :4], before[:, :4])
+
+
+def test_the_shapes_unet_is_the_compvis_unet_with_the_same_keys_and_draws():
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.to_container(OmegaConf.load(str(SHAPES_CONFIG)).model.params.unet_config.params)
+    torch.manual_seed(3)
+    plain = UNetModel(**params)
+    torch.manual_seed(3)
+    coord = CoordUNetModel(**params)
+    assert list(coord.state_dict()) == list(plain.state_dict())
+    for key, value in plain.state_dict().items():
+        other = coord.state_dict()[key]
+        if key == "input_blocks.0.0.weight":
+            assert torch.equal(other[:, :4], value) and not other[:, 4:].any()
+        else:
+            assert torch.equal(other, value), key
+    assert isinstance(build_model(str(SHAPES_CONFIG)).model.diffusion_model, CoordUNetModel)
 
 
 def held_out_losses(model, seed=99):
@@ -190,6 +271,9 @@ def test_training_from_scratch_lowers_the_losses(tmp_path):
     vae_before, _ = held_out_losses(trainer.model)
     state = trainer.run()
     assert len(state.losses["vae"]) == TINY_RUN["vae_steps"] and len(state.losses["diffusion"]) == TINY_RUN["steps"]
+    assert [len(state.losses[p]) for p in ("layout", "placement", "polish")] == [4, 3, 4]
+    first = trainer.model.model.diffusion_model.input_blocks[0][0]
+    assert first.weight[:, first.latent_channels:].abs().sum() > 0  # trained in the layout and polish phases
     vae_after, eps_after = held_out_losses(trainer.model)
     assert vae_after < 0.7 * vae_before
     # the UNet's output layer starts at zero, so it first predicts eps = 0 (loss 1); training lowers that

@@ -10,8 +10,8 @@ a rerun of the same command goes on from there):
 3. `diffusion`: the UNet and the CLIP text encoder on the pooled latents, each draw with a fresh caption of its
    scene (captions dropped to "" with probability `caption_dropout`, for classifier-free guidance): epsilon
    prediction on the SD 1.x noise schedule (the config's), Min-SNR-gamma loss weights (Hang et al. 2023), AdamW
-   with a linear warm-up and cosine decay. The UNet's coordinate weights (`shapesworld.unet`) are held at zero:
-   this phase trains the plain SD UNet.
+   with a linear warm-up and cosine decay. The UNet's coordinate weights (ldm.modules.diffusionmodules.coordconv)
+   are held at zero: this phase trains the plain SD UNet.
 4. `layout`: the same, with the coordinate weights trained and `layout_share` of each batch drawn at the high
    noise levels (t >= `layout_from`) where the layout is decided, each with the x0 loss (epsilon loss / SNR,
    times `layout_x0_weight`), at a constant rate. The epsilon loss weighs those levels by their SNR (< 0.1), so
@@ -46,7 +46,7 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
 from .data import batch_scenes, scene_batch
-from .unet import CoordConv2d
+from ldm.modules.diffusionmodules.coordconv import CoordConv2d
 from .world import Scene, WorldConfig, caption
 
 PHASES = ("vae", "pool", "diffusion", "layout", "placement", "polish", "done")

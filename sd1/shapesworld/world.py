@@ -11,9 +11,9 @@ Triangles point up. Images are drawn at 4x and box-filtered down, so edges are a
 
 The background is lit faintly from above and tinted faintly warm to the right (BACKGROUND_SHADE levels brighter at
 the top than the middle, BACKGROUND_TINT levels of red-for-blue to the right; chroma stays under the judge's and
-the trainer's object thresholds): a layout cue, since a small UNet's attention queries carry no absolute position
-of their own (convolutions see the image border only near it; SD's attention has no positional encoding). It
-did not make the shipped model place objects: positions stay at chance (docs/shapes.md).
+the trainer's object thresholds): a layout cue, since SD's attention has no positional encoding. On its own it
+did not make the model place objects; the UNet's coordinate channels (ldm.modules.diffusionmodules.coordconv)
+and the training's layout phases (shapesworld.train) did (docs/shapes.md).
 """
 from __future__ import annotations
 

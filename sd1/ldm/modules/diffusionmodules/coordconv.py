@@ -1,11 +1,12 @@
-"""The shapes model's UNet: CompVis' `UNetModel` whose first convolution also sees two coordinate channels.
+"""CompVis' `UNetModel` whose first convolution also sees two coordinate channels (the shapes model's UNet).
 
 SD's UNet has no positional encoding: its attention queries know where they are only through the zero padding of
 the convolutions, which at high noise carries almost nothing. Here the first convolution (`input_blocks.0.0`, the
 same key) reads the latent and a row and a column coordinate, each in [-1, 1] over the latent grid (CoordConv,
 Liu et al. 2018); everything else, and every block the methods patch, is CompVis' own. The coordinate weights
 start at zero, so the model starts as the plain UNet (and draws the same random numbers to build); the training's
-first diffusion phase holds them there (`hold_coordinates`), its layout phase trains them (shapesworld.train).
+first diffusion phase holds them there (`hold_coordinates`), its layout phases train them (shapesworld.train).
+Not part of CompVis' code.
 """
 from __future__ import annotations
 
