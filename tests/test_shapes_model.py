@@ -1,5 +1,5 @@
 """The shipped shapes model (models/shapes/shapes-demo.safetensors): loaded through the normal loader, it draws
-the asked colors and shapes (not the positions: docs/shapes.md), with and without DaTo; `txt2img.py --demo` uses it."""
+the asked colors and shapes at the asked places, with and without DaTo; `txt2img.py --demo` uses it."""
 import json
 
 import numpy as np
@@ -17,12 +17,13 @@ pytestmark = pytest.mark.skipif(not SHAPES_WEIGHTS.is_file(), reason=f"{SHAPES_W
 
 SCALE = 7.5
 # Floors set from the measured accuracies (docs/shapes.md: PLMS-50 on the 108 one-object prompts, seeds 0..107,
-# float32 on the CPU), a few points below each, so that a regression, not noise, fails. The shipped model draws the
-# asked color and shape but not the asked position (position accuracy is at chance, 1 in 9; docs/shapes.md says
-# why), so its prompt accuracy (color, shape and position right) is about 6 % and is not held to a floor here.
-FLOORS = {  # method: {attribute: floor}; measured original color 99.1, shape 80.6, count 92.6; DaTo b1 99.1, 77.8, 87.0
-    "original": {"color": 95.0, "shape": 72.0, "count": 85.0},
-    "dato": {"color": 95.0, "shape": 70.0, "count": 80.0},
+# float32 on the CPU), a few points below each, so that a regression, not noise, fails (1 image is 0.9 points).
+# The issue asks for a prompt accuracy of 85 %; the model reaches 74.1 % (its shapes hold it back: docs/shapes.md).
+# Measured (prompt / color / shape / position / count): original 74.1 / 99.1 / 74.1 / 99.1 / 99.1,
+# DaTo b1 76.9 / 99.1 / 76.9 / 99.1 / 99.1.
+FLOORS = {  # method: {attribute: floor}
+    "original": {"prompt": 68.0, "color": 95.0, "shape": 68.0, "position": 95.0, "count": 95.0},
+    "dato": {"prompt": 70.0, "color": 95.0, "shape": 70.0, "position": 95.0, "count": 95.0},
 }
 
 
@@ -61,13 +62,13 @@ def test_the_shipped_file_and_its_record():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(FLOORS))
-def test_the_one_object_prompts_keep_their_measured_color_shape_and_count(model, method):
+def test_the_one_object_prompts_keep_their_measured_accuracies(model, method):
     scores = one_object_accuracy(model, method)
     for attribute, floor in FLOORS[method].items():
         assert scores[attribute] >= floor, (attribute, scores)
 
 
-def test_demo_draws_the_prompts_color_and_shape(tmp_path, capsys):
+def test_demo_draws_the_prompts_color_and_shape_at_its_place(tmp_path, capsys):
     prompt = "a blue square at the bottom right"
     code = txt2img.main(["--demo", "--prompt", prompt, "--n_samples", "4", "--n_iter", "1", "--plms",
                          "--precision", "full", "--device", "cpu", "--outdir", str(tmp_path), "--skip_grid"])
@@ -81,4 +82,24 @@ def test_demo_draws_the_prompts_color_and_shape(tmp_path, capsys):
                           for f in files])
     assert images.shape == (4, 3, 64, 64)
     scores, _ = prompt_accuracy(images, [prompt] * 4)
-    assert scores["color"] == 100.0 and scores["shape"] >= 75.0 and scores["count"] >= 75.0, scores
+    assert scores["color"] == 100.0 and scores["position"] == 100.0, scores
+    assert scores["shape"] >= 75.0 and scores["count"] >= 75.0, scores
+
+
+def test_the_diffusers_conversion_keeps_the_coordinate_input(model):
+    """diffusers' UNet of the converted shapes model sees the same coordinates: its output is ldm's."""
+    pytest.importorskip("diffusers")
+    from safetensors.torch import load_file
+
+    from ldm.modules.diffusionmodules.coordconv import CoordConv2d
+    from sdgen.diffusers_models import pipeline_from_ldm
+
+    pipe = pipeline_from_ldm(gen.read_config(SHAPES_CONFIG), load_file(str(SHAPES_WEIGHTS)), image_size=64)
+    assert isinstance(pipe.unet.conv_in, CoordConv2d)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([981, 301])
+    with torch.no_grad():
+        context = model.get_learned_conditioning(["a red circle at the top left", "a blue square at the bottom"])
+        ours = model.apply_model(x, t, context)
+        theirs = pipe.unet(x, t, encoder_hidden_states=context).sample
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()

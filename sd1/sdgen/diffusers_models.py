@@ -13,6 +13,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 
+from ldm.modules.diffusionmodules.coordconv import CoordConv2d, CoordUNetModel
 from ldm.modules.encoders.modules import CLIP_VIT_L_TEXT_CONFIG
 from ldm.util import seeded_random_weights
 
@@ -116,6 +117,15 @@ def _text_encoder(ldm_config: Mapping[str, Any]):
     return CLIPTextModel(config)
 
 
+def _with_coordinate_input(unet: torch.nn.Module, ldm_config: Mapping[str, Any]) -> torch.nn.Module:
+    """The diffusers UNet of a config whose UNet is ldm's CoordUNetModel (the shapes model) gets the same first
+    convolution (`conv_in`, which diffusers' converter fills from `input_blocks.0.0`); any other is returned as is."""
+    target = ldm_config["model"]["params"]["unet_config"]["target"]
+    if target.rsplit(".", 1)[-1] == CoordUNetModel.__name__:
+        unet.conv_in = CoordConv2d(unet.conv_in)
+    return unet
+
+
 def pipeline_from_ldm(ldm_config: Any, state_dict: Mapping[str, torch.Tensor], image_size: int):
     """A StableDiffusionPipeline holding an ldm SD 1.x checkpoint, converted by diffusers' own functions
     (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`), with the
@@ -124,7 +134,7 @@ def pipeline_from_ldm(ldm_config: Any, state_dict: Mapping[str, torch.Tensor], i
     single_file = _single_file_utils()
     config = _plain(ldm_config)
     configs = diffusers_configs(config, image_size)
-    unet = diffusers.UNet2DConditionModel(**configs["unet"])
+    unet = _with_coordinate_input(diffusers.UNet2DConditionModel(**configs["unet"]), config)
     unet.load_state_dict(single_file.convert_ldm_unet_checkpoint(dict(state_dict), configs["unet"]), strict=True)
     vae = diffusers.AutoencoderKL(**configs["vae"])
     vae.load_state_dict(single_file.convert_ldm_vae_checkpoint(dict(state_dict), configs["vae"]), strict=True)
@@ -149,7 +159,8 @@ def sd15_pipeline(config_path, seed: int = 0, image_size: int = 512):
 
     config = _plain(OmegaConf.load(str(config_path)))
     configs = diffusers_configs(config, image_size)
-    unet = seeded_random_weights(diffusers.UNet2DConditionModel(**configs["unet"]), seed=seed)
+    unet = _with_coordinate_input(seeded_random_weights(diffusers.UNet2DConditionModel(**configs["unet"]), seed=seed),
+                                  config)
     vae = seeded_random_weights(diffusers.AutoencoderKL(**configs["vae"]), seed=seed + 1)
     text_encoder = seeded_random_weights(_text_encoder(config), seed=seed + 2)
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),

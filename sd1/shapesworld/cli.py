@@ -1,6 +1,6 @@
 """`scripts/train_shapes.py`: train the shapes model on this CPU and export it as a CompVis checkpoint.
 
-    python scripts/train_shapes.py                      # the shipped model: about 90 minutes on 2 CPU cores
+    python scripts/train_shapes.py                      # the shipped model: about 95 minutes on 2 CPU cores
     python scripts/train_shapes.py --steps 20 --vae-steps 20 --pool-size 512 --outdir /tmp/t --export /tmp/t/m.safetensors
 
 The run lives in --outdir (state.pt, pool.pt, loss.png): Ctrl-C stops at the end of a step and the same command

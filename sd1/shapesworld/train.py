@@ -119,12 +119,15 @@ class TrainSettings:
     def plan(self, phase: str) -> "DiffusionPlan":
         """How the diffusion-type `phase` trains."""
         if phase == "diffusion":
-            return DiffusionPlan(self.steps, self.lr, self.warmup, True, 0.0, 0, 0.0, False)
+            return DiffusionPlan(steps=self.steps, lr=self.lr, warmup=self.warmup, decay=True, high_noise_share=0.0,
+                                 high_noise_from=0, x0_weight=0.0, train_coordinates=False)
         if phase not in DIFFUSION_PHASES:
             raise ValueError(f"{phase!r} is not a diffusion phase ({', '.join(DIFFUSION_PHASES)})")
-        return DiffusionPlan(*(getattr(self, f"{phase}_{k}") for k in ("steps", "lr")), PHASE_WARMUP,
-                             phase == "polish", *(getattr(self, f"{phase}_{k}") for k in ("share", "from", "x0_weight")),
-                             True)
+        setting = functools.partial(getattr, self)
+        return DiffusionPlan(steps=setting(f"{phase}_steps"), lr=setting(f"{phase}_lr"), warmup=PHASE_WARMUP,
+                             decay=phase == "polish", high_noise_share=setting(f"{phase}_share"),
+                             high_noise_from=setting(f"{phase}_from"), x0_weight=setting(f"{phase}_x0_weight"),
+                             train_coordinates=True)
 
 
 @dataclass(frozen=True)
