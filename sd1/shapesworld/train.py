@@ -123,11 +123,12 @@ class TrainSettings:
                                  high_noise_from=0, x0_weight=0.0, train_coordinates=False)
         if phase not in DIFFUSION_PHASES:
             raise ValueError(f"{phase!r} is not a diffusion phase ({', '.join(DIFFUSION_PHASES)})")
-        setting = functools.partial(getattr, self)
-        return DiffusionPlan(steps=setting(f"{phase}_steps"), lr=setting(f"{phase}_lr"), warmup=PHASE_WARMUP,
-                             decay=phase == "polish", high_noise_share=setting(f"{phase}_share"),
-                             high_noise_from=setting(f"{phase}_from"), x0_weight=setting(f"{phase}_x0_weight"),
-                             train_coordinates=True)
+        def setting(name: str):
+            return getattr(self, f"{phase}_{name}")
+
+        return DiffusionPlan(steps=setting("steps"), lr=setting("lr"), warmup=PHASE_WARMUP, decay=phase == "polish",
+                             high_noise_share=setting("share"), high_noise_from=setting("from"),
+                             x0_weight=setting("x0_weight"), train_coordinates=True)
 
 
 @dataclass(frozen=True)
@@ -363,8 +364,7 @@ class Trainer:
         mean, std = pool["mean"], pool["std"]
         scenes = _PoolScenes(s)
         high = round(s.batch * plan.high_noise_share)
-        labels = {"diffusion": "UNet + text", "layout": "layout", "placement": "placement", "polish": "polish"}
-        with self._bar(plan.steps, labels[phase]) as bar:
+        with self._bar(plan.steps, "UNet + text" if phase == "diffusion" else phase) as bar:
             while self.state.step < plan.steps:
                 step = self.state.step
                 rng, generator = _rng(s.seed, phase, step), _generator(s.seed, phase, step)
