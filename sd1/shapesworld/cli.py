@@ -1,6 +1,6 @@
 """`scripts/train_shapes.py`: train the shapes model on this CPU and export it as a CompVis checkpoint.
 
-    python scripts/train_shapes.py                      # the shipped model: about 112 minutes on 2 CPU cores
+    python scripts/train_shapes.py                      # the shipped model: about 95 minutes on 2 CPU cores
     python scripts/train_shapes.py --steps 20 --vae-steps 20 --pool-size 512 --outdir /tmp/t --export /tmp/t/m.safetensors
 
 The run lives in --outdir (state.pt, pool.pt, loss.png): Ctrl-C stops at the end of a step and the same command
@@ -25,7 +25,7 @@ from sdgen.runtime import UsageError, set_threads
 
 from .export import git_commit, write_checkpoint
 from .plots import plot_losses, smoothed
-from .train import DIFFUSION_PHASES, TrainSettings, Trainer
+from .train import TrainSettings, Trainer
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,7 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "command": "python scripts/train_shapes.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "seed": settings.seed, "settings": dataclasses.asdict(settings),
         "commit": git_commit(Path(__file__).resolve().parent),
-        "steps": {"vae": settings.vae_steps, **{phase: settings.plan(phase).steps for phase in DIFFUSION_PHASES}},
+        "steps": {"vae": settings.vae_steps, "diffusion": settings.steps, "layout": settings.layout_steps,
+                  "placement": settings.placement_steps, "polish": settings.polish_steps},
         "final_losses_mean_of_last_100": final, "seconds": state.seconds,
         "minutes_total": round(sum(state.seconds.values()) / 60, 1), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "weights": "EMA of the UNet and text encoder, float16",

@@ -12,17 +12,14 @@ a rerun of the same command goes on from there):
    prediction on the SD 1.x noise schedule (the config's), Min-SNR-gamma loss weights (Hang et al. 2023), AdamW
    with a linear warm-up and cosine decay. The UNet's coordinate weights (ldm.modules.diffusionmodules.coordconv)
    are held at zero: this phase trains the plain SD UNet.
-4. `refine`: the plain phase again, from `refine_lr` with a new warm-up and cosine decay (a warm restart): the
-   shapes are still improving when `diffusion` ends, and a restart gains more of them per step than a longer
-   first decay.
-5. `layout`: the same, with the coordinate weights trained and `layout_share` of each batch drawn at the high
+4. `layout`: the same, with the coordinate weights trained and `layout_share` of each batch drawn at the high
    noise levels (t >= `layout_from`) where the layout is decided, each with the x0 loss (epsilon loss / SNR,
    times `layout_x0_weight`), at a constant rate. The epsilon loss weighs those levels by their SNR (< 0.1), so
    the plain phase never learns where the caption puts an object. Starting at t = 700, where an object still
    shows faintly, lets the model tie the position words to the image.
-6. `placement`: as `layout` at the highest noise levels (t >= `placement_from`), a larger share and weight, and a
+5. `placement`: as `layout` at the highest noise levels (t >= `placement_from`), a larger share and weight, and a
    higher rate: there the model learns to place the object from the caption alone (a few hundred steps).
-7. `polish`: a `polish_share` of high-noise draws and a cosine decay, so the details that the two phases
+6. `polish`: a `polish_share` of high-noise draws and a cosine decay, so the details that the two phases
    before let slip come back.
 Each diffusion-type phase keeps an EMA of the weights from its start; the last phase's is what ships.
 Every random draw is a function of (seed, phase, step), so a resumed run continues exactly as an unbroken one.
@@ -52,9 +49,8 @@ from .data import batch_scenes, scene_batch
 from ldm.modules.diffusionmodules.coordconv import CoordConv2d
 from .world import Scene, WorldConfig, caption
 
-PHASES = ("vae", "pool", "diffusion", "refine", "layout", "placement", "polish", "done")
-DIFFUSION_PHASES = ("diffusion", "refine", "layout", "placement", "polish")
-POSITION_PHASES = ("layout", "placement", "polish")  # the phases that train the coordinate weights
+PHASES = ("vae", "pool", "diffusion", "layout", "placement", "polish", "done")
+DIFFUSION_PHASES = ("diffusion", "layout", "placement", "polish")
 PHASE_WARMUP = 20  # steps of linear warm-up of the phases after `diffusion`
 OBJECT_CHROMA = 0.2  # in [-1, 1] units (25 of 255): backgrounds have none, objects about 1.4
 STATE_FILE = "state.pt"
@@ -82,8 +78,6 @@ class TrainSettings:
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
-    refine_steps: int = 1000
-    refine_lr: float = 3e-4
     layout_steps: int = 600
     layout_lr: float = 3e-4
     layout_share: float = 0.5
@@ -106,14 +100,14 @@ class TrainSettings:
     def check(self) -> None:
         """ValueError naming the first setting out of range."""
         for name in ("vae_steps", "vae_batch", "pool_size", "pool_batch", "steps", "batch", "save_every",
-                     "refine_steps", "layout_steps", "placement_steps", "polish_steps"):
+                     "layout_steps", "placement_steps", "polish_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.object_weight >= 0.0:
             raise ValueError(f"--object-weight must be 0 or more, got {self.object_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
-        for phase in POSITION_PHASES:
+        for phase in DIFFUSION_PHASES[1:]:
             share, start, weight = (getattr(self, f"{phase}_{k}") for k in ("share", "from", "x0_weight"))
             if not 0.0 <= share <= 1.0:
                 raise ValueError(f"--{phase}-share must be in [0, 1], got {share}")
@@ -127,10 +121,7 @@ class TrainSettings:
         if phase == "diffusion":
             return DiffusionPlan(steps=self.steps, lr=self.lr, warmup=self.warmup, decay=True, high_noise_share=0.0,
                                  high_noise_from=0, x0_weight=0.0, train_coordinates=False)
-        if phase == "refine":
-            return DiffusionPlan(steps=self.refine_steps, lr=self.refine_lr, warmup=PHASE_WARMUP, decay=True,
-                                 high_noise_share=0.0, high_noise_from=0, x0_weight=0.0, train_coordinates=False)
-        if phase not in POSITION_PHASES:
+        if phase not in DIFFUSION_PHASES:
             raise ValueError(f"{phase!r} is not a diffusion phase ({', '.join(DIFFUSION_PHASES)})")
         def setting(name: str):
             return getattr(self, f"{phase}_{name}")
